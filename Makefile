@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stagewise-installed
+
+.PHONY: demo test install lint bench clean
+
+# The venv sees system packages, so an already installed torch (say a CUDA build) is kept;
+# otherwise torch==2.13.0 is installed (a CPU build; a looser pin can pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/stagewise simulate --schedule 1f1b --stages 4 --microbatches 8 --png runs/demo/timeline.png --trace runs/demo/trace.json
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_schedules.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+"""stagewise: pipeline-parallel training for PyTorch, with schedules as data."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""The `stagewise` command line: simulate, run, train, partition, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from stagewise.schedules import SCHEDULES, Costs, ScheduleError, build, simulate, validate
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    if args.list:
+        width = max(map(len, SCHEDULES))
+        for name, info in SCHEDULES.items():
+            print(f"{name:<{width}}  {info.summary}")
+        return 0
+    options = {}
+    if SCHEDULES.get(args.schedule) and SCHEDULES[args.schedule].asynchronous:
+        options["batches"] = args.batches
+    schedule = build(args.schedule, args.stages, args.microbatches, args.chunks, **options)
+    validate(schedule)
+    costs = Costs(f=args.cost_f, b=args.cost_b, i=args.cost_i, w=args.cost_w, step=args.cost_step,
+                  latency=args.comm_latency, bytes=args.comm_bytes, bandwidth=args.comm_bandwidth)
+    sim = simulate(schedule, costs)
+    if args.png:
+        from stagewise.viz import render_png
+
+        _parent(args.png)
+        render_png(sim.timeline, args.png)
+    if args.trace:
+        from stagewise.viz import write_chrome_trace
+
+        _parent(args.trace)
+        write_chrome_trace(sim.timeline, args.trace)
+    if args.json:
+        print(json.dumps(sim.to_dict()))
+        return 0
+    from stagewise.viz import render_text
+
+    print(render_text(sim.timeline, width=args.width))
+    print()
+    print(f"schedule {schedule.name}: {schedule.num_devices} devices, {schedule.num_stages} stages, "
+          f"{schedule.microbatches} micro-batches")
+    print(f"makespan {sim.makespan:g}   bubble {sim.bubble_fraction:.1%} "
+          f"(per device: {', '.join(f'{b:.0%}' for b in sim.bubble_per_device)})")
+    print(f"peak in-flight micro-batches per device: {', '.join(f'{x:g}' for x in sim.peak_inflight)}")
+    print(f"peak weight versions per device: {', '.join(map(str, sim.peak_weight_versions))}")
+    for label, path in (("timeline", args.png), ("trace", args.trace)):
+        if path:
+            print(f"{label} written to {path}")
+    return 0
+
+
+def _parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stagewise", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="build, validate and simulate a schedule; draw its timeline")
+    sim.add_argument("--list", action="store_true", help="list the schedules and exit")
+    sim.add_argument("--schedule", default="1f1b", help="schedule name (see --list)")
+    sim.add_argument("--stages", type=int, default=4, help="pipeline devices P")
+    sim.add_argument("--microbatches", type=int, default=8, help="micro-batches m per batch")
+    sim.add_argument("--chunks", type=int, default=None, help="virtual stages per device (interleaved, zbv)")
+    sim.add_argument("--batches", type=int, default=3, help="batches run back to back (asynchronous schedules)")
+    sim.add_argument("--cost-f", type=float, default=1.0, help="forward time per stage")
+    sim.add_argument("--cost-b", type=float, default=None, help="full backward time (default I+W, or 2*F)")
+    sim.add_argument("--cost-i", type=float, default=None, help="input-gradient time (default B/2)")
+    sim.add_argument("--cost-w", type=float, default=None, help="weight-gradient time (default B-I)")
+    sim.add_argument("--cost-step", type=float, default=0.0, help="optimizer step time")
+    sim.add_argument("--comm-latency", type=float, default=0.0, help="per-message latency")
+    sim.add_argument("--comm-bytes", type=float, default=0.0, help="bytes crossing each stage boundary")
+    sim.add_argument("--comm-bandwidth", type=float, default=float("inf"), help="bytes per time unit")
+    sim.add_argument("--png", help="write the timeline as a PNG")
+    sim.add_argument("--trace", help="write a Chrome/Perfetto trace JSON")
+    sim.add_argument("--json", action="store_true", help="print one JSON object instead of the text timeline")
+    sim.add_argument("--width", type=int, default=100, help="text timeline width in columns")
+    sim.set_defaults(func=_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ScheduleError as err:
+        print(f"stagewise: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

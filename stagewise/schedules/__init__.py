@@ -1,0 +1,37 @@
+"""Schedules as data: generators, the validator, the lowering to communication, the simulator.
+
+Nothing here imports torch.
+"""
+
+from stagewise.schedules.actions import (
+    COMM_OPS,
+    COMPUTE_OPS,
+    RECV_B,
+    RECV_F,
+    SEND_B,
+    SEND_F,
+    STEP,
+    Action,
+    B,
+    F,
+    I,
+    Schedule,
+    ScheduleError,
+    W,
+)
+from stagewise.schedules.asynchronous import pipedream, two_bw
+from stagewise.schedules.interleaved import interleaved
+from stagewise.schedules.lowering import lower
+from stagewise.schedules.registry import SCHEDULES, SYNCHRONOUS, build
+from stagewise.schedules.simple import gpipe, naive, one_f_one_b
+from stagewise.schedules.simulate import Costs, Simulation, simulate
+from stagewise.schedules.timeline import Event, Timeline
+from stagewise.schedules.validate import validate
+from stagewise.schedules.zero_bubble import zb_h1, zbv
+
+__all__ = [
+    "B", "COMM_OPS", "COMPUTE_OPS", "F", "I", "RECV_B", "RECV_F", "SEND_B", "SEND_F", "STEP", "W",
+    "Action", "Costs", "Event", "SCHEDULES", "SYNCHRONOUS", "Schedule", "ScheduleError", "Simulation",
+    "Timeline", "build", "gpipe", "interleaved", "lower", "naive", "one_f_one_b", "pipedream",
+    "simulate", "two_bw", "validate", "zb_h1", "zbv",
+]

@@ -1,0 +1,97 @@
+"""The schedule IR: an action is one unit of work on one device; a schedule is a list of them per device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+# Compute ops.
+F = "F"  # forward of one (stage, micro-batch)
+B = "B"  # full backward (input and weight gradients together)
+I = "I"  # noqa: E741  # backward for the input gradient only
+W = "W"  # backward for the weight gradient only (after I)
+STEP = "STEP"  # optimizer step on the device; `version` is the weight version it produces
+COMPUTE_OPS = (F, B, I, W, STEP)
+
+# Communication ops, added by `lower()`.
+SEND_F = "SEND_F"  # send stage `stage`'s output for `microbatch` to device `peer`
+RECV_F = "RECV_F"  # receive the input of stage `stage` for `microbatch` from device `peer`
+SEND_B = "SEND_B"  # send the gradient of stage `stage`'s input to device `peer`
+RECV_B = "RECV_B"  # receive the gradient of stage `stage`'s output from device `peer`
+COMM_OPS = (SEND_F, RECV_F, SEND_B, RECV_B)
+
+
+class Action(NamedTuple):
+    """One unit of work on one device.
+
+    `stage` is the (virtual) stage index, `microbatch` the micro-batch index (-1 for STEP),
+    `version` the weight version the action uses (STEP: the version it creates), and
+    `peer` the other device of a communication action (-1 otherwise).
+    """
+
+    op: str
+    stage: int
+    microbatch: int = -1
+    version: int = 0
+    peer: int = -1
+
+    def __str__(self) -> str:
+        if self.op == STEP:
+            return f"STEP(stage {self.stage} -> v{self.version})"
+        v = f" v{self.version}" if self.version else ""
+        p = f" peer {self.peer}" if self.peer >= 0 else ""
+        return f"{self.op}(stage {self.stage}, mb {self.microbatch}{v}{p})"
+
+    @property
+    def label(self) -> str:
+        """A short label for timelines, such as `F3` or `W0`."""
+        return self.op[0] if self.op == STEP else f"{self.op}{self.microbatch}"
+
+
+class ScheduleError(ValueError):
+    """A schedule is impossible to build or is not a valid pipeline schedule."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An ordered list of actions for each device, plus where every stage lives.
+
+    `placement[s]` is the device that holds stage `s`; `actions[d]` is device `d`'s program.
+    `lowered` is True once `lower()` has added the communication actions.
+    """
+
+    name: str
+    num_devices: int
+    microbatches: int
+    placement: tuple[int, ...]
+    actions: tuple[tuple[Action, ...], ...]
+    split_backward: bool = False  # backward is I + W rather than B
+    asynchronous: bool = False  # several weight versions, no flush
+    lowered: bool = False
+    per_batch: int = 0  # micro-batches per optimizer batch when several batches run unflushed (0: all)
+
+    @property
+    def batch_microbatches(self) -> int:
+        """Micro-batches in one batch (one optimizer step for the synchronous schedules)."""
+        return self.per_batch or self.microbatches
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.placement)
+
+    @property
+    def chunks(self) -> int:
+        """Stages per device (virtual stages)."""
+        return self.num_stages // self.num_devices
+
+    def stages_of(self, device: int) -> list[int]:
+        return [s for s, d in enumerate(self.placement) if d == device]
+
+    def compute_actions(self, device: int) -> list[Action]:
+        return [a for a in self.actions[device] if a.op in COMPUTE_OPS]
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {self.num_devices} devices, {self.num_stages} stages, "
+            f"{self.microbatches} micro-batches"
+        )
