@@ -1,3 +1,18 @@
 """stagewise: pipeline-parallel training for PyTorch, with schedules as data."""
 
 __version__ = "0.1.0"
+
+__all__ = ["Pipeline", "PipelineError", "PeerError", "spawn", "__version__"]
+
+
+def __getattr__(name: str):
+    # torch is imported only when the runtime is used, so `stagewise simulate` starts fast.
+    if name == "Pipeline":
+        from stagewise.pipeline import Pipeline
+
+        return Pipeline
+    if name in ("PipelineError", "PeerError", "spawn"):
+        import stagewise.runtime as runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'stagewise' has no attribute {name!r}")

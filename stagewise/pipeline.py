@@ -1,0 +1,264 @@
+"""The user API: `Pipeline`, one process (rank) per pipeline device, torchrun-style."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from stagewise.partition import resolve_balance
+from stagewise.runtime import launch
+from stagewise.runtime.errors import PeerError, PipelineError
+from stagewise.runtime.executor import Executor
+from stagewise.runtime.microbatch import scatter
+from stagewise.runtime.stage import Stage
+from stagewise.runtime.transport import DistTransport, LocalHub, LocalTransport, Transport
+from stagewise.runtime.tree import map_tensors
+from stagewise.schedules import SCHEDULES, Schedule, build, validate
+from stagewise.schedules.timeline import Event, Timeline
+
+LayerSpec = nn.Module | Callable[[], nn.Module]
+
+
+class Pipeline:
+    """Train a model given as a list of layers on a pipeline of devices, under any synchronous schedule.
+
+    Run one process per device (`torchrun --nproc_per_node=P script.py` or
+    `stagewise run -n P script.py`); every rank constructs the same `Pipeline` and calls
+    `train_step` with the same batch. With `local_devices=P` the P devices instead run
+    as threads of this one process (handy for notebooks and tests).
+
+    Args:
+        layers: an `nn.Sequential`, a list of modules, or zero-argument factories (each rank
+            then builds only its own layers; `seed` makes that deterministic).
+        loss_fn: `(last stage output, labels) -> scalar`, the mean over that micro-batch.
+        schedule: naive, gpipe, 1f1b, interleaved, zb-h1 or zbv.
+        microbatches: m; a batch of B samples gives micro-batches of B//m or B//m + 1 samples.
+        partition: "uniform" or a balance list with one layer count per stage (devices x chunks).
+        chunks: virtual stages per device (interleaved, zbv); default from the schedule.
+        optimizer: `params -> torch.optim.Optimizer`, built over this rank's parameters.
+        timeout: seconds any wait on another device may take before every rank stops with an error.
+    """
+
+    def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
+                 loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+                 schedule: str = "1f1b", microbatches: int = 4, partition: str | Sequence[int] = "uniform",
+                 chunks: int | None = None,
+                 optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                 timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
+                 local_devices: int | None = None, backend: str | None = None):
+        info = SCHEDULES.get(schedule)
+        if info is None:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if info.asynchronous:
+            raise ValueError(f"schedule {schedule!r} is asynchronous (several weight versions, no flush); "
+                             "Pipeline.train_step runs the synchronous ones: naive, gpipe, 1f1b, interleaved, "
+                             "zb-h1, zbv")
+        self.loss_fn, self.timeout, self.microbatches = loss_fn, timeout, microbatches
+        if local_devices is not None:
+            self.rank, self.world, self.local = 0, local_devices, True
+        else:
+            self.rank, self.world = launch.init_from_env(timeout, backend)
+            self.local = False
+        self.schedule: Schedule = validate(build(schedule, self.world, microbatches, chunks))
+        layer_list = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+        self.balance = resolve_balance(partition, len(layer_list), self.schedule.num_stages)
+        self.device = torch.device(device) if device is not None else self._default_device()
+        starts = [sum(self.balance[:s]) for s in range(len(self.balance))]
+        self.layer_ranges = [(a, a + n) for a, n in zip(starts, self.balance)]
+        self.devices = list(range(self.world)) if self.local else [self.rank]
+        self.stages: dict[int, Stage] = {}
+        for d in self.devices:
+            for s in self.schedule.stages_of(d):
+                lo, hi = self.layer_ranges[s]
+                built = [_build_layer(layer_list[i], i, seed) for i in range(lo, hi)]
+                self.stages[s] = Stage(s, [m.to(self.device) for m in built], lo)
+        params = [p for s in sorted(self.stages) for p in self.stages[s].parameters()]
+        self.optimizer = optimizer(params) if optimizer is not None and params else None
+        self._failed: str | None = None
+        self._events: list[Event] = []
+        self._executors = {d: self._executor(d) for d in self.devices}
+        self._watchdog = launch.Watchdog(self.rank) if not self.local and self.world > 1 else None
+
+    # ---- set-up ----
+
+    def _default_device(self) -> torch.device:
+        if not self.local and torch.cuda.is_available() and launch.dist.is_initialized() \
+                and launch.dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _executor(self, d: int) -> Executor:
+        stages = {s: self.stages[s] for s in self.schedule.stages_of(d)}
+        transport: Transport
+        if self.local:
+            if not hasattr(self, "_hub"):
+                self._hub = LocalHub()
+            transport = LocalTransport(self._hub, self.timeout)
+        else:
+            ordered = self.world > 1 and launch.dist.get_backend() == "nccl"
+            transport = DistTransport(self.device, self.schedule.num_stages, self.timeout, ordered=ordered)
+        step = self.optimizer.step if self.optimizer is not None else None
+        return Executor(self.schedule, d, stages, transport, self.loss_fn, step, rank=d)
+
+    # ---- the API ----
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This rank's parameters, named as `nn.Sequential(*layers).named_parameters()` names them."""
+        return [item for s in sorted(self.stages) for item in self.stages[s].named_parameters()]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    @property
+    def stage_indices(self) -> list[int]:
+        """The stages this process holds."""
+        return sorted(self.stages)
+
+    @property
+    def is_last_rank(self) -> bool:
+        return self.schedule.placement[-1] in self.devices
+
+    def train_step(self, batch: tuple[Any, Any]) -> torch.Tensor:
+        """One pipelined step over `batch = (inputs, labels)`: forward, backward, and the optimizer step
+        if an optimizer was given. Gradients are zeroed first. Returns the batch loss (the mean over
+        the batch, as one unpipelined `loss_fn(model(inputs), labels)` would give) on every rank, as a
+        float64 scalar tensor."""
+        return self._step(batch, train=True)["loss"]
+
+    def eval_step(self, batch: tuple[Any, Any]) -> dict[str, Any]:
+        """Loss without gradients: `{"loss": scalar, "outputs": last-stage outputs or None}` (outputs
+        only on the rank that holds the last stage)."""
+        return self._step(batch, train=False)
+
+    def train_batch(self, data_iter: Iterator[tuple[Any, Any]] | Iterable[tuple[Any, Any]]) -> torch.Tensor:
+        """DeepSpeed-style: pull one batch from `data_iter` and run `train_step` on it."""
+        it = data_iter if isinstance(data_iter, Iterator) else iter(data_iter)
+        return self.train_step(next(it))
+
+    def last_trace(self) -> Timeline:
+        """The measured timeline of the last step, every device's events (seconds; same clock on one
+        machine). With several processes this is a collective: call it on every rank."""
+        events = list(self._events)
+        if not self.local and self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            launch.dist.all_gather_object(gathered, events)
+            events = [e for part in gathered for e in part]
+        return Timeline(self.world, sorted(events, key=lambda e: (e.device, e.start)),
+                        title=f"measured: {self.schedule.describe()}", unit="s",
+                        num_stages=self.schedule.num_stages)
+
+    def peak_activation_bytes(self) -> dict[int, int]:
+        """Peak saved-activation bytes per stage held by this process, since construction."""
+        return {s: st.peak_bytes for s, st in self.stages.items()}
+
+    # ---- running ----
+
+    def _step(self, batch: tuple[Any, Any], train: bool) -> dict[str, Any]:
+        if self._failed:
+            raise PipelineError(f"this pipeline stopped after an earlier failure: {self._failed}")
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError("a batch is (inputs, labels); got " + type(batch).__name__)
+        inputs, labels = batch
+        m = self.schedule.microbatches
+        try:
+            in_mbs, weights = scatter(inputs, m)
+            lab_mbs, _ = scatter(labels, m)
+        except ValueError as err:
+            raise ValueError(f"{err} (schedule {self.schedule.name}, {m} micro-batches)") from None
+        if self.device.type != "cpu":
+            in_mbs = [map_tensors(x, lambda t: t.to(self.device, non_blocking=True)) for x in in_mbs]
+            lab_mbs = [map_tensors(x, lambda t: t.to(self.device, non_blocking=True)) for x in lab_mbs]
+        if train:
+            for st in self.stages.values():
+                st.module.zero_grad(set_to_none=True)
+        if self._watchdog is not None:
+            self._watchdog.in_step = True
+        try:
+            return self._finish_step(self._run_all(in_mbs, lab_mbs, weights, train), train)
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.in_step = False
+
+    def _finish_step(self, results: dict[int, dict], train: bool) -> dict[str, Any]:
+        self._events = [e for r in results.values() for e in r["events"]]
+        last = self.schedule.placement[-1]
+        loss = results[last]["loss"] if last in results else None
+        if not self.local and self.world > 1:
+            # float64 so that the loss every rank sees is the last stage's to the last bit
+            buf = (loss.detach().clone() if loss is not None else torch.zeros((), device=self.device))
+            buf = buf.to(self.device, torch.float64).reshape(1)
+            self._guard(lambda: launch.dist.broadcast(buf, src=last), f"broadcasting the loss from rank {last}")
+            loss = buf[0]
+        outputs = results[last]["outputs"] if last in results and not train else None
+        loss = loss.detach().to(torch.float64) if loss is not None else None
+        return {"loss": loss, "outputs": outputs}
+
+    def _run_all(self, in_mbs: list, lab_mbs: list, weights: list[float], train: bool) -> dict[int, dict]:
+        def run(d: int) -> dict:
+            return self._executors[d].run(in_mbs, lab_mbs, weights, train=train, keep_outputs=not train)
+
+        if not self.local:
+            return {self.rank: self._guard(lambda: run(self.rank), "the step")}
+        results: dict[int, dict] = {}
+        errors: dict[int, BaseException] = {}
+
+        def worker(d: int) -> None:
+            try:
+                results[d] = run(d)
+            except BaseException as err:
+                errors[d] = err
+                self._hub.abort(f"device {d} failed: {err}")
+
+        threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in self.devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            root = [e for e in errors.values() if not isinstance(e, PeerError)]
+            err = (root or list(errors.values()))[0]
+            self._failed = str(err)
+            raise err
+        return results
+
+    def _guard(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run `fn`; on failure publish or fetch the root cause, stop the group and raise a PipelineError."""
+        try:
+            return fn()
+        except Exception as err:
+            own = isinstance(err, PipelineError) and not _is_connection_error(err)
+            peer = None if own else launch.peer_failure()
+            if peer is not None:
+                msg = f"rank {self.rank} stopped during {what} because {peer}"
+                self._failed = msg
+                launch.abort_group()
+                raise PeerError(msg) from err
+            msg = str(err) if isinstance(err, PipelineError) else f"rank {self.rank} failed during {what}: {err}"
+            self._failed = msg
+            launch.report_failure(msg, self.rank)
+            launch.abort_group()
+            if isinstance(err, PipelineError):
+                raise
+            raise PipelineError(msg, rank=self.rank) from err
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    text = f"{err} {err.__cause__}".lower()
+    return any(k in text for k in ("connection", "closed", "reset by peer", "broken pipe", "aborted", "timed out"))
+
+
+def _build_layer(spec: LayerSpec, index: int, seed: int | None) -> nn.Module:
+    if isinstance(spec, nn.Module):
+        return spec
+    if not callable(spec):
+        raise TypeError(f"layer {index} is neither an nn.Module nor a zero-argument factory: {spec!r}")
+    if seed is not None:
+        torch.manual_seed(seed + index)
+    module = spec()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"layer factory {index} returned {type(module).__name__}, not an nn.Module")
+    return module

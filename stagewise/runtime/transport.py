@@ -1,0 +1,298 @@
+"""Moving stage I/O between devices: torch.distributed point-to-point, or in-process queues.
+
+An activation message is a small header (signature id, metadata length), the metadata
+(structure, shapes, dtypes) only when the signature is new on that channel, and one
+payload buffer. So shapes are negotiated once per signature and again whenever they
+change (variable sequence lengths need no padding). A gradient message is just the
+payload: the receiver sent the activations and knows their shapes.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from stagewise.runtime.errors import TransportTimeout
+from stagewise.runtime.tree import TensorSlot, flatten, slots, unflatten
+
+_ALIGN = 16
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One buffer holding all tensors (the tensor itself when there is only one)."""
+    if len(tensors) == 1:
+        return tensors[0].detach().contiguous()
+    parts = []
+    for t in tensors:
+        b = t.detach().contiguous().view(-1).view(torch.uint8)
+        pad = (-b.numel()) % _ALIGN
+        parts.append(b)
+        if pad:
+            parts.append(b.new_zeros(pad))
+    if not parts:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.cat(parts)
+
+
+def buffer_for(specs: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> torch.Tensor:
+    if len(specs) == 1:
+        shape, dtype = specs[0]
+        return torch.empty(shape, dtype=dtype, device=device)
+    total = 0
+    for shape, dtype in specs:
+        n = _nbytes(shape, dtype)
+        total += n + (-n) % _ALIGN
+    return torch.empty(total, dtype=torch.uint8, device=device)
+
+
+def unpack(buf: torch.Tensor, specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    if len(specs) == 1:
+        return [buf]
+    out, offset = [], 0
+    for shape, dtype in specs:
+        n = _nbytes(shape, dtype)
+        out.append(buf[offset:offset + n].view(dtype).view(shape))
+        offset += n + (-n) % _ALIGN
+    return out
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel * torch.empty(0, dtype=dtype).element_size()
+
+
+class Handle:
+    """A posted receive; `wait()` returns what arrived."""
+
+    def wait(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Transport:
+    """Sends and receives between devices. Channels are named by (direction, src stage, dst stage)."""
+
+    bytes_sent = 0
+
+    def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None: ...
+    def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle: ...
+    def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None: ...
+    def recv_grad(self, like: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> Handle: ...
+    def finish(self) -> None: ...
+
+
+def _grad_payload(grads: list[torch.Tensor | None], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
+
+
+class DistTransport(Transport):
+    """torch.distributed isend/irecv between ranks; `ordered` for backends that match by order (NCCL)."""
+
+    def __init__(self, device: torch.device, num_stages: int, timeout: float, group: Any = None,
+                 ordered: bool = False):
+        import torch.distributed as dist
+
+        self.dist, self.device, self.S, self.group = dist, device, num_stages, group
+        self.timeout = timeout
+        self.ordered = ordered
+        self.sent_sigs: dict[tuple, dict[bytes, int]] = {}
+        self.recv_sigs: dict[tuple, dict[int, Any]] = {}
+        self.pending_sends: list[tuple[Any, Any]] = []
+        self.bytes_sent = 0
+
+    def _tag(self, direction: int, dst: int, mb: int, part: int) -> int:
+        return (((mb % (1 << 20)) * self.S + dst) * 2 + direction) * 4 + part
+
+    def _isend(self, t: torch.Tensor, peer: int, tag: int) -> None:
+        work = self.dist.isend(t, peer, group=self.group, tag=0 if self.ordered else tag)
+        self.pending_sends.append((work, t))
+        self.bytes_sent += t.numel() * t.element_size()
+
+    def _irecv(self, t: torch.Tensor, peer: int, tag: int) -> Any:
+        return self.dist.irecv(t, peer, group=self.group, tag=0 if self.ordered else tag)
+
+    def _wait(self, work: Any, what: str) -> None:
+        try:
+            work.wait(timedelta(seconds=self.timeout))
+        except RuntimeError as err:
+            if "timed out" in str(err).lower() or "timeout" in str(err).lower():
+                raise TransportTimeout(f"no {what} after {self.timeout:g} s") from err
+            raise
+
+    def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None:
+        tensors, spec = flatten(tree)
+        meta = pickle.dumps(spec)
+        sigs = self.sent_sigs.setdefault((dst,), {})
+        new = meta not in sigs
+        if new:
+            sigs[meta] = len(sigs)
+        header = torch.tensor([sigs[meta], len(meta) if new else 0], dtype=torch.int64, device=self.device)
+        self._isend(header, peer, self._tag(0, dst, mb, 0))
+        if new:
+            self._isend(torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(self.device), peer,
+                        self._tag(0, dst, mb, 1))
+        if tensors:
+            self._isend(pack(tensors), peer, self._tag(0, dst, mb, 2))
+
+    def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle:
+        header = torch.empty(2, dtype=torch.int64, device=self.device)
+        work = self._irecv(header, peer, self._tag(0, dst, mb, 0))
+        handle = _ActivationHandle(self, header, work, dst, mb, peer, src)
+        if self.ordered:
+            handle.receive_payload()
+        return handle
+
+    def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None:
+        if grads:
+            self._isend(pack(grads), peer, self._tag(1, dst, mb, 2))
+
+    def recv_grad(self, like: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> Handle:
+        specs = [(tuple(t.shape), t.dtype) for t in like]
+        if not specs:
+            return _Ready([])
+        buf = buffer_for(specs, self.device)
+        work = self._irecv(buf, peer, self._tag(1, dst, mb, 2))
+        return _GradHandle(self, work, buf, specs, f"gradient for stage {dst} micro-batch {mb} from stage {src}")
+
+    def finish(self) -> None:
+        for work, _ in self.pending_sends:
+            self._wait(work, "acknowledgement of a send")
+        self.pending_sends.clear()
+
+
+class _Ready(Handle):
+    def __init__(self, value: Any):
+        self.value = value
+
+    def wait(self) -> Any:
+        return self.value
+
+
+class _GradHandle(Handle):
+    def __init__(self, tr: DistTransport, work: Any, buf: torch.Tensor, specs: list, what: str):
+        self.tr, self.work, self.buf, self.specs, self.what = tr, work, buf, specs, what
+
+    def wait(self) -> list[torch.Tensor]:
+        self.tr._wait(self.work, self.what)
+        return unpack(self.buf, self.specs)
+
+
+class _ActivationHandle(Handle):
+    def __init__(self, tr: DistTransport, header: torch.Tensor, work: Any, dst: int, mb: int, peer: int, src: int):
+        self.tr, self.header, self.work, self.dst, self.mb, self.peer, self.src = tr, header, work, dst, mb, peer, src
+        self.result: tuple[Any, Any, list] | None = None
+
+    def receive_payload(self) -> None:
+        tr, what = self.tr, f"activation for stage {self.dst} micro-batch {self.mb} from stage {self.src}"
+        tr._wait(self.work, what)
+        sig, meta_len = (int(x) for x in self.header.tolist())
+        sigs = tr.recv_sigs.setdefault((self.dst,), {})
+        if meta_len:
+            meta = torch.empty(meta_len, dtype=torch.uint8, device=tr.device)
+            tr._wait(tr._irecv(meta, self.peer, tr._tag(0, self.dst, self.mb, 1)), what)
+            sigs[sig] = pickle.loads(meta.cpu().numpy().tobytes())
+        spec = sigs[sig]
+        specs = [(s[1], s[2]) for s in slots(spec)]
+        buf, work = None, None
+        if specs:
+            buf = buffer_for(specs, tr.device)
+            work = tr._irecv(buf, self.peer, tr._tag(0, self.dst, self.mb, 2))
+        self.result = (spec, work, (buf, specs))
+
+    def wait(self) -> Any:
+        if self.result is None:
+            self.receive_payload()
+        spec, work, (buf, specs) = self.result
+        if work is None:
+            return unflatten(spec, [])
+        self.tr._wait(work, f"activation for stage {self.dst} micro-batch {self.mb} from stage {self.src}")
+        tensors = unpack(buf, specs)
+        tensors = [t.requires_grad_(True) if s[3] and t.is_floating_point() else t
+                   for t, s in zip(tensors, slots(spec))]
+        return unflatten(spec, tensors)
+
+
+class LocalTransport(Transport):
+    """In-process transport for several devices run as threads of one process (tests, notebooks)."""
+
+    def __init__(self, hub: LocalHub, timeout: float):
+        self.hub, self.timeout = hub, timeout
+        self.bytes_sent = 0
+
+    def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None:
+        tensors, spec = flatten(tree)
+        copies = [t.detach().clone() for t in tensors]
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in copies)
+        self.hub.put(("F", src, dst, mb), (spec, copies))
+
+    def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle:
+        return _LocalHandle(self, ("F", src, dst, mb), grad=False)
+
+    def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None:
+        copies = [g.detach().clone() for g in grads]
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in copies)
+        self.hub.put(("B", src, dst, mb), copies)
+
+    def recv_grad(self, like: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> Handle:
+        return _LocalHandle(self, ("B", src, dst, mb), grad=True)
+
+    def finish(self) -> None:
+        return None
+
+
+class LocalHub:
+    """Mailboxes shared by the devices of one process; `abort()` wakes every waiter with an error."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.boxes: dict[tuple, queue.Queue] = {}
+        self.aborted: str | None = None
+
+    def box(self, key: tuple) -> queue.Queue:
+        with self.lock:
+            return self.boxes.setdefault(key, queue.Queue())
+
+    def put(self, key: tuple, value: Any) -> None:
+        self.box(key).put(value)
+
+    def abort(self, why: str) -> None:
+        self.aborted = why
+
+
+class _LocalHandle(Handle):
+    def __init__(self, tr: LocalTransport, key: tuple, grad: bool):
+        self.tr, self.key, self.grad = tr, key, grad
+
+    def wait(self) -> Any:
+        box = self.tr.hub.box(self.key)
+        deadline = time.monotonic() + self.tr.timeout
+        while True:
+            if self.tr.hub.aborted:
+                from stagewise.runtime.errors import PeerError
+
+                raise PeerError(self.tr.hub.aborted)
+            try:
+                value = box.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    kind, src, dst, mb = self.key
+                    what = "gradient" if self.grad else "activation"
+                    raise TransportTimeout(f"no {what} for stage {dst} micro-batch {mb} from stage {src} "
+                                           f"after {self.tr.timeout:g} s") from None
+        if self.grad:
+            return value
+        spec, tensors = value
+        tensors = [t.requires_grad_(True) if s[3] and t.is_floating_point() else t
+                   for t, s in zip(tensors, slots(spec))]
+        return unflatten(spec, tensors)
+
+
+__all__ = ["DistTransport", "Handle", "LocalHub", "LocalTransport", "Transport", "TensorSlot", "_grad_payload"]

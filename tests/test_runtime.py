@@ -1,0 +1,152 @@
+"""The runtime across processes (gloo) and in-process: exact gradients, renegotiated shapes, failures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from dist_workers import fault, grads_of, parity
+from toy import loss_fn, make_batch, make_layers, reference
+
+from stagewise import Pipeline, PipelineError, spawn
+from stagewise.runtime.microbatch import scatter, split_sizes
+
+TOL = 1e-10
+MICRO = [1, 2, 3, 4, 8]
+
+
+def _check(results: list[dict], steps: int) -> None:
+    for rank_result in results:
+        for (name, m), errs in rank_result.items():
+            assert errs["loss"] <= TOL, (name, m, errs)
+            assert errs["grad"] <= TOL, (name, m, errs)
+            assert errs["weight"] <= TOL, (name, m, errs)
+    # every parameter is held by exactly one rank
+    for key in results[0]:
+        assert sum(r[key]["params"] for r in results) == len(list(torch.nn.Sequential(*make_layers()).parameters()))
+
+
+def test_parity_single_process():
+    _check([parity(0, 1, MICRO, steps=5, local=True)], 5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parity_gloo(world):
+    """Every synchronous schedule x m (uneven splits too): loss, gradients and 5 Adam steps equal one process."""
+    _check(spawn(parity, world, args=(MICRO, 5), timeout=600), 5)
+
+
+def test_in_process_transport_matches_gloo_and_shapes_renegotiate():
+    lengths = [5, 7, 3]  # sequence length changes between steps: shapes are negotiated again
+    gloo = spawn(grads_of, 2, args=(False, "zbv", 3, lengths), timeout=300)
+    local = grads_of(0, 2, True, "zbv", 3, lengths)
+    for t in lengths:
+        merged = {**gloo[0][t]["grads"], **gloo[1][t]["grads"]}
+        assert set(merged) == set(local[t]["grads"])
+        for name, g in local[t]["grads"].items():  # same numbers up to the summation order of BLAS threads
+            assert ((g - merged[name]).abs().max() / merged[name].abs().max()).item() <= 1e-12, name
+        assert gloo[0][t]["loss"] == gloo[1][t]["loss"]
+        assert abs(gloo[0][t]["loss"] - local[t]["loss"]) <= 1e-12 * abs(local[t]["loss"])
+        assert max(gloo[0][t]["grad_err"], gloo[1][t]["grad_err"], local[t]["grad_err"]) <= TOL
+        assert abs(local[t]["loss"] - local[t]["ref_loss"]) <= TOL * abs(local[t]["ref_loss"])
+
+
+@pytest.mark.parametrize("mode,expect", [
+    ("raise", [r"stage 1 \(rank 1\) failed at F\(stage 1, mb 2\): RuntimeError: boom in micro-batch 2",
+               r"rank 0 stopped during the step because rank 1: stage 1 \(rank 1\) failed at F\(stage 1, mb 2\)"]),
+    ("shape", [r"stage 0 returned .*\[2, 4, 6\].* for micro-batch 2 but .*\[2, 5, 6\].* for micro-batch 0.*stage 1",
+               r"rank 1 stopped during the step because rank 0: stage 0 returned"]),
+    ("exit", [r"stage 0 \(rank 0\) failed at B\(stage 0, mb 2\): device 1 \(stage 1\) stopped answering",
+              r"exited with code 7"]),
+])
+def test_a_failure_ends_every_rank_with_a_message(mode, expect):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        spawn(fault, 2, args=(mode, 30.0), timeout=120)
+    elapsed = time.monotonic() - start
+    errors = info.value.rank_errors
+    assert set(errors) == {0, 1}, errors
+    text = "\n".join(errors[r] for r in sorted(errors))
+    for pattern in expect:
+        assert __import__("re").search(pattern, text), (pattern, text)
+    assert elapsed < 30, f"took {elapsed:.1f} s; the pipeline timeout is 30 s"
+
+
+def test_a_stuck_rank_is_ended_by_its_watchdog():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        spawn(fault, 2, args=("hang", 5.0), timeout=120)
+    errors = info.value.rank_errors
+    assert "timed out at B(stage 0, mb 2)" in errors[0]
+    assert "exited with code 1" in errors[1]  # the watchdog ended the stuck rank
+    assert time.monotonic() - start < 30
+
+
+def test_microbatch_split_weights_and_errors():
+    assert split_sizes(10, 4) == [3, 3, 2, 2]
+    micro, weights = scatter({"x": torch.arange(10), "tag": "keep", "pair": (torch.ones(10, 2), 3)}, 3)
+    assert [m["x"].tolist() for m in micro] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert weights == [0.4, 0.3, 0.3] and micro[1]["tag"] == "keep" and micro[2]["pair"][1] == 3
+    with pytest.raises(ValueError, match="cannot be split into 4 micro-batches"):
+        scatter(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match="disagree on dim 0"):
+        scatter((torch.zeros(3), torch.zeros(4)), 2)
+
+
+def test_pipeline_errors_are_clear():
+    layers = make_layers()
+    with pytest.raises(ValueError, match="cannot cut 9 layers into 16 stages"):
+        Pipeline(layers, loss_fn, schedule="interleaved", chunks=4, local_devices=4)
+    with pytest.raises(ValueError, match="covers 8 layers but the model has 9"):
+        Pipeline(layers, loss_fn, partition=[4, 4], local_devices=2)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Pipeline(layers, loss_fn, schedule="fast", local_devices=2)
+    pipe = Pipeline(make_layers(), loss_fn, microbatches=4, local_devices=2)
+    with pytest.raises(ValueError, match="batch of 3 samples cannot be split into 4 micro-batches"):
+        pipe.train_step(make_batch(3))
+
+
+def test_eval_step_trace_and_activation_accounting():
+    torch.set_default_dtype(torch.float64)
+    try:
+        pipe = Pipeline(make_layers(), loss_fn, schedule="1f1b", microbatches=4, local_devices=2)
+        batch = make_batch(8)
+        ref_loss, _, _ = reference(make_layers(), batch)
+        out = pipe.eval_step(batch)
+        assert abs(out["loss"].item() - ref_loss.item()) <= TOL * ref_loss.item()
+        assert torch.cat(out["outputs"]).shape == (8, 5, 11)
+        assert all(p.grad is None for p in pipe.parameters())
+        pipe.train_step(batch)
+        trace = pipe.last_trace()
+        ops = {(e.device, e.op) for e in trace.events}
+        assert {(0, "F"), (0, "B"), (1, "F"), (1, "B"), (0, "SEND_F"), (1, "RECV_F")} <= ops
+        assert all(e.end >= e.start for e in trace.events) and trace.unit == "s"
+        saved = [e.extra["saved_bytes"] for e in trace.events if e.op == "F"]
+        assert min(saved) > 0
+        assert all(b > 0 for b in pipe.peak_activation_bytes().values())
+        sent = [e.extra["bytes"] for e in trace.events if e.op == "SEND_F"]
+        assert sent and min(sent) > 0
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_layer_factories_build_only_own_layers_deterministically():
+    from toy import Embed, Head, Mix
+
+    built = []
+
+    def factory(cls, *args):
+        def make():
+            built.append(cls.__name__)
+            return cls(*args).double()
+        return make
+
+    specs = [factory(Embed)] + [factory(Mix, 5) for _ in range(3)] + [factory(Head)]
+    a = Pipeline(specs, loss_fn, local_devices=1, seed=3)
+    b = Pipeline(specs, loss_fn, local_devices=1, seed=3)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)
+    assert [n for n, _ in a.named_parameters()][:1] == ["0.emb.weight"]
+    with pytest.raises(PipelineError, match="no loss_fn"):
+        Pipeline(make_layers(), None, local_devices=1).train_step(make_batch(4))
