@@ -58,6 +58,19 @@ def _parent(path: str) -> None:
     os.makedirs(parent, exist_ok=True)
 
 
+def _run(args: argparse.Namespace) -> int:
+    """`stagewise run -n P script.py ...`: torchrun on this machine, one process per pipeline device."""
+    from torch.distributed import run as torchrun
+
+    if not args.script:
+        raise SystemExit("stagewise run: give the script to run, e.g. `stagewise run -n 2 train.py`")
+    argv = ["--standalone", "--nproc_per_node", str(args.nproc)]
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    torchrun.main(argv + [args.script, *args.script_args])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagewise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print one JSON object instead of the text timeline")
     sim.add_argument("--width", type=int, default=100, help="text timeline width in columns")
     sim.set_defaults(func=_simulate)
+
+    run = sub.add_parser("run", help="launch a script on P local processes (a thin torchrun)")
+    run.add_argument("-n", "--nproc", type=int, default=2, help="processes = pipeline devices")
+    run.add_argument("--threads", type=int, default=None, help="intra-op threads per process (OMP_NUM_THREADS)")
+    run.add_argument("script", nargs="?", help="the Python script every rank runs")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    run.set_defaults(func=_run)
     return parser
 
 

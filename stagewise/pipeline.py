@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from stagewise.partition import resolve_balance
-from stagewise.runtime import launch
+from stagewise.runtime import launch, ties
 from stagewise.runtime.errors import PeerError, PipelineError
 from stagewise.runtime.executor import Executor
 from stagewise.runtime.microbatch import scatter
@@ -71,13 +71,33 @@ class Pipeline:
         self.layer_ranges = [(a, a + n) for a, n in zip(starts, self.balance)]
         self.devices = list(range(self.world)) if self.local else [self.rank]
         self.stages: dict[int, Stage] = {}
+        names, shared = ties.canonical_names(layer_list), ties.shared_ids(layer_list)
         for d in self.devices:
             for s in self.schedule.stages_of(d):
                 lo, hi = self.layer_ranges[s]
                 built = [_build_layer(layer_list[i], i, seed) for i in range(lo, hi)]
-                self.stages[s] = Stage(s, [m.to(self.device) for m in built], lo)
-        params = [p for s in sorted(self.stages) for p in self.stages[s].parameters()]
-        self.optimizer = optimizer(params) if optimizer is not None and params else None
+                self.stages[s] = Stage(s, [m.to(self.device) for m in built], lo, names)
+        # Each device owns the parameters of its stages; a parameter shared by two stages of one
+        # process is owned (and stepped) once, by the first device that holds it.
+        owned: dict[int, list[nn.Parameter]] = {d: [] for d in self.devices}
+        tied: dict[int, dict[str, nn.Parameter]] = {d: {} for d in self.devices}
+        seen: set[int] = set()
+        for d in self.devices:
+            for s in self.schedule.stages_of(d):
+                for p in self.stages[s].parameters():
+                    key = ties.tie_key(p, names, shared)
+                    if key is not None:
+                        tied[d][key] = p
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        owned[d].append(p)
+        if self.local:
+            self._ties: Any = ties.LocalTies(tied, timeout)
+        elif self.world > 1:
+            self._ties = ties.DistTies(tied[self.rank], self.rank, self.world)
+        else:
+            self._ties = None
+        self.optimizers = {d: optimizer(ps) for d, ps in owned.items() if optimizer is not None and ps}
         self._failed: str | None = None
         self._events: list[Event] = []
         self._executors = {d: self._executor(d) for d in self.devices}
@@ -101,14 +121,35 @@ class Pipeline:
         else:
             ordered = self.world > 1 and launch.dist.get_backend() == "nccl"
             transport = DistTransport(self.device, self.schedule.num_stages, self.timeout, ordered=ordered)
-        step = self.optimizer.step if self.optimizer is not None else None
-        return Executor(self.schedule, d, stages, transport, self.loss_fn, step, rank=d)
+        return Executor(self.schedule, d, stages, transport, self.loss_fn, lambda: self._optimizer_step(d), rank=d)
+
+    def _optimizer_step(self, d: int) -> None:
+        """The STEP action: make tied copies agree, then step this device's optimizer."""
+        if isinstance(self._ties, ties.LocalTies):
+            self._ties.sync_grads(d)
+        elif self._ties is not None:
+            self._ties.sync_grads()
+        opt = self.optimizers.get(d)
+        if opt is not None:
+            opt.step()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """This rank's optimizer (None without `optimizer=`); with `local_devices`, device 0's."""
+        return self.optimizers.get(self.devices[0])
 
     # ---- the API ----
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """This rank's parameters, named as `nn.Sequential(*layers).named_parameters()` names them."""
-        return [item for s in sorted(self.stages) for item in self.stages[s].named_parameters()]
+        """This rank's parameters, named as `nn.Sequential(*layers).named_parameters()` names them (a
+        parameter shared by two layers keeps its first name, and is listed once per process)."""
+        out, seen = [], set()
+        for s in sorted(self.stages):
+            for name, p in self.stages[s].named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((name, p))
+        return out
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_parameters()]
@@ -212,6 +253,8 @@ class Pipeline:
             except BaseException as err:
                 errors[d] = err
                 self._hub.abort(f"device {d} failed: {err}")
+                if self._ties is not None:
+                    self._ties.abort()
 
         threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in self.devices]
         for t in threads:

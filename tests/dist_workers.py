@@ -29,15 +29,9 @@ def parity(rank: int, world: int, microbatches: list[int], steps: int, local: bo
             pipe = Pipeline(make_layers(), loss_fn, schedule=name, microbatches=m, timeout=20,
                             optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
                             local_devices=world if local else None)
-            pipe_opt = pipe.optimizer
-            pipe.optimizer = None  # first step: gradients only, to compare them before any update
-            pipe._executors = {d: pipe._executor(d) for d in pipe.devices}
-            loss = pipe.train_step(batch)
+            loss = pipe.train_step(batch)  # the gradients stay in .grad after the step, until the next one
             errs = {"loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())}
             errs["grad"] = max(rel(p.grad, ref_grads[n]) for n, p in pipe.named_parameters())
-            pipe_opt.step()
-            pipe.optimizer = pipe_opt
-            pipe._executors = {d: pipe._executor(d) for d in pipe.devices}
             for _ in range(steps - 1):
                 pipe.train_step(batch)
             errs["weight"] = max(rel(p.detach(), ref_weights[n]) for n, p in pipe.named_parameters())
@@ -91,3 +85,32 @@ def fault(rank: int, world: int, mode: str, timeout: float) -> str:
     pipe = Pipeline(layers, loss_fn, schedule="1f1b", microbatches=4, timeout=timeout, partition=balance)
     pipe.train_step(make_batch(8, 5))
     return "finished"
+
+
+def tied(rank: int, world: int, schedule: str, steps: int, local: bool = False) -> dict:
+    """Weights after Adam steps with the embedding tied to the head, and the tied copies' values."""
+    from toy import make_tied_layers
+
+    torch.set_default_dtype(torch.float64)
+    batch = make_batch(8, 5)
+    model = nn.Sequential(*make_tied_layers())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        opt.step()
+    ref = dict(model.named_parameters())
+    pipe = Pipeline(make_tied_layers(), loss_fn, schedule=schedule, microbatches=4, timeout=20,
+                    optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2), local_devices=world if local else None)
+    for _ in range(steps):
+        pipe.train_step(batch)
+    copies = {}
+    for s in pipe.stage_indices:
+        for layer in pipe.stages[s].module:
+            w = getattr(getattr(layer, "emb", None), "weight", None)
+            if w is None and hasattr(layer, "out"):
+                w = layer.out.weight
+            if w is not None:
+                copies[s] = w.detach().clone()
+    err = max(rel(p.detach(), ref[n]) for n, p in pipe.named_parameters())
+    return {"err": err, "copies": copies, "ref": ref["0.emb.weight"].detach().clone()}

@@ -150,3 +150,15 @@ def test_layer_factories_build_only_own_layers_deterministically():
     assert [n for n, _ in a.named_parameters()][:1] == ["0.emb.weight"]
     with pytest.raises(PipelineError, match="no loss_fn"):
         Pipeline(make_layers(), None, local_devices=1).train_step(make_batch(4))
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_tied_weights_stay_equal_across_stages(schedule):
+    from dist_workers import tied
+
+    results = spawn(tied, 2, args=(schedule, 4), timeout=300) + [tied(0, 2, schedule, 4, local=True)]
+    for r in results:
+        assert r["err"] <= TOL
+        for w in r["copies"].values():
+            assert ((w - r["ref"]).abs().max() / r["ref"].abs().max()).item() <= TOL
+    assert sum(len(r["copies"]) for r in results[:2]) == 2  # one copy on the first stage, one on the last

@@ -75,3 +75,10 @@ def reference(layers: list[nn.Module], batch, steps: int = 0, lr: float = 1e-2):
             opt.step()
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     return loss.detach(), grads, weights
+
+
+def make_tied_layers(seed: int = 0, blocks: int = 3) -> list[nn.Module]:
+    """Like `make_layers`, with the head's output weight the embedding's (GPT-2's tie)."""
+    layers = make_layers(seed, blocks)
+    layers[-1].out.weight = layers[0].emb.weight
+    return layers

@@ -35,8 +35,9 @@ class Stage:
     kept in a `Pending` until the backward frees them. Saved-activation bytes are counted with
     `saved_tensors_hooks` (parameters excluded, each storage once)."""
 
-    def __init__(self, index: int, layers: list[nn.Module], layer_offset: int):
+    def __init__(self, index: int, layers: list[nn.Module], layer_offset: int, names: dict[int, str] | None = None):
         self.index = index
+        self.names = names or {}
         self.module = nn.Sequential(*layers)
         self.layer_offset = layer_offset
         self.held_bytes = 0
@@ -46,10 +47,11 @@ class Stage:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Names as in `nn.Sequential(*all_layers)`; a shared parameter keeps its first name."""
         out = []
         for name, p in self.module.named_parameters():
             head, _, rest = name.partition(".")
-            out.append((f"{int(head) + self.layer_offset}.{rest}", p))
+            out.append((self.names.get(id(p), f"{int(head) + self.layer_offset}.{rest}"), p))
         return out
 
     def forward(self, x: Any, first: bool) -> tuple[Any, Pending]:

@@ -56,13 +56,16 @@ def list_schedule(
     inflight, inflight_i = [0] * devices, [0] * devices
     remaining = [len(st) * m * (3 if split_backward else 2) for st in stages_on]
     lists: list[list[Action]] = [[] for _ in range(devices)]
-    ready_heap = [(0.0, d) for d in range(devices) if remaining[d]]
-    sleeping: list[int] = []  # idle devices, woken whenever a new action is placed
-    ends: list[float] = []  # completion times of placed actions, to wake idle devices
+    # (time, sequence, device): the sequence orders devices looking again at the same time
+    ready_heap = [(0.0, d, d) for d in range(devices) if remaining[d]]
+    seq = devices
+    ends: list[float] = []  # completion times of placed actions: when an idle device looks again
     busy_until = [0.0] * devices
+    idle_streak = 0  # consecutive looks that placed nothing while no action is running
+    waiting: dict[int, float] = {}  # idle device -> when it looks again
     bop = I if split_backward else B
     while ready_heap:
-        t, d = heapq.heappop(ready_heap)
+        t, _, d = heapq.heappop(ready_heap)
         if t < busy_until[d] or not remaining[d]:
             continue  # a stale wake-up
         fw, bw, ww = [], [], []
@@ -79,13 +82,19 @@ def list_schedule(
         if choice is None:
             while ends and ends[0] <= t:
                 heapq.heappop(ends)
+            seq += 1
             if ends:
-                heapq.heappush(ready_heap, (ends[0], d))
-            sleeping.append(d)
-            if not ready_heap:
-                stuck = sorted(set(sleeping))
-                raise ScheduleError(f"list scheduler: devices {stuck} have work left but nothing can ever run")
+                heapq.heappush(ready_heap, (ends[0], seq, d))
+                waiting[d] = ends[0]
+            else:  # nothing running: look again after the other devices free at this time
+                idle_streak += 1
+                if idle_streak > devices:
+                    stuck = sorted(x for x in range(devices) if remaining[x])
+                    raise ScheduleError(f"list scheduler: devices {stuck} have work left but nothing can ever run")
+                heapq.heappush(ready_heap, (t, seq, d))
             continue
+        idle_streak = 0
+        waiting.pop(d, None)
         op, s, n = choice
         if op == F:
             end = t + cost_f
@@ -110,9 +119,12 @@ def list_schedule(
         remaining[d] -= 1
         busy_until[d] = end
         heapq.heappush(ends, end)
-        for other in sleeping:
-            heapq.heappush(ready_heap, (end, other))
-        sleeping.clear()
+        for other, wake in list(waiting.items()):  # an idle device must not sleep past this completion
+            if wake > end:
+                seq += 1
+                heapq.heappush(ready_heap, (end, seq, other))
+                waiting[other] = end
         if remaining[d]:
-            heapq.heappush(ready_heap, (end, d))
+            seq += 1
+            heapq.heappush(ready_heap, (end, seq, d))
     return lists

@@ -18,11 +18,16 @@ from stagewise.schedules.engine import execute
 UNIT_COSTS = {F: 1.0, B: 2.0, I: 1.0, W: 1.0}
 
 
-def lower(schedule: Schedule) -> Schedule:
+def unit_times(schedule: Schedule) -> tuple[list[list[float]], list[list[float]]]:
+    """Start and end of every compute action under unit costs: the global order `lower` follows."""
+    return execute(schedule, lambda a: UNIT_COSTS.get(a.op, 0.0))
+
+
+def lower(schedule: Schedule, times: tuple[list[list[float]], list[list[float]]] | None = None) -> Schedule:
     """Return `schedule` with SEND/RECV actions added (a no-op if it already has them)."""
     if schedule.lowered:
         return schedule
-    starts, ends = execute(schedule, lambda a: UNIT_COSTS.get(a.op, 0.0))
+    starts, ends = times if times is not None else unit_times(schedule)
     placement, S = schedule.placement, schedule.num_stages
     keyed: list[list[tuple[tuple, Action]]] = [[] for _ in range(schedule.num_devices)]
     for d in range(schedule.num_devices):

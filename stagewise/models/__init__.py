@@ -1,0 +1,35 @@
+"""Models as lists of layers that a pipeline can cut anywhere: GPT-2, native or converted from transformers."""
+
+from stagewise.models.gpt2 import (
+    CONFIGS,
+    TIE_KEY,
+    CausalSelfAttention,
+    GPT2Block,
+    GPT2Config,
+    GPT2Embedding,
+    GPT2Head,
+    config,
+    count_parameters,
+    from_transformers,
+    gpt2_layers,
+    lm_loss,
+    load_pretrained,
+    tie_head,
+)
+
+__all__ = [
+    "CONFIGS",
+    "TIE_KEY",
+    "CausalSelfAttention",
+    "GPT2Block",
+    "GPT2Config",
+    "GPT2Embedding",
+    "GPT2Head",
+    "config",
+    "count_parameters",
+    "from_transformers",
+    "gpt2_layers",
+    "lm_loss",
+    "load_pretrained",
+    "tie_head",
+]
