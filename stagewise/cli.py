@@ -71,6 +71,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """`stagewise train`: start one process per stage (unless already under torchrun) and train GPT-2."""
+    from dataclasses import fields
+
+    from stagewise.train import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if "RANK" not in os.environ and cfg.stages > 1:
+        from torch.distributed import run as torchrun
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.stages)))
+        torchrun.main(["--standalone", "--nproc_per_node", str(cfg.stages), "-m", "stagewise.cli", *sys.argv[1:]])
+        return 0
+    train(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagewise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,12 +119,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script", nargs="?", help="the Python script every rank runs")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(func=_run)
+
+    from stagewise.train import TrainConfig
+
+    d = TrainConfig()
+    tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)")
+    tr.add_argument("--stages", type=int, default=d.stages, help="pipeline devices (processes)")
+    tr.add_argument("--schedule", default=d.schedule, help="naive, gpipe, 1f1b, interleaved, zb-h1, zbv")
+    tr.add_argument("--microbatches", type=int, default=d.microbatches)
+    tr.add_argument("--steps", type=int, default=d.steps)
+    tr.add_argument("--model", default=d.model, help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
+    tr.add_argument("--pretrained", default=None, help="Hugging Face GPT-2 weights (name or local folder)")
+    tr.add_argument("--data", default=None, help="a text file or folder (default: the built-in corpus)")
+    tr.add_argument("--dataset", default=None, help="'squad': SQuAD contexts via Hugging Face datasets")
+    tr.add_argument("--seq-len", dest="seq_len", type=int, default=d.seq_len)
+    tr.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size)
+    tr.add_argument("--lr", type=float, default=d.lr)
+    tr.add_argument("--partition", default=d.partition, help="uniform, parameters, type:REGEX, or counts 4,3,3,4")
+    tr.add_argument("--chunks", type=int, default=None, help="virtual stages per device (interleaved, zbv)")
+    tr.add_argument("--vocab-size", dest="vocab_size", type=int, default=d.vocab_size)
+    tr.add_argument("--out", default=d.out, help="run folder")
+    tr.add_argument("--seed", type=int, default=d.seed)
+    tr.add_argument("--log-every", dest="log_every", type=int, default=d.log_every)
+    tr.add_argument("--trace-step", dest="trace_step", type=int, default=d.trace_step)
+    tr.add_argument("--timeout", type=float, default=d.timeout, help="seconds any wait on another stage may take")
+    tr.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
+    tr.set_defaults(func=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "partition", None) and "," in str(args.partition):
+        args.partition = [int(x) for x in args.partition.split(",")]
     try:
         return args.func(args)
     except ScheduleError as err:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +40,9 @@ class Pipeline:
         loss_fn: `(last stage output, labels) -> scalar`, the mean over that micro-batch.
         schedule: naive, gpipe, 1f1b, interleaved, zb-h1 or zbv.
         microbatches: m; a batch of B samples gives micro-batches of B//m or B//m + 1 samples.
-        partition: "uniform" or a balance list with one layer count per stage (devices x chunks).
+        partition: a balance list with one layer count per stage (devices x chunks), or a method:
+            "uniform", "parameters", "type:REGEX" (DeepSpeed's), "time", "memory" or "auto" (these three
+            measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
         chunks: virtual stages per device (interleaved, zbv); default from the schedule.
         optimizer: `params -> torch.optim.Optimizer`, built over this rank's parameters.
         timeout: seconds any wait on another device may take before every rank stops with an error.
@@ -49,7 +54,8 @@ class Pipeline:
                  chunks: int | None = None,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
-                 local_devices: int | None = None, backend: str | None = None):
+                 local_devices: int | None = None, backend: str | None = None,
+                 sample: tuple[Any, Any] | None = None, memory_limit: float | None = None):
         info = SCHEDULES.get(schedule)
         if info is None:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -65,7 +71,9 @@ class Pipeline:
             self.local = False
         self.schedule: Schedule = validate(build(schedule, self.world, microbatches, chunks))
         layer_list = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
-        self.balance = resolve_balance(partition, len(layer_list), self.schedule.num_stages)
+        self.profiles = self._profiles(layer_list, partition, sample)
+        self.balance = resolve_balance(partition, len(layer_list), self.schedule.num_stages, layers=self.profiles,
+                                       schedule=self.schedule, memory_limit=memory_limit)
         self.device = torch.device(device) if device is not None else self._default_device()
         starts = [sum(self.balance[:s]) for s in range(len(self.balance))]
         self.layer_ranges = [(a, a + n) for a, n in zip(starts, self.balance)]
@@ -105,11 +113,51 @@ class Pipeline:
 
     # ---- set-up ----
 
+    def _profiles(self, layer_list: list, partition: str | Sequence[int], sample: tuple[Any, Any] | None):
+        """Layer facts for the partitioner: static (names, parameters), or measured when the method needs times."""
+        from stagewise.partition.profile import describe_layers, profile_layers
+
+        if not all(isinstance(layer, nn.Module) for layer in layer_list):
+            if isinstance(partition, str) and partition != "uniform":
+                raise ValueError(f"partition={partition!r} needs the layers themselves; with layer factories "
+                                 "use 'uniform' or an explicit balance list")
+            return None
+        if partition not in ("time", "memory", "auto"):
+            return describe_layers(layer_list)
+        if sample is None:
+            raise ValueError(f"partition={partition!r} measures every layer: pass sample=(inputs, labels), a batch "
+                             "like the ones you will train on")
+        measured = None
+        if self.local or self.rank == 0:  # one rank measures, so that every rank cuts the model the same way
+            micro = scatter(sample[0], self.microbatches)[0][0]
+            device = torch.device("cuda", torch.cuda.current_device()) if self._uses_cuda() else torch.device("cpu")
+            measured = profile_layers(layer_list, micro, device=device)
+        if not self.local and self.world > 1:
+            box = [measured]
+            launch.dist.broadcast_object_list(box, src=0)
+            measured = box[0]
+        return measured
+
+    def _uses_cuda(self) -> bool:
+        return (not self.local and torch.cuda.is_available() and launch.dist.is_initialized()
+                and launch.dist.get_backend() == "nccl")
+
+    def partition_table(self):
+        """Which layers every stage holds, with parameters (tied ones once), and with measured time and
+        memory when the partition was measured (`partition="time" | "memory" | "auto"`)."""
+        from stagewise.partition import PartitionTable
+
+        if self.profiles is None:
+            return PartitionTable.build(self.balance, [f"layer {i}" for i in range(sum(self.balance))],
+                                        placement=self.schedule.placement)
+        if any(p.time > 0 for p in self.profiles):
+            return PartitionTable.from_profiles(self.balance, self.profiles, self.schedule)
+        return PartitionTable.build(self.balance, [p.name for p in self.profiles],
+                                    params=[p.params for p in self.profiles],
+                                    shared=[p.shared for p in self.profiles], placement=self.schedule.placement)
+
     def _default_device(self) -> torch.device:
-        if not self.local and torch.cuda.is_available() and launch.dist.is_initialized() \
-                and launch.dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if self._uses_cuda() else torch.device("cpu")
 
     def _executor(self, d: int) -> Executor:
         stages = {s: self.stages[s] for s in self.schedule.stages_of(d)}
@@ -191,6 +239,42 @@ class Pipeline:
         return Timeline(self.world, sorted(events, key=lambda e: (e.device, e.start)),
                         title=f"measured: {self.schedule.describe()}", unit="s",
                         num_stages=self.schedule.num_stages)
+
+    def save_checkpoint(self, folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        """Write every stage's weights (and this rank's optimizer state) under `folder`, each file
+        atomically (a temporary name, then a rename), so a crash never leaves a half-written checkpoint.
+        With several processes this is a collective: every rank writes its own stages."""
+        root = Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        for s, st in self.stages.items():
+            lo, hi = self.layer_ranges[s]
+            _atomic_save({"stage": s, "layers": [lo, hi], "state_dict": st.module.state_dict()},
+                         root / f"stage-{s:03d}.pt")
+        for d, opt in self.optimizers.items():
+            _atomic_save(opt.state_dict(), root / f"optimizer-device-{d:03d}.pt")
+        if 0 in self.devices:
+            meta = {"schedule": self.schedule.name, "devices": self.world, "microbatches": self.microbatches,
+                    "balance": self.balance, "placement": list(self.schedule.placement), **(extra or {})}
+            tmp = root / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta, indent=2, default=str))
+            os.replace(tmp, root / "meta.json")
+        if not self.local and self.world > 1:
+            self._guard(launch.dist.barrier, "the checkpoint barrier")
+
+    def load_checkpoint(self, folder: str | os.PathLike[str]) -> dict[str, Any]:
+        """Load what `save_checkpoint` wrote for this process's stages (same balance); returns meta.json."""
+        root = Path(folder)
+        meta = json.loads((root / "meta.json").read_text())
+        if meta["balance"] != self.balance:
+            raise ValueError(f"checkpoint {root} was written with balance {meta['balance']}, this pipeline "
+                             f"uses {self.balance}; build the Pipeline with partition={meta['balance']}")
+        for s, st in self.stages.items():
+            st.module.load_state_dict(torch.load(root / f"stage-{s:03d}.pt", weights_only=True)["state_dict"])
+        for d, opt in self.optimizers.items():
+            path = root / f"optimizer-device-{d:03d}.pt"
+            if path.exists():
+                opt.load_state_dict(torch.load(path, weights_only=True))
+        return meta
 
     def peak_activation_bytes(self) -> dict[int, int]:
         """Peak saved-activation bytes per stage held by this process, since construction."""
@@ -287,6 +371,12 @@ class Pipeline:
             if isinstance(err, PipelineError):
                 raise
             raise PipelineError(msg, rank=self.rank) from err
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _is_connection_error(err: BaseException) -> bool:

@@ -1,5 +1,36 @@
-"""Cutting a list of layers into stages."""
+"""Cutting a list of layers into stages: balancing methods, exact solvers, the partition table.
 
-from stagewise.partition.balance import resolve_balance, uniform
+Everything here is torch-free except `stagewise.partition.profile` (import it for `profile_layers`).
+"""
 
-__all__ = ["resolve_balance", "uniform"]
+from stagewise.partition.balance import resolve_balance
+from stagewise.partition.costs import LayerProfile, ParamCounter
+from stagewise.partition.methods import (
+    METHODS,
+    Footprint,
+    Planner,
+    Prediction,
+    auto,
+    by_memory,
+    by_parameters,
+    by_time,
+    by_type,
+    inflight_per_stage,
+    resolve,
+)
+from stagewise.partition.solver import (
+    PartitionError,
+    check_balance,
+    min_max_balance,
+    min_max_partition,
+    min_sum_partition,
+    uniform,
+)
+from stagewise.partition.table import PartitionTable, StageRecord
+
+__all__ = [
+    "METHODS", "Footprint", "LayerProfile", "ParamCounter", "PartitionError", "PartitionTable", "Planner",
+    "Prediction", "StageRecord", "auto", "by_memory", "by_parameters", "by_time", "by_type", "check_balance",
+    "inflight_per_stage", "min_max_balance", "min_max_partition", "min_sum_partition", "resolve",
+    "resolve_balance", "uniform",
+]

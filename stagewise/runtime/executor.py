@@ -75,6 +75,7 @@ class Executor:
                     else:
                         x = received.pop(("F", s, n)).wait()
                         received_spec = flatten(x)[1]
+                        t0 = _waited(extra, t0)
                     with torch.set_grad_enabled(train):
                         out, p = stage.forward(x, first=(s == 0))
                         if s == self.last:
@@ -107,6 +108,7 @@ class Executor:
                         grads = grad_in.pop((s + 1, n))
                     else:
                         grads = received.pop(("B", s, n)).wait()
+                        t0 = _waited(extra, t0)
                     if grads is not None and len(grads) != len(p.roots):
                         raise PipelineError(f"stage {s + 1} returned {len(grads)} gradients for {len(p.roots)} "
                                             "outputs that need one")
@@ -192,6 +194,13 @@ class Executor:
                 f"stage {s} returned {describe(spec)} for micro-batch {n} but {describe(first[1])} for micro-batch "
                 f"{first[0]}: the output of a stage may change only in its batch dimension within a step, so stage "
                 f"{s + 1} cannot rely on it; check stage {s}'s layers", stage=s, microbatch=n, action=f"F{s}")
+
+
+def _waited(extra: dict[str, Any], t0: float) -> float:
+    """Record the time spent waiting for a peer before the computation starts; return the new start."""
+    now = time.perf_counter()
+    extra["wait_s"] = now - t0
+    return now
 
 
 def _shape_key(spec: Any) -> Any:
