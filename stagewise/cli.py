@@ -88,6 +88,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _partition(args: argparse.Namespace) -> int:
+    """`stagewise partition`: cut a built-in GPT-2 into stages and print the partition table, without training."""
+    import torch
+
+    from stagewise.models import config, gpt2_layers
+    from stagewise.partition import PartitionTable, resolve_balance
+    from stagewise.partition.profile import describe_layers, profile_layers
+
+    cfg = config(args.model, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
+    schedule = build(args.schedule, args.stages, args.microbatches, args.chunks)
+    method = args.method
+    if isinstance(method, str) and method in ("time", "memory", "auto"):
+        torch.manual_seed(0)
+        layers = gpt2_layers(cfg)
+        per_micro = max(1, args.batch_size // args.microbatches)
+        ids = torch.randint(0, cfg.vocab_size, (per_micro, min(args.seq_len, cfg.n_positions)))
+        profiles = profile_layers(layers, ids)
+    else:  # names and parameter counts only: build on the meta device, no memory, no time
+        profiles = describe_layers(gpt2_layers(cfg, device="meta"))
+    limit = args.memory_limit * 2**30 if args.memory_limit else None
+    balance = resolve_balance(method, len(profiles), schedule.num_stages, layers=profiles, schedule=schedule,
+                              memory_limit=limit)
+    if any(p.time > 0 for p in profiles):
+        table = PartitionTable.from_profiles(balance, profiles, schedule)
+    else:
+        table = PartitionTable.build(balance, [p.name for p in profiles], params=[p.params for p in profiles],
+                                     shared=[p.shared for p in profiles], placement=schedule.placement)
+    if args.json:
+        print(json.dumps({"model": args.model, "method": method, **table.to_dict()}, default=str))
+    else:
+        print(f"{args.model}: {len(profiles)} layers on {schedule.num_stages} stages ({schedule.name}), "
+              f"method {method}")
+        print(table.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagewise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     run.set_defaults(func=_run)
 
+    pa = sub.add_parser("partition", help="print how a built-in GPT-2 is cut into stages (no training)")
+    pa.add_argument("--model", default="gpt2", help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
+    pa.add_argument("--stages", type=int, default=4, help="pipeline devices")
+    pa.add_argument("--method", default="type:GPT2Block",
+                    help="uniform, parameters, type:REGEX, time, memory, auto, or counts like 4,3,3,4")
+    pa.add_argument("--schedule", default="1f1b", help="the schedule (memory and auto depend on it)")
+    pa.add_argument("--microbatches", type=int, default=8)
+    pa.add_argument("--chunks", type=int, default=None)
+    pa.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="for measured methods")
+    pa.add_argument("--seq-len", dest="seq_len", type=int, default=128, help="for measured methods")
+    pa.add_argument("--vocab-size", dest="vocab_size", type=int, default=None)
+    pa.add_argument("--memory-limit", dest="memory_limit", type=float, default=None, help="GiB per device")
+    pa.add_argument("--json", action="store_true", help="print one JSON object")
+    pa.set_defaults(func=_partition)
+
     from stagewise.train import TrainConfig
 
     d = TrainConfig()
@@ -151,11 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "partition", None) and "," in str(args.partition):
-        args.partition = [int(x) for x in args.partition.split(",")]
+    for name in ("partition", "method"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and "," in value:
+            setattr(args, name, [int(x) for x in value.split(",")])
     try:
         return args.func(args)
-    except ScheduleError as err:
+    except (ScheduleError, ValueError) as err:
         print(f"stagewise: {err}", file=sys.stderr)
         return 2
 

@@ -122,8 +122,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     say(f"data: {len(batches)} batches of {cfg.batch_size} x <= {cfg.seq_len} tokens, vocabulary "
         f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s)")
     layers = build_layers(cfg, tok.get_vocab_size())
+    sample = next(iter(batches)) if cfg.partition in ("time", "memory", "auto") else None
     pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches,
-                    partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout,
+                    partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout, sample=sample,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
@@ -226,8 +227,8 @@ class _Progress:
         if on and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                TimeRemainingColumn())
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
             self.task = self.bar.add_task("train", total=total, info="")
             self.bar.start()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import socket
@@ -27,7 +28,16 @@ def init_from_env(timeout: float, backend: str | None = None) -> tuple[int, int]
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    atexit.register(_destroy_group)  # a group left to the interpreter's exit can abort the process
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
 
 
 def report_failure(message: str, rank: int) -> None:
@@ -83,6 +93,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stagewise-watchdog", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)
 
     def _loop(self) -> None:
         import sys
@@ -109,6 +120,8 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self.every)
 
 
 def free_port() -> int:
