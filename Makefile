@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: GPT-2 (tiny) on 4 pipeline stages, built-in data, no download.
 demo: $(STAMP)
-	$(VENV)/bin/stagewise simulate --schedule 1f1b --stages 4 --microbatches 8 --png runs/demo/timeline.png --trace runs/demo/trace.json
+	$(VENV)/bin/stagewise train --stages 4 --schedule 1f1b --microbatches 8 --steps 300 --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -28,6 +29,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_schedules.py
+	$(PY) benchmarks/bench_runtime.py
+	$(PY) benchmarks/bench_partition.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
