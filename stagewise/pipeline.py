@@ -20,6 +20,7 @@ from stagewise.runtime.microbatch import scatter
 from stagewise.runtime.stage import Stage
 from stagewise.runtime.transport import DistTransport, LocalHub, LocalTransport, Transport
 from stagewise.runtime.tree import map_tensors
+from stagewise.runtime.versions import WeightVersions
 from stagewise.schedules import SCHEDULES, Schedule, build, validate
 from stagewise.schedules.timeline import Event, Timeline
 
@@ -55,21 +56,22 @@ class Pipeline:
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
                  local_devices: int | None = None, backend: str | None = None,
-                 sample: tuple[Any, Any] | None = None, memory_limit: float | None = None):
+                 sample: tuple[Any, Any] | None = None, memory_limit: float | None = None,
+                 vertical_sync: bool = False):
         info = SCHEDULES.get(schedule)
         if info is None:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if info.asynchronous:
-            raise ValueError(f"schedule {schedule!r} is asynchronous (several weight versions, no flush); "
-                             "Pipeline.train_step runs the synchronous ones: naive, gpipe, 1f1b, interleaved, "
-                             "zb-h1, zbv")
         self.loss_fn, self.timeout, self.microbatches = loss_fn, timeout, microbatches
         if local_devices is not None:
             self.rank, self.world, self.local = 0, local_devices, True
         else:
             self.rank, self.world = launch.init_from_env(timeout, backend)
             self.local = False
-        self.schedule: Schedule = validate(build(schedule, self.world, microbatches, chunks))
+        self.schedule_name, self.chunks, self.asynchronous = schedule, chunks, info.asynchronous
+        self.schedule_options = {"vertical_sync": True} if vertical_sync else {}
+        if vertical_sync and schedule != "pipedream":
+            raise ValueError("vertical_sync applies to the 'pipedream' schedule only")
+        self.schedule: Schedule = validate(build(schedule, self.world, microbatches, chunks, **self.schedule_options))
         layer_list = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
         self.profiles = self._profiles(layer_list, partition, sample)
         self.balance = resolve_balance(partition, len(layer_list), self.schedule.num_stages, layers=self.profiles,
@@ -105,6 +107,10 @@ class Pipeline:
             self._ties = ties.DistTies(tied[self.rank], self.rank, self.world)
         else:
             self._ties = None
+        if self.asynchronous and any(tied.values()):
+            raise ValueError(f"schedule {schedule!r} keeps several weight versions per stage; parameters tied "
+                             "across stages (such as GPT-2's embedding and head) are not supported with it. Untie "
+                             "them or use a synchronous schedule")
         self.optimizers = {d: optimizer(ps) for d, ps in owned.items() if optimizer is not None and ps}
         self._failed: str | None = None
         self._events: list[Event] = []
@@ -159,8 +165,9 @@ class Pipeline:
     def _default_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self._uses_cuda() else torch.device("cpu")
 
-    def _executor(self, d: int) -> Executor:
-        stages = {s: self.stages[s] for s in self.schedule.stages_of(d)}
+    def _executor(self, d: int, schedule: Schedule | None = None) -> Executor:
+        schedule = schedule or self.schedule
+        stages = {s: self.stages[s] for s in schedule.stages_of(d)}
         transport: Transport
         if self.local:
             if not hasattr(self, "_hub"):
@@ -169,10 +176,11 @@ class Pipeline:
         else:
             ordered = self.world > 1 and launch.dist.get_backend() == "nccl"
             transport = DistTransport(self.device, self.schedule.num_stages, self.timeout, ordered=ordered)
-        return Executor(self.schedule, d, stages, transport, self.loss_fn, lambda: self._optimizer_step(d), rank=d)
+        return Executor(schedule, d, stages, transport, self.loss_fn, lambda a: self._optimizer_step(d, a), rank=d)
 
-    def _optimizer_step(self, d: int) -> None:
-        """The STEP action: make tied copies agree, then step this device's optimizer."""
+    def _optimizer_step(self, d: int, action: Any) -> None:
+        """The STEP action: make tied copies agree, then step this device's optimizer. In an
+        asynchronous schedule the updated weights become the version the action names."""
         if isinstance(self._ties, ties.LocalTies):
             self._ties.sync_grads(d)
         elif self._ties is not None:
@@ -180,6 +188,12 @@ class Pipeline:
         opt = self.optimizers.get(d)
         if opt is not None:
             opt.step()
+        if self.asynchronous:
+            for s in self.schedule.stages_of(d):
+                st = self.stages[s]
+                st.module.zero_grad(set_to_none=True)
+                if st.versions is not None:
+                    st.versions.created(action.version)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -216,6 +230,8 @@ class Pipeline:
         if an optimizer was given. Gradients are zeroed first. Returns the batch loss (the mean over
         the batch, as one unpipelined `loss_fn(model(inputs), labels)` would give) on every rank, as a
         float64 scalar tensor."""
+        if self.asynchronous:  # one batch as its own program: the pipeline fills and drains around it
+            return torch.tensor(self.train(iter([batch]), 1)[0], dtype=torch.float64)
         return self._step(batch, train=True)["loss"]
 
     def eval_step(self, batch: tuple[Any, Any]) -> dict[str, Any]:
@@ -227,6 +243,51 @@ class Pipeline:
         """DeepSpeed-style: pull one batch from `data_iter` and run `train_step` on it."""
         it = data_iter if isinstance(data_iter, Iterator) else iter(data_iter)
         return self.train_step(next(it))
+
+    def train(self, data_iter: Iterable[tuple[Any, Any]], steps: int) -> list[float]:
+        """Train on `steps` batches from `data_iter`; returns the loss of each batch (every rank).
+
+        Synchronous schedules run `train_step` per batch (a flush each). The asynchronous ones,
+        `pipedream` and `2bw`, run all the batches as one program that never drains between
+        optimizer steps: PipeDream steps every stage after each micro-batch's backward, with
+        weight stashing; 2BW accumulates a batch's gradients and steps once per batch, each
+        batch using the weights from two steps back (W(t+1) = W(t) - lr * grad(W(t-1)) for SGD).
+        """
+        it = iter(data_iter)
+        if not self.asynchronous:
+            return [self.train_step(next(it)).item() for _ in range(steps)]
+        if self._failed:
+            raise PipelineError(f"this pipeline stopped after an earlier failure: {self._failed}")
+        schedule = validate(build(self.schedule_name, self.world, self.microbatches, self.chunks, batches=steps,
+                                  **self.schedule_options))
+        feed = _Feed(it, self.microbatches, self.device, keep=self.world // self.microbatches + 2)
+        for s, st in self.stages.items():
+            uses: dict[int, int] = {}
+            for a in schedule.actions[schedule.placement[s]]:
+                if a.op == "B" and a.stage == s:
+                    uses[a.version] = uses.get(a.version, 0) + 1
+            st.versions = WeightVersions(st.module, uses)
+            st.module.zero_grad(set_to_none=True)
+        executors = {d: self._executor(d, schedule) for d in self.devices}
+        if self._watchdog is not None:
+            self._watchdog.in_step = True
+        try:
+            results = self._run_all(feed.inputs, feed.labels, feed.weights, True, executors)
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.in_step = False
+            self.version_peaks = {s: st.versions.peak for s, st in self.stages.items() if st.versions is not None}
+            for st in self.stages.values():
+                st.versions = None
+        self._events = [e for r in results.values() for e in r["events"]]
+        last = schedule.placement[-1]
+        per_step = torch.zeros(steps, dtype=torch.float64, device=self.device)
+        if last in results:
+            for n, value in results[last]["losses"].items():
+                per_step[n // self.microbatches] += value.to(torch.float64)
+        if not self.local and self.world > 1:
+            self._guard(lambda: launch.dist.broadcast(per_step, src=last), f"broadcasting the losses from rank {last}")
+        return per_step.tolist()
 
     def last_trace(self) -> Timeline:
         """The measured timeline of the last step, every device's events (seconds; same clock on one
@@ -322,9 +383,12 @@ class Pipeline:
         loss = loss.detach().to(torch.float64) if loss is not None else None
         return {"loss": loss, "outputs": outputs}
 
-    def _run_all(self, in_mbs: list, lab_mbs: list, weights: list[float], train: bool) -> dict[int, dict]:
+    def _run_all(self, in_mbs: Any, lab_mbs: Any, weights: Any, train: bool,
+                 executors: dict[int, Executor] | None = None) -> dict[int, dict]:
+        executors = executors or self._executors
+
         def run(d: int) -> dict:
-            return self._executors[d].run(in_mbs, lab_mbs, weights, train=train, keep_outputs=not train)
+            return executors[d].run(in_mbs, lab_mbs, weights, train=train, keep_outputs=not train)
 
         if not self.local:
             return {self.rank: self._guard(lambda: run(self.rank), "the step")}
@@ -371,6 +435,43 @@ class Pipeline:
             if isinstance(err, PipelineError):
                 raise
             raise PipelineError(msg, rank=self.rank) from err
+
+
+class _Feed:
+    """Micro-batches of consecutive batches, pulled from the iterator only when a stage first needs them."""
+
+    def __init__(self, it: Iterator[tuple[Any, Any]], microbatches: int, device: torch.device, keep: int):
+        self.it, self.m, self.device, self.keep = it, microbatches, device, keep
+        self.batches: dict[int, tuple[list, list, list[float]]] = {}
+        self.pulled = 0
+        self.lock = threading.Lock()
+        self.inputs, self.labels, self.weights = _View(self, 0), _View(self, 1), _View(self, 2)
+
+    def get(self, n: int, part: int) -> Any:
+        t = n // self.m
+        with self.lock:  # device threads of one process share the feed
+            while self.pulled <= t:
+                try:
+                    inputs, labels = next(self.it)
+                except StopIteration:
+                    raise ValueError(f"the data iterator ran out after {self.pulled} batches") from None
+                in_mbs, weights = scatter(inputs, self.m)
+                lab_mbs, _ = scatter(labels, self.m)
+                if self.device.type != "cpu":
+                    in_mbs = [map_tensors(x, lambda v: v.to(self.device)) for x in in_mbs]
+                    lab_mbs = [map_tensors(x, lambda v: v.to(self.device)) for x in lab_mbs]
+                self.batches[self.pulled] = (in_mbs, lab_mbs, weights)
+                self.pulled += 1
+                self.batches.pop(self.pulled - 1 - self.keep, None)  # no micro-batch that old is in flight
+            return self.batches[t][part][n % self.m]
+
+
+class _View:
+    def __init__(self, feed: _Feed, part: int):
+        self.feed, self.part = feed, part
+
+    def __getitem__(self, n: int) -> Any:
+        return self.feed.get(n, self.part)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

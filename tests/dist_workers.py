@@ -114,3 +114,79 @@ def tied(rank: int, world: int, schedule: str, steps: int, local: bool = False) 
                 copies[s] = w.detach().clone()
     err = max(rel(p.detach(), ref[n]) for n, p in pipe.named_parameters())
     return {"err": err, "copies": copies, "ref": ref["0.emb.weight"].detach().clone()}
+
+
+def async_reference(schedule: str, P: int, m: int, batches: int, lr: float, vertical_sync: bool) -> dict:
+    """The update rule written out by hand, one process, no runtime: weights after the run, by name.
+
+    PipeDream: micro-batch n's forward on stage s runs after P-1-s earlier backwards there,
+    so it uses version max(0, n-(P-1-s)) (vertical sync: stage 0's, max(0, n-(P-1)), on every
+    stage); every backward then updates the newest weights: W_s(n+1) = W_s(n) - lr * g_s(n).
+    2BW: batch t uses version max(t-1, 0) everywhere; W(t+1) = W(t) - lr * (sum of batch t's g).
+    """
+    from torch.func import functional_call
+
+    from stagewise.partition import uniform
+
+    torch.set_default_dtype(torch.float64)
+    layers = make_layers()
+    bounds = [0]
+    for n in uniform(len(layers), P):
+        bounds.append(bounds[-1] + n)
+    stages = [nn.Sequential(*layers[bounds[s]:bounds[s + 1]]) for s in range(P)]
+    names = [[n for n, _ in st.named_parameters()] for st in stages]
+    versions = [{0: [p.detach().clone() for p in st.parameters()]} for st in stages]
+    latest = [0] * P
+    data = [make_batch(8, 5, seed=10 + t) for t in range(batches)]
+    total = m * batches
+    pending = [None] * P
+    for n in range(total):
+        t, i = divmod(n, m)
+        ids, labels = data[t]
+        size = [len(c) for c in ids.tensor_split(m)]
+        x, y = ids.tensor_split(m)[i], labels.tensor_split(m)[i]
+        if schedule == "pipedream":
+            used = [max(0, n - (P - 1)) if vertical_sync else max(0, n - (P - 1 - s)) for s in range(P)]
+        else:
+            used = [max(t - 1, 0)] * P
+        weights = [[w.clone().requires_grad_(True) for w in versions[s][used[s]]] for s in range(P)]
+        h = x
+        for s in range(P):
+            h = functional_call(stages[s], dict(zip(names[s], weights[s])), (h,))
+        loss = loss_fn(h, y) * (size[i] / sum(size))
+        grads = torch.autograd.grad(loss, [w for ws in weights for w in ws])
+        k = 0
+        for s in range(P):
+            g = list(grads[k:k + len(weights[s])])
+            k += len(weights[s])
+            if schedule == "pipedream":
+                versions[s][n + 1] = [w - lr * gi for w, gi in zip(versions[s][latest[s]], g)]
+                latest[s] = n + 1
+            else:
+                pending[s] = g if pending[s] is None else [a + b for a, b in zip(pending[s], g)]
+                if i == m - 1:
+                    versions[s][t + 1] = [w - lr * gi for w, gi in zip(versions[s][latest[s]], pending[s])]
+                    latest[s], pending[s] = t + 1, None
+    out = {}
+    for s in range(P):
+        for name, w in zip(names[s], versions[s][latest[s]]):
+            head, _, rest = name.partition(".")
+            out[f"{int(head) + bounds[s]}.{rest}"] = w
+    return out
+
+
+def async_run(rank: int, world: int, schedule: str, vertical_sync: bool, local: bool = False) -> dict:
+    from stagewise.schedules import build, simulate
+
+    torch.set_default_dtype(torch.float64)
+    m, batches, lr = 4, 3, 0.05
+    pipe = Pipeline(make_layers(), loss_fn, schedule=schedule, microbatches=m, timeout=20,
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=lr), vertical_sync=vertical_sync,
+                    local_devices=world if local else None)
+    losses = pipe.train(iter([make_batch(8, 5, seed=10 + t) for t in range(batches)]), steps=batches)
+    ref = async_reference(schedule, world, m, batches, lr, vertical_sync)
+    err = max(rel(p.detach(), ref[n]) for n, p in pipe.named_parameters())
+    opts = {"vertical_sync": True} if vertical_sync else {}
+    predicted = simulate(build(schedule, world, m, batches=batches, **opts)).peak_weight_versions
+    return {"err": err, "losses": losses, "peaks": pipe.version_peaks, "predicted": predicted,
+            "stages": pipe.stage_indices}

@@ -34,7 +34,7 @@ class Executor:
     """Runs device `device`'s program of a lowered schedule over its `stages` (stage index -> Stage)."""
 
     def __init__(self, schedule: Schedule, device: int, stages: dict[int, Stage], transport: Transport,
-                 loss_fn: LossFn | None, step_fn: Callable[[], None] | None = None, rank: int | None = None):
+                 loss_fn: LossFn | None, step_fn: Callable[[Action], None] | None = None, rank: int | None = None):
         assert schedule.lowered, "the executor runs lowered schedules (see stagewise.schedules.lower)"
         self.schedule, self.device, self.stages, self.transport = schedule, device, stages, transport
         self.loss_fn, self.step_fn = loss_fn, step_fn
@@ -54,7 +54,8 @@ class Executor:
         received: dict[tuple[str, int, int], Handle] = {}
         grad_in: dict[tuple[int, int], list] = {}
         signatures: dict[int, tuple[int, Any, Any]] = {}  # stage -> (first micro-batch, spec, shapes)
-        losses: list[torch.Tensor] = []
+        losses: dict[int, torch.Tensor] = {}  # micro-batch -> its weighted loss (last stage)
+        asynchronous = self.schedule.asynchronous
         kept: dict[int, Any] = {}
         events: list[Event] = []
         placement = self.schedule.placement
@@ -77,7 +78,7 @@ class Executor:
                         received_spec = flatten(x)[1]
                         t0 = _waited(extra, t0)
                     with torch.set_grad_enabled(train):
-                        out, p = stage.forward(x, first=(s == 0))
+                        out, p = stage.forward(x, first=(s == 0), version=a.version if asynchronous else None)
                         if s == self.last:
                             if self.loss_fn is None:
                                 raise PipelineError("no loss_fn given, so the last stage cannot compute a loss")
@@ -86,7 +87,7 @@ class Executor:
                                 raise PipelineError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                                                     f"{'' if not isinstance(loss, torch.Tensor) else list(loss.shape)}")
                             weighted = loss * weights[n]
-                            losses.append(weighted.detach())
+                            losses[n] = weighted.detach()
                             p.roots = [weighted] if train and weighted.requires_grad else []
                             if keep_outputs:
                                 kept[n] = out.detach() if isinstance(out, torch.Tensor) else out
@@ -136,7 +137,7 @@ class Executor:
                     received[("B", s, n)] = self.transport.recv_grad(like, s + 1, s, n, a.peer)
                 elif op == STEP:
                     if self.step_fn is not None:
-                        self.step_fn()
+                        self.step_fn(a)
             except (PipelineError, PeerError):
                 raise
             except TransportTimeout as err:
@@ -152,8 +153,8 @@ class Executor:
         if train and (pending or grad_in) and not self.schedule.asynchronous:
             left = sorted(set(pending) | set(grad_in))
             raise PipelineError(f"device {self.device}: the schedule left work unfinished for (stage, mb) {left[:4]}")
-        total = torch.stack(losses).sum() if losses else None
-        return {"loss": total, "outputs": [kept[i] for i in sorted(kept)], "events": events,
+        total = torch.stack([losses[n] for n in sorted(losses)]).sum() if losses else None
+        return {"loss": total, "losses": losses, "outputs": [kept[i] for i in sorted(kept)], "events": events,
                 "finish_s": time.perf_counter() - t0}
 
     def _peer(self, a: Action) -> int | None:

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
+from torch.func import functional_call
 
 from stagewise.runtime.tree import flatten, map_tensors
+from stagewise.runtime.versions import WeightVersions
 
 
 def _grad_leaf(t: torch.Tensor) -> torch.Tensor:
@@ -27,6 +29,7 @@ class Pending:
     inputs: list[torch.Tensor]  # the input leaves that want a gradient
     roots: list[torch.Tensor]  # outputs that carry a gradient back (or the loss)
     saved_bytes: int = 0
+    version: int | None = None  # the weight version the forward used (asynchronous schedules)
     weight_work: list = field(default_factory=list)  # set by backward_input for backward_weight
 
 
@@ -42,6 +45,7 @@ class Stage:
         self.layer_offset = layer_offset
         self.held_bytes = 0
         self.peak_bytes = 0
+        self.versions: WeightVersions | None = None  # set for asynchronous schedules
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -54,7 +58,7 @@ class Stage:
             out.append((self.names.get(id(p), f"{int(head) + self.layer_offset}.{rest}"), p))
         return out
 
-    def forward(self, x: Any, first: bool) -> tuple[Any, Pending]:
+    def forward(self, x: Any, first: bool, version: int | None = None) -> tuple[Any, Pending]:
         """Run the layers on one micro-batch; `x` comes from the data (first stage) or the previous stage."""
         if not first:
             x = map_tensors(x, _grad_leaf)
@@ -71,8 +75,11 @@ class Stage:
             return t
 
         with saved_tensors_hooks(pack, lambda t: t):
-            out = self.module(x)
-        pending = Pending(inputs, [], counted[0])
+            if self.versions is not None and version is not None:
+                out = functional_call(self.module, self.versions.params(version), (x,))
+            else:
+                out = self.module(x)
+        pending = Pending(inputs, [], counted[0], version if self.versions is not None else None)
         self.held_bytes += counted[0]
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         return out, pending
@@ -83,10 +90,28 @@ class Stage:
 
     def backward(self, pending: Pending, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
         """Full backward: accumulate weight gradients, return the gradients of the inputs."""
+        if pending.version is not None and self.versions is not None:
+            return self._backward_version(pending, grads)
         if pending.roots:
             torch.autograd.backward(pending.roots, grads)
         result = [x.grad for x in pending.inputs]
         pending.roots = []
+        self.release(pending)
+        return result
+
+    def _backward_version(self, pending: Pending, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
+        """Backward with respect to the stashed version the forward used; its gradient goes to the masters."""
+        versions, v = self.versions, pending.version
+        weights = versions.tensors(v)
+        n = len(pending.inputs)
+        if pending.roots:
+            got = torch.autograd.grad(pending.roots, pending.inputs + weights, grads, allow_unused=True)
+            versions.accumulate(list(got[n:]))
+            result = list(got[:n])
+        else:
+            result = [None] * n
+        pending.roots = []
+        versions.release(v)
         self.release(pending)
         return result
 
