@@ -114,6 +114,7 @@ class Pipeline:
         self.optimizers = {d: optimizer(ps) for d, ps in owned.items() if optimizer is not None and ps}
         self._failed: str | None = None
         self._events: list[Event] = []
+        self._hub = LocalHub() if self.local else None
         self._executors = {d: self._executor(d) for d in self.devices}
         self._watchdog = launch.Watchdog(self.rank) if not self.local and self.world > 1 else None
 
@@ -170,8 +171,6 @@ class Pipeline:
         stages = {s: self.stages[s] for s in schedule.stages_of(d)}
         transport: Transport
         if self.local:
-            if not hasattr(self, "_hub"):
-                self._hub = LocalHub()
             transport = LocalTransport(self._hub, self.timeout)
         else:
             ordered = self.world > 1 and launch.dist.get_backend() == "nccl"

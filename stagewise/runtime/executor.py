@@ -10,7 +10,7 @@ import torch
 
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.stage import Pending, Stage
-from stagewise.runtime.transport import Handle, Transport, _grad_payload
+from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
 from stagewise.runtime.tree import describe, flatten
 from stagewise.schedules.actions import (
     RECV_B,
@@ -119,7 +119,7 @@ class Executor:
                     else:
                         got = stage.backward_input(p, grads)
                     if s > 0:
-                        grad_in[(s, n)] = _grad_payload(got, p.inputs)
+                        grad_in[(s, n)] = fill_missing_grads(got, p.inputs)
                 elif op == W:
                     self.stages[s].backward_weight(pending.pop((s, n)))
                 elif op == SEND_F:

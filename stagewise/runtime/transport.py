@@ -13,13 +13,14 @@ import pickle
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from datetime import timedelta
 from typing import Any
 
 import torch
 
 from stagewise.runtime.errors import TransportTimeout
-from stagewise.runtime.tree import TensorSlot, flatten, slots, unflatten
+from stagewise.runtime.tree import flatten, slots, unflatten
 
 _ALIGN = 16
 
@@ -69,26 +70,46 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return numel * torch.empty(0, dtype=dtype).element_size()
 
 
-class Handle:
+class Handle(ABC):
     """A posted receive; `wait()` returns what arrived."""
 
-    def wait(self) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def wait(self) -> Any:
+        """Block (up to the transport's timeout) until the message is here; return it."""
 
 
-class Transport:
-    """Sends and receives between devices. Channels are named by (direction, src stage, dst stage)."""
+class Transport(ABC):
+    """Sends and receives between devices; `src`/`dst` are stages, `peer` the other device.
+
+    Sends return at once (the payload must stay untouched until `finish`); receives are
+    posted and waited on later through their `Handle`.
+    """
 
     bytes_sent = 0
 
-    def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None: ...
-    def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle: ...
-    def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None: ...
-    def recv_grad(self, like: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> Handle: ...
-    def finish(self) -> None: ...
+    @abstractmethod
+    def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None:
+        """Send stage `src`'s output for micro-batch `mb` (a tensor or a nested structure)."""
+
+    @abstractmethod
+    def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle:
+        """Post the receive of stage `dst`'s input; the handle gives the structure back."""
+
+    @abstractmethod
+    def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None:
+        """Send the gradients of stage `src`'s inputs that need one, in flatten order."""
+
+    @abstractmethod
+    def recv_grad(self, like: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> Handle:
+        """Post the receive of gradients shaped like `like` (stage `dst`'s outputs that need one)."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """Wait until every send has been delivered."""
 
 
-def _grad_payload(grads: list[torch.Tensor | None], like: list[torch.Tensor]) -> list[torch.Tensor]:
+def fill_missing_grads(grads: list[torch.Tensor | None], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zeros where an input got no gradient (it did not reach the loss), so every message has one per slot."""
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
 
@@ -295,4 +316,4 @@ class _LocalHandle(Handle):
         return unflatten(spec, tensors)
 
 
-__all__ = ["DistTransport", "Handle", "LocalHub", "LocalTransport", "Transport", "TensorSlot", "_grad_payload"]
+__all__ = ["DistTransport", "Handle", "LocalHub", "LocalTransport", "Transport", "fill_missing_grads"]
