@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -431,6 +432,8 @@ class Pipeline:
             self._failed = msg
             launch.report_failure(msg, self.rank)
             launch.abort_group()
+            if self.rank == 0 and self.world > 1:
+                time.sleep(2.5)  # the store lives in this process: let the peers read the cause before it exits
             if isinstance(err, PipelineError):
                 raise
             raise PipelineError(msg, rank=self.rank) from err

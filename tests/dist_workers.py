@@ -79,9 +79,10 @@ class Boom(nn.Module):
 def fault(rank: int, world: int, mode: str, timeout: float) -> str:
     torch.set_default_dtype(torch.float64)
     layers = make_layers(blocks=3)
-    # "shape": the last layer of stage 0 returns a wrong shape; otherwise the first layer of stage 1 fails
-    layers.insert(3, Boom(2, mode))  # layers 0..2 on stage 0, 3..5 on stage 1
-    balance = [4, 2] if mode == "shape" else [3, 3]
+    # "shape": the last layer of stage 0 returns a wrong shape; "raise0": stage 0 (rank 0, which serves
+    # the store) fails; otherwise the first layer of stage 1 fails
+    layers.insert(3, Boom(2, "raise" if mode == "raise0" else mode))  # layers 0..2 on stage 0, 3..5 on stage 1
+    balance = [4, 2] if mode in ("shape", "raise0") else [3, 3]
     pipe = Pipeline(layers, loss_fn, schedule="1f1b", microbatches=4, timeout=timeout, partition=balance)
     pipe.train_step(make_batch(8, 5))
     return "finished"
@@ -116,7 +117,8 @@ def tied(rank: int, world: int, schedule: str, steps: int, local: bool = False) 
     return {"err": err, "copies": copies, "ref": ref["0.emb.weight"].detach().clone()}
 
 
-def async_reference(schedule: str, P: int, m: int, batches: int, lr: float, vertical_sync: bool) -> dict:
+def async_reference(schedule: str, P: int, m: int, batches: int, lr: float, vertical_sync: bool,
+                    lengths: list[int] | None = None) -> dict:
     """The update rule written out by hand, one process, no runtime: weights after the run, by name.
 
     PipeDream: micro-batch n's forward on stage s runs after P-1-s earlier backwards there,
@@ -137,7 +139,7 @@ def async_reference(schedule: str, P: int, m: int, batches: int, lr: float, vert
     names = [[n for n, _ in st.named_parameters()] for st in stages]
     versions = [{0: [p.detach().clone() for p in st.parameters()]} for st in stages]
     latest = [0] * P
-    data = [make_batch(8, 5, seed=10 + t) for t in range(batches)]
+    data = [make_batch(8, (lengths or [5] * batches)[t], seed=10 + t) for t in range(batches)]
     total = m * batches
     pending = [None] * P
     for n in range(total):
@@ -175,7 +177,8 @@ def async_reference(schedule: str, P: int, m: int, batches: int, lr: float, vert
     return out
 
 
-def async_run(rank: int, world: int, schedule: str, vertical_sync: bool, local: bool = False) -> dict:
+def async_run(rank: int, world: int, schedule: str, vertical_sync: bool, local: bool = False,
+              lengths: list[int] | None = None) -> dict:
     from stagewise.schedules import build, simulate
 
     torch.set_default_dtype(torch.float64)
@@ -183,8 +186,9 @@ def async_run(rank: int, world: int, schedule: str, vertical_sync: bool, local: 
     pipe = Pipeline(make_layers(), loss_fn, schedule=schedule, microbatches=m, timeout=20,
                     optimizer=lambda ps: torch.optim.SGD(ps, lr=lr), vertical_sync=vertical_sync,
                     local_devices=world if local else None)
-    losses = pipe.train(iter([make_batch(8, 5, seed=10 + t) for t in range(batches)]), steps=batches)
-    ref = async_reference(schedule, world, m, batches, lr, vertical_sync)
+    lengths = lengths or [5] * batches
+    losses = pipe.train(iter([make_batch(8, lengths[t], seed=10 + t) for t in range(batches)]), steps=batches)
+    ref = async_reference(schedule, world, m, batches, lr, vertical_sync, lengths)
     err = max(rel(p.detach(), ref[n]) for n, p in pipe.named_parameters())
     opts = {"vertical_sync": True} if vertical_sync else {}
     predicted = simulate(build(schedule, world, m, batches=batches, **opts)).peak_weight_versions

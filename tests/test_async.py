@@ -30,3 +30,10 @@ def test_in_process_devices_follow_the_same_rule():
     for schedule, vs in CASES:
         r = async_run(0, 2, schedule, vs, local=True)
         assert r["err"] <= 1e-10 and len(r["losses"]) == 3
+
+
+def test_batches_may_change_shape_between_steps():
+    """Sequence lengths differ from batch to batch in one unflushed program."""
+    for schedule in ("pipedream", "2bw"):
+        r = async_run(0, 2, schedule, False, local=True, lengths=[5, 7, 3])
+        assert r["err"] <= 1e-10

@@ -57,6 +57,8 @@ def test_in_process_transport_matches_gloo_and_shapes_renegotiate():
                r"rank 0 stopped during the step because rank 1: stage 1 \(rank 1\) failed at F\(stage 1, mb 2\)"]),
     ("shape", [r"stage 0 returned .*\[2, 4, 6\].* for micro-batch 2 but .*\[2, 5, 6\].* for micro-batch 0.*stage 1",
                r"rank 1 stopped during the step because rank 0: stage 0 returned"]),
+    ("raise0", [r"stage 0 \(rank 0\) failed at F\(stage 0, mb 2\): RuntimeError: boom in micro-batch 2",
+                r"rank 1 stopped during the step because rank 0: stage 0 \(rank 0\) failed at F\(stage 0, mb 2\)"]),
     ("exit", [r"stage 0 \(rank 0\) failed at B\(stage 0, mb 2\): device 1 \(stage 1\) stopped answering",
               r"exited with code 7"]),
 ])

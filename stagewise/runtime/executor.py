@@ -53,7 +53,7 @@ class Executor:
         outputs: dict[tuple[int, int], Any] = {}
         received: dict[tuple[str, int, int], Handle] = {}
         grad_in: dict[tuple[int, int], list] = {}
-        signatures: dict[int, tuple[int, Any, Any]] = {}  # stage -> (first micro-batch, spec, shapes)
+        signatures: dict[tuple[int, int], tuple[int, Any, Any]] = {}  # (stage, batch) -> (first mb, spec, shapes)
         losses: dict[int, torch.Tensor] = {}  # micro-batch -> its weighted loss (last stage)
         asynchronous = self.schedule.asynchronous
         kept: dict[int, Any] = {}
@@ -182,13 +182,15 @@ class Executor:
             return f"{where}: {cause} (its input from stage {a.stage - 1} on device {peer} was {got})"
         return f"{where}: {cause}"
 
-    def _check_signature(self, signatures: dict[int, tuple[int, Any, Any]], s: int, n: int, out: Any) -> None:
-        """Micro-batches of one step must agree on every dimension but the batch one."""
+    def _check_signature(self, signatures: dict[tuple[int, int], tuple[int, Any, Any]], s: int, n: int,
+                         out: Any) -> None:
+        """Micro-batches of one batch must agree on every dimension but the batch one (batches may differ)."""
         spec = flatten(out)[1]
         shape = _shape_key(spec)
-        first = signatures.get(s)
+        key = (s, n // self.schedule.batch_microbatches)
+        first = signatures.get(key)
         if first is None:
-            signatures[s] = (n, spec, shape)
+            signatures[key] = (n, spec, shape)
             return
         if first[2] != shape:
             raise PipelineError(
