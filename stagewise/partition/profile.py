@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -140,26 +140,36 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
     return profiles
 
 
-def _measure(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> tuple[Any, list[float], list[float], int]:
-    """(output, forward seconds, backward seconds, saved bytes) of one layer; the warm-up counts the saved bytes."""
-    param_storages = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    seen: set[int] = set()
-    saved = [0]
+class SavedBytes:
+    """Counts the bytes autograd saves for the backward inside `with counter.hooks():`, each storage once,
+    the given parameters' storages excluded (they are weights, not activations). `.total` is the count."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def __init__(self, params: Iterable[torch.Tensor]):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.seen: set[int] = set()
+        self.total = 0
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_storages and ptr not in seen:
-            seen.add(ptr)
-            saved[0] += t.untyped_storage().nbytes()
+        if ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.total += t.untyped_storage().nbytes()
         return t
 
+    def hooks(self) -> saved_tensors_hooks:
+        return saved_tensors_hooks(self._pack, lambda t: t)
+
+
+def _measure(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> tuple[Any, list[float], list[float], int]:
+    """(output, forward seconds, backward seconds, saved bytes) of one layer; the warm-up counts the saved bytes."""
+    counter = SavedBytes(m.parameters())
     forward, backward = [], []
     out: Any = None
     for r in range(repeats + 1):
         _sync(dev)
         t0 = time.perf_counter()
         if r == 0:  # hooks slow the forward down, so only the untimed warm-up counts bytes
-            with saved_tensors_hooks(pack, lambda t: t):
+            with counter.hooks():
                 out = m(inp)
         else:
             out = m(inp)
@@ -176,7 +186,7 @@ def _measure(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> tuple[A
         if r > 0:
             forward.append(t1 - t0)
             backward.append(t3 - t2)
-    return out, forward, backward, saved[0]
+    return out, forward, backward, counter.total
 
 
 def describe_layers(layers: nn.Sequential | Sequence[nn.Module]) -> list[LayerProfile]:

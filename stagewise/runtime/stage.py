@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call
 
+from stagewise.partition.profile import SavedBytes
 from stagewise.runtime.tree import flatten, map_tensors
 from stagewise.runtime.versions import WeightVersions
 
@@ -36,7 +37,7 @@ class Pending:
 class Stage:
     """The layers of stage `index` run as one nn.Sequential; activations of each micro-batch are
     kept in a `Pending` until the backward frees them. Saved-activation bytes are counted with
-    `saved_tensors_hooks` (parameters excluded, each storage once)."""
+    `saved_tensors_hooks` (weights excluded, each storage once)."""
 
     def __init__(self, index: int, layers: list[nn.Module], layer_offset: int, names: dict[int, str] | None = None):
         self.index = index
@@ -63,24 +64,12 @@ class Stage:
         if not first:
             x = map_tensors(x, _grad_leaf)
         inputs = [t for t in flatten(x)[0] if t.requires_grad]
-        param_storages = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
-        seen: set[int] = set()
-        counted = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in param_storages and ptr not in seen:
-                seen.add(ptr)
-                counted[0] += t.untyped_storage().nbytes()
-            return t
-
-        with saved_tensors_hooks(pack, lambda t: t):
-            if self.versions is not None and version is not None:
-                out = functional_call(self.module, self.versions.params(version), (x,))
-            else:
-                out = self.module(x)
-        pending = Pending(inputs, [], counted[0], version if self.versions is not None else None)
-        self.held_bytes += counted[0]
+        weights = self.versions.params(version) if self.versions is not None and version is not None else None
+        counter = SavedBytes(list(self.module.parameters()) + list((weights or {}).values()))
+        with counter.hooks():
+            out = self.module(x) if weights is None else functional_call(self.module, weights, (x,))
+        pending = Pending(inputs, [], counter.total, version if weights is not None else None)
+        self.held_bytes += counter.total
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         return out, pending
 
