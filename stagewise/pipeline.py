@@ -48,8 +48,8 @@ class Pipeline:
         chunks: virtual stages per device (interleaved, zbv); default from the schedule.
         optimizer: `params -> torch.optim.Optimizer`, built over this rank's parameters.
         timeout: seconds any wait on another device may take before every rank stops with an error.
-        show_partition: print the partition table on rank 0 (DeepSpeed-style); `partition_table()`
-            returns it as data either way.
+        show_partition: print the partition table on rank 0 at start-up (DeepSpeed-style);
+            `partition_table()` returns it as data either way.
     """
 
     def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
@@ -60,7 +60,7 @@ class Pipeline:
                  timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
                  local_devices: int | None = None, backend: str | None = None,
                  sample: tuple[Any, Any] | None = None, memory_limit: float | None = None,
-                 vertical_sync: bool = False, show_partition: bool = False):
+                 vertical_sync: bool = False, show_partition: bool = True):
         info = SCHEDULES.get(schedule)
         if info is None:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

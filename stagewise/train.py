@@ -125,6 +125,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sample = next(iter(batches)) if cfg.partition in ("time", "memory", "auto") else None
     pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches,
                     partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout, sample=sample,
+                    show_partition=False,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")

@@ -24,7 +24,9 @@ def init_from_env(timeout: float, backend: str | None = None) -> tuple[int, int]
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend is None:  # NCCL wants one GPU per process on this node; otherwise stay on the CPU with gloo
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
