@@ -24,28 +24,48 @@ def unit_times(schedule: Schedule) -> tuple[list[list[float]], list[list[float]]
 
 
 def lower(schedule: Schedule, times: tuple[list[list[float]], list[list[float]]] | None = None) -> Schedule:
-    """Return `schedule` with SEND/RECV actions added (a no-op if it already has them)."""
+    """Return `schedule` with SEND/RECV actions added (a no-op if it already has them).
+
+    `times` are `unit_times(schedule)` when the caller has them already (integral by construction).
+    """
     if schedule.lowered:
         return schedule
     starts, ends = times if times is not None else unit_times(schedule)
-    placement, S = schedule.placement, schedule.num_stages
-    keyed: list[list[tuple[tuple, Action]]] = [[] for _ in range(schedule.num_devices)]
-    for d in range(schedule.num_devices):
-        for i, a in enumerate(schedule.compute_actions(d)):
-            keyed[d].append(((starts[d][i], 1, d, i), a))
-            s, n, t = a.stage, a.microbatch, ends[d][i]
-            if a.op == F and s < S - 1 and placement[s + 1] != d:
-                dst = placement[s + 1]
-                key = (t, 0, d, i)
-                keyed[d].append((key, Action(SEND_F, s, n, a.version, dst)))
-                keyed[dst].append((key, Action(RECV_F, s + 1, n, 0, d)))
-            elif a.op in (B, I) and s > 0 and placement[s - 1] != d:
-                dst = placement[s - 1]
-                key = (t, 0, d, i)
-                keyed[d].append((key, Action(SEND_B, s, n, a.version, dst)))
-                keyed[dst].append((key, Action(RECV_B, s - 1, n, 0, d)))
-    actions = tuple(tuple(a for _, a in sorted(k, key=lambda x: x[0])) for k in keyed)
-    return replace(schedule, actions=actions, lowered=True)
+    placement, S, P = schedule.placement, schedule.num_stages, schedule.num_devices
+    progs = [schedule.compute_actions(d) for d in range(P)]
+    L = max((len(p) for p in progs), default=0) + 1
+    # One integer per event: (time, compute after messages, device, index) in mixed radix. Unit
+    # costs make every time an integer, so the order is exact.
+    keys: list[list[int]] = [[] for _ in range(P)]
+    acts: list[list[Action]] = [[] for _ in range(P)]
+    for d, prog in enumerate(progs):
+        st, en, kd, ad = starts[d], ends[d], keys[d], acts[d]
+        for i, a in enumerate(prog):
+            kd.append(((int(st[i]) * 2 + 1) * P + d) * L + i)
+            ad.append(a)
+            op, s = a.op, a.stage
+            if op == F:
+                if s < S - 1 and placement[s + 1] != d:
+                    dst, kind_send, kind_recv, peer_stage = placement[s + 1], SEND_F, RECV_F, s + 1
+                else:
+                    continue
+            elif op == B or op == I:
+                if s > 0 and placement[s - 1] != d:
+                    dst, kind_send, kind_recv, peer_stage = placement[s - 1], SEND_B, RECV_B, s - 1
+                else:
+                    continue
+            else:
+                continue
+            key = ((int(en[i]) * 2) * P + d) * L + i
+            kd.append(key)
+            ad.append(Action(kind_send, s, a.microbatch, a.version, dst))
+            keys[dst].append(key)
+            acts[dst].append(Action(kind_recv, peer_stage, a.microbatch, 0, d))
+    actions = []
+    for kd, ad in zip(keys, acts):
+        order = sorted(range(len(kd)), key=kd.__getitem__)
+        actions.append(tuple(ad[j] for j in order))
+    return replace(schedule, actions=tuple(actions), lowered=True)
 
 
 def message_of(a: Action) -> tuple[str, int, int, int]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from stagewise.schedules.actions import (
     COMM_OPS,
     COMPUTE_OPS,
-    RECV_B,
-    RECV_F,
     SEND_B,
     SEND_F,
     STEP,
@@ -103,72 +101,103 @@ def _check_structure(sc: Schedule) -> None:
 
 
 def check_communication(sc: Schedule) -> None:
-    """Match every SEND with one RECV and run the programs under rendezvous semantics."""
-    P, placement = sc.num_devices, sc.placement
-    sends: dict[tuple, tuple[int, int]] = {}
-    recvs: dict[tuple, tuple[int, int]] = {}
+    """Match every SEND with one RECV and prove the programs finish under rendezvous semantics.
+
+    A device runs its list in order, so whatever an action needs on its own device (the local
+    producer, or the RECV that brought its input) must come earlier in that list: checked
+    statically. What is left is the order of the messages: a SEND and its RECV happen
+    together when both devices reach them, which is simulated over the messages alone.
+    """
+    P, S, placement = sc.num_devices, sc.num_stages, sc.placement
+    M = sc.microbatches + 1
+    SEND_OPS = (SEND_F, SEND_B)
+
+    def msg_key(a: Action) -> int:
+        direction, src, dst, mb = message_of(a)
+        return (((direction == "B") * S + src) * S + dst) * M + mb
+
+    sends: dict[int, tuple[int, int]] = {}
+    recvs: dict[int, tuple[int, int]] = {}
+    comm: list[list[int]] = []  # per device: the message keys of its SEND/RECV actions, in order
+    comm_at: list[list[int]] = []  # ... and their positions in the list
     for d, prog in enumerate(sc.actions):
+        keys_d, at_d = [], []
+        produced: dict[tuple, int] = {}  # what is at hand on this device, and from which position
         for i, a in enumerate(prog):
-            if a.op in (SEND_F, SEND_B, RECV_F, RECV_B):
-                msg = message_of(a)
-                book = sends if a.op in (SEND_F, SEND_B) else recvs
-                if msg in book:
+            op = a.op
+            if op in COMM_OPS:
+                k = msg_key(a)
+                book = sends if op in SEND_OPS else recvs
+                if k in book:
                     raise _fail(sc, d, i, a, "this message is moved twice")
-                book[msg] = (d, i)
-    for msg, (d, i) in sends.items():
-        if msg not in recvs:
-            raise _fail(sc, d, i, sc.actions[d][i], f"no device receives it (device {placement[msg[2]]} should)")
-    for msg, (d, i) in recvs.items():
-        if msg not in sends:
-            raise _fail(sc, d, i, sc.actions[d][i], f"no device sends it (device {placement[msg[1]]} should)")
-    # Rendezvous execution: a SEND and its RECV happen together, when both devices are at them.
+                book[k] = (d, i)
+                keys_d.append(k)
+                at_d.append(i)
+                if op in SEND_OPS:
+                    need = ("F" if op == SEND_F else "B", a.stage, a.microbatch)
+                    if need not in produced:
+                        raise _deadlock(sc, d, i, a, f"it sends the result of {need[0]}(stage {need[1]}, mb "
+                                        f"{need[2]}), which this device has not computed by then")
+                else:
+                    direction, src, _, mb = message_of(a)
+                    produced[("in", direction, src, mb)] = i
+                continue
+            for need, what in _needs(sc, d, a):
+                if need not in produced:
+                    raise _deadlock(sc, d, i, a, f"it needs {what}, which this device has not "
+                                    f"{'received' if need[0] == 'in' else 'computed'} by then")
+            if op in (F, B, I, W):
+                produced[("B" if op == I else op, a.stage, a.microbatch)] = i
+        comm.append(keys_d)
+        comm_at.append(at_d)
+    for k, (d, i) in sends.items():
+        if k not in recvs:
+            dst = message_of(sc.actions[d][i])[2]
+            raise _fail(sc, d, i, sc.actions[d][i], f"no device receives it (device {placement[dst]} should)")
+    for k, (d, i) in recvs.items():
+        if k not in sends:
+            src = message_of(sc.actions[d][i])[1]
+            raise _fail(sc, d, i, sc.actions[d][i], f"no device sends it (device {placement[src]} should)")
     pos = [0] * P
-    have: set[tuple] = set()  # ("F"|"B"|"W", stage, mb) computed, ("in", dir, stage, mb) data at hand
     work = list(range(P))
     while work:
         d = work.pop()
-        prog = sc.actions[d]
-        while pos[d] < len(prog):
-            a = prog[pos[d]]
-            if a.op in COMPUTE_OPS:
-                if not _inputs_here(sc, d, a, have):
-                    break
-                have.add(("B" if a.op == I else a.op, a.stage, a.microbatch))
-                pos[d] += 1
-                continue
-            msg = message_of(a)
-            if a.op in (SEND_F, SEND_B):
-                if (msg[0], msg[1], msg[3]) not in have:
-                    break  # the producer has not run yet
-                peer = placement[msg[2]]
-            else:
-                peer = placement[msg[1]]
-            other = sc.actions[peer][pos[peer]] if pos[peer] < len(sc.actions[peer]) else None
-            if other is None or other.op not in COMM_OPS or message_of(other) != msg or other.op == a.op:
+        keys_d = comm[d]
+        while pos[d] < len(keys_d):
+            k = keys_d[pos[d]]
+            peer = recvs[k][0] if sends[k][0] == d else sends[k][0]  # messages never stay on one device
+            if pos[peer] >= len(comm[peer]) or comm[peer][pos[peer]] != k:
                 break
-            if a.op in (SEND_F, SEND_B) and (msg[0], msg[1], msg[3]) not in have:
-                break
-            if other.op in (SEND_F, SEND_B) and (msg[0], msg[1], msg[3]) not in have:
-                break
-            have.add(("in", *msg))
             pos[d] += 1
             pos[peer] += 1
             work.append(peer)
-    stuck = [d for d in range(P) if pos[d] < len(sc.actions[d])]
+    stuck = [d for d in range(P) if pos[d] < len(comm[d])]
     if stuck:
-        heads = "; ".join(f"device {d} at #{pos[d]} {sc.actions[d][pos[d]]}" for d in stuck)
+        heads = "; ".join(f"device {d} at #{comm_at[d][pos[d]]} {sc.actions[d][comm_at[d][pos[d]]]}" for d in stuck)
         raise ScheduleError(f"{sc.name}: communication deadlocks under blocking send/receive: {heads}")
 
 
-def _inputs_here(sc: Schedule, d: int, a: Action, have: set[tuple]) -> bool:
+def _deadlock(sc: Schedule, d: int, i: int, a: Action, why: str) -> ScheduleError:
+    return ScheduleError(f"{sc.name}: communication deadlocks under blocking send/receive: device {d} waits "
+                         f"forever at #{i} {a}: {why}")
+
+
+def _needs(sc: Schedule, d: int, a: Action) -> list[tuple[tuple, str]]:
+    """What a compute action needs at hand on its device: local results, or received messages."""
     s, n, S = a.stage, a.microbatch, sc.num_stages
+    out: list[tuple[tuple, str]] = []
     if a.op == F and s > 0:
-        return ("F", s - 1, n) in have if sc.placement[s - 1] == d else ("in", "F", s - 1, s, n) in have
-    if a.op in (B, I):
-        if ("F", s, n) not in have:
-            return False
+        if sc.placement[s - 1] == d:
+            out.append((("F", s - 1, n), f"F(stage {s - 1}, mb {n})"))
+        else:
+            out.append((("in", "F", s - 1, n), f"the activation of stage {s - 1}, mb {n} (a RECV_F)"))
+    elif a.op in (B, I):
+        out.append((("F", s, n), f"F(stage {s}, mb {n})"))
         if s < S - 1:
-            return ("B", s + 1, n) in have if sc.placement[s + 1] == d else ("in", "B", s + 1, s, n) in have
-    if a.op == W:
-        return ("B", s, n) in have
-    return True
+            if sc.placement[s + 1] == d:
+                out.append((("B", s + 1, n), f"B/I(stage {s + 1}, mb {n})"))
+            else:
+                out.append((("in", "B", s + 1, n), f"the gradient from stage {s + 1}, mb {n} (a RECV_B)"))
+    elif a.op == W:
+        out.append((("B", s, n), f"I(stage {s}, mb {n})"))
+    return out
