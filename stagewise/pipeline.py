@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from stagewise.partition import resolve_balance
-from stagewise.runtime import launch, ties
+from stagewise.runtime import checkpoint, launch, ties
 from stagewise.runtime.errors import PeerError, PipelineError
 from stagewise.runtime.executor import Executor
+from stagewise.runtime.feed import MicrobatchFeed
 from stagewise.runtime.microbatch import scatter
 from stagewise.runtime.stage import Stage
 from stagewise.runtime.transport import DistTransport, LocalHub, LocalTransport, Transport
@@ -264,7 +263,7 @@ class Pipeline:
             raise PipelineError(f"this pipeline stopped after an earlier failure: {self._failed}")
         schedule = validate(build(self.schedule_name, self.world, self.microbatches, self.chunks, batches=steps,
                                   **self.schedule_options))
-        feed = _Feed(it, self.microbatches, self.device, keep=self.world // self.microbatches + 2)
+        feed = MicrobatchFeed(it, self.microbatches, self.device, keep=self.world // self.microbatches + 2)
         for s, st in self.stages.items():
             uses: dict[int, int] = {}
             for a in schedule.actions[schedule.placement[s]]:
@@ -309,37 +308,19 @@ class Pipeline:
         """Write every stage's weights (and this rank's optimizer state) under `folder`, each file
         atomically (a temporary name, then a rename), so a crash never leaves a half-written checkpoint.
         With several processes this is a collective: every rank writes its own stages."""
-        root = Path(folder)
-        root.mkdir(parents=True, exist_ok=True)
-        for s, st in self.stages.items():
-            lo, hi = self.layer_ranges[s]
-            _atomic_save({"stage": s, "layers": [lo, hi], "state_dict": st.module.state_dict()},
-                         root / f"stage-{s:03d}.pt")
-        for d, opt in self.optimizers.items():
-            _atomic_save(opt.state_dict(), root / f"optimizer-device-{d:03d}.pt")
+        meta = None
         if 0 in self.devices:
             meta = {"schedule": self.schedule.name, "devices": self.world, "microbatches": self.microbatches,
                     "balance": self.balance, "placement": list(self.schedule.placement), **(extra or {})}
-            tmp = root / "meta.json.tmp"
-            tmp.write_text(json.dumps(meta, indent=2, default=str))
-            os.replace(tmp, root / "meta.json")
+        checkpoint.save(folder, {s: (self.layer_ranges[s], st.module) for s, st in self.stages.items()},
+                        self.optimizers, meta)
         if not self.local and self.world > 1:
             self._guard(launch.dist.barrier, "the checkpoint barrier")
 
     def load_checkpoint(self, folder: str | os.PathLike[str]) -> dict[str, Any]:
         """Load what `save_checkpoint` wrote for this process's stages (same balance); returns meta.json."""
-        root = Path(folder)
-        meta = json.loads((root / "meta.json").read_text())
-        if meta["balance"] != self.balance:
-            raise ValueError(f"checkpoint {root} was written with balance {meta['balance']}, this pipeline "
-                             f"uses {self.balance}; build the Pipeline with partition={meta['balance']}")
-        for s, st in self.stages.items():
-            st.module.load_state_dict(torch.load(root / f"stage-{s:03d}.pt", weights_only=True)["state_dict"])
-        for d, opt in self.optimizers.items():
-            path = root / f"optimizer-device-{d:03d}.pt"
-            if path.exists():
-                opt.load_state_dict(torch.load(path, weights_only=True))
-        return meta
+        return checkpoint.load(folder, self.balance, {s: st.module for s, st in self.stages.items()},
+                               self.optimizers)
 
     def peak_activation_bytes(self) -> dict[int, int]:
         """Peak saved-activation bytes per stage held by this process, since construction."""
@@ -441,49 +422,6 @@ class Pipeline:
             if isinstance(err, PipelineError):
                 raise
             raise PipelineError(msg, rank=self.rank) from err
-
-
-class _Feed:
-    """Micro-batches of consecutive batches, pulled from the iterator only when a stage first needs them."""
-
-    def __init__(self, it: Iterator[tuple[Any, Any]], microbatches: int, device: torch.device, keep: int):
-        self.it, self.m, self.device, self.keep = it, microbatches, device, keep
-        self.batches: dict[int, tuple[list, list, list[float]]] = {}
-        self.pulled = 0
-        self.lock = threading.Lock()
-        self.inputs, self.labels, self.weights = _View(self, 0), _View(self, 1), _View(self, 2)
-
-    def get(self, n: int, part: int) -> Any:
-        t = n // self.m
-        with self.lock:  # device threads of one process share the feed
-            while self.pulled <= t:
-                try:
-                    inputs, labels = next(self.it)
-                except StopIteration:
-                    raise ValueError(f"the data iterator ran out after {self.pulled} batches") from None
-                in_mbs, weights = scatter(inputs, self.m)
-                lab_mbs, _ = scatter(labels, self.m)
-                if self.device.type != "cpu":
-                    in_mbs = [map_tensors(x, lambda v: v.to(self.device)) for x in in_mbs]
-                    lab_mbs = [map_tensors(x, lambda v: v.to(self.device)) for x in lab_mbs]
-                self.batches[self.pulled] = (in_mbs, lab_mbs, weights)
-                self.pulled += 1
-                self.batches.pop(self.pulled - 1 - self.keep, None)  # no micro-batch that old is in flight
-            return self.batches[t][part][n % self.m]
-
-
-class _View:
-    def __init__(self, feed: _Feed, part: int):
-        self.feed, self.part = feed, part
-
-    def __getitem__(self, n: int) -> Any:
-        return self.feed.get(n, self.part)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _is_connection_error(err: BaseException) -> bool:

@@ -164,3 +164,21 @@ def test_tied_weights_stay_equal_across_stages(schedule):
         for w in r["copies"].values():
             assert ((w - r["ref"]).abs().max() / r["ref"].abs().max()).item() <= TOL
     assert sum(len(r["copies"]) for r in results[:2]) == 2  # one copy on the first stage, one on the last
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.set_default_dtype(torch.float64)
+    opt = lambda ps: torch.optim.Adam(ps, lr=1e-2)  # noqa: E731
+    a = Pipeline(make_layers(), loss_fn, microbatches=2, local_devices=2, optimizer=opt, show_partition=False)
+    for _ in range(2):
+        a.train_step(make_batch(4))
+    a.save_checkpoint(tmp_path / "ckpt", extra={"step": 2})
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))  # written atomically, nothing half-done left
+    b = Pipeline(make_layers(seed=5), loss_fn, microbatches=2, local_devices=2, optimizer=opt, show_partition=False)
+    assert b.load_checkpoint(tmp_path / "ckpt")["step"] == 2
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)
+    assert torch.equal(a.train_step(make_batch(4)), b.train_step(make_batch(4)))  # optimizer state came back too
+    c = Pipeline(make_layers(), loss_fn, microbatches=2, local_devices=2, partition=[2, 7], show_partition=False)
+    with pytest.raises(ValueError, match="written with balance"):
+        c.load_checkpoint(tmp_path / "ckpt")
