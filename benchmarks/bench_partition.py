@@ -30,19 +30,16 @@ Every round and a summary per (stages, method) go to the JSON lines file `--out`
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import bench_meta, build_layers, lm_loss, make_batch, spread, timed, write_jsonl
 from torch import nn
 
-from stagewise.models.gpt2 import GPT2Config, config, gpt2_layers, lm_loss
 from stagewise.partition import Planner
 from stagewise.pipeline import Pipeline
 from stagewise.runtime.launch import spawn
@@ -68,24 +65,6 @@ class Settings:
     vocab: int
     lr: float
     seed: int
-
-    def model_config(self) -> GPT2Config:
-        return config("gpt2-mini", n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
-                      vocab_size=self.vocab, n_positions=self.seq_len)
-
-
-def build_layers(s: Settings) -> list[nn.Module]:
-    """The model, with the same initial weights in every process and for every method."""
-    torch.manual_seed(s.seed)
-    return gpt2_layers(s.model_config())
-
-
-def make_batch(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random token ids and labels from a fixed seed (the same on every rank)."""
-    gen = torch.Generator().manual_seed(s.seed + 1)
-    inputs = torch.randint(0, s.vocab, (s.batch, s.seq_len), generator=gen)
-    labels = torch.randint(0, s.vocab, (s.batch, s.seq_len), generator=gen)
-    return inputs, labels
 
 
 def stage_compute(trace: Timeline, num_stages: int) -> list[float]:
@@ -117,20 +96,12 @@ def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:
     profiles = next((p.profiles for p in pipes.values() if p.profiles and any(x.time > 0 for x in p.profiles)), None)
     planner = Planner(profiles, next(iter(pipes.values())).schedule) if profiles else None
 
-    def timed(pipe: Pipeline, n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            pipe.train_step(batch)
-            times.append(time.perf_counter() - t0)
-        return times
-
     for pipe in pipes.values():
-        timed(pipe, s.warmup)
+        timed(lambda p=pipe: p.train_step(batch), s.warmup)
     records: list[dict[str, Any]] = []
     for r in range(s.repeats):
         for method, pipe in pipes.items():
-            times = timed(pipe, s.steps)
+            times = timed(lambda p=pipe: p.train_step(batch), s.steps)
             trace = pipe.last_trace()  # a collective: every rank calls it
             if rank != 0:
                 continue
@@ -144,11 +115,6 @@ def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:
                 record.update(predicted_s=pred.makespan, predicted_stage_s=list(pred.stage_time))
             records.append(record)
     return records if rank == 0 else None
-
-
-def spread(values: Sequence[float], spec: str = ".3f") -> str:
-    """Median [min-max]."""
-    return f"{statistics.median(values):{spec}} [{min(values):{spec}}-{max(values):{spec}}]"
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -219,9 +185,7 @@ def main() -> None:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
     s = Settings(tuple(args.methods), args.schedule, args.microbatches, args.steps, args.repeats, args.warmup,
                  args.batch, args.seq_len, args.n_layer, args.n_embd, args.n_head, args.vocab, args.lr, args.seed)
-    meta = {"bench": "partition", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
-            "host": platform.node(), "settings": asdict(s)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = bench_meta("partition", asdict(s))
     start = time.perf_counter()
     for stages in args.stages:
         t0 = time.perf_counter()
@@ -231,11 +195,8 @@ def main() -> None:
         print_table(summaries, s)
         elapsed = time.perf_counter() - t0
         print(f"{stages} stages: wall time {elapsed:.0f} s", flush=True)
-        with args.out.open("a") as fh:
-            for rec in records:
-                fh.write(json.dumps({**meta, "kind": "round", **rec}) + "\n")
-            for summary in summaries:
-                fh.write(json.dumps({**meta, "kind": "summary", "wall_s": elapsed, **summary}) + "\n")
+        write_jsonl(args.out, meta, records, [])
+        write_jsonl(args.out, {**meta, "wall_s": elapsed}, [], summaries)
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; appended to {args.out}")
 
 

@@ -37,24 +37,19 @@ Every round and a summary per configuration go to the JSON lines file `--out`.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from _common import SingleProcess, analyse, bench_meta, build_layers, lm_loss, make_batch, spread, timed, write_jsonl
 from torch import nn
 
-from stagewise.models.gpt2 import GPT2Config, config, gpt2_layers, lm_loss
 from stagewise.pipeline import Pipeline
 from stagewise.runtime.launch import spawn
-from stagewise.schedules import STEP, B, Costs, F, Schedule, simulate
-from stagewise.schedules.timeline import Timeline
 
 WORLD = 2
 SINGLE = {"single 1 thread": 1, "single 2 threads": 2}
@@ -79,76 +74,10 @@ class Settings:
     lr: float
     seed: int
 
-    def model_config(self) -> GPT2Config:
-        return config("gpt2-mini", n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
-                      vocab_size=self.vocab, n_positions=self.seq_len)
-
     def pipeline_configs(self) -> list[tuple[str, str, int, str]]:
         """(name, schedule, microbatches, partition) for every pipeline configuration."""
         return [(f"{sc} m={m} {part}", sc, m, part)
                 for part in self.partitions for sc in self.schedules for m in self.microbatches]
-
-
-def build_layers(s: Settings) -> list[nn.Module]:
-    """The model, with the same initial weights in every process and configuration."""
-    torch.manual_seed(s.seed)
-    return gpt2_layers(s.model_config())
-
-
-def make_batch(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random token ids and labels from a fixed seed (the same on every rank)."""
-    gen = torch.Generator().manual_seed(s.seed + 1)
-    inputs = torch.randint(0, s.vocab, (s.batch, s.seq_len), generator=gen)
-    labels = torch.randint(0, s.vocab, (s.batch, s.seq_len), generator=gen)
-    return inputs, labels
-
-
-class SingleProcess:
-    """The baseline: plain nn.Sequential forward, backward and Adam step in this process."""
-
-    def __init__(self, s: Settings):
-        self.model = nn.Sequential(*build_layers(s))
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
-
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = lm_loss(self.model(batch[0]), batch[1])
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-
-def _timed(fn: Any, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def analyse(trace: Timeline, schedule: Schedule, step_wall: float) -> dict[str, Any]:
-    """Per-stage mean F/B compute, the simulated ideal, and measured against simulated bubbles, of one step."""
-    S, P = schedule.num_stages, trace.num_devices
-    durations: dict[str, list[list[float]]] = {F: [[] for _ in range(S)], B: [[] for _ in range(S)]}
-    busy, wait, step_action = [0.0] * P, [0.0] * P, [0.0] * P
-    for e in trace.events:
-        d = e.end - e.start
-        if e.op in (F, B):
-            durations[e.op][e.stage].append(d)
-            busy[e.device] += d
-        elif e.op == STEP:
-            step_action[e.device] += d
-        wait[e.device] += float(e.extra.get("wait_s", 0.0))
-    f = [statistics.fmean(x) for x in durations[F]]
-    b = [statistics.fmean(x) for x in durations[B]]
-    sim = simulate(schedule, Costs(f=f, b=b))
-    return {
-        "f_s": f, "b_s": b, "ideal_s": sim.makespan, "traced_step_s": step_wall, "trace_span_s": trace.makespan,
-        "outside_trace_s": step_wall - trace.makespan,
-        "bubble_measured": [1.0 - x / step_wall for x in busy], "bubble_simulated": list(sim.bubble_per_device),
-        "busy_s": busy, "wait_s": wait, "step_action_s": step_action,
-    }
 
 
 def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:
@@ -170,12 +99,12 @@ def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:
             times: list[float] = []
             if single is not None:
                 torch.set_num_threads(SINGLE[name])
-                times = _timed(lambda: single.step(batch), n)
+                times = timed(lambda: single.step(batch), n)
                 torch.set_num_threads(1)
             dist.barrier()
             return times
         pipe = pipes[name]
-        return _timed(lambda: pipe.train_step(batch), n)
+        return timed(lambda: pipe.train_step(batch), n)
 
     names = [*SINGLE, *pipes]
     for name in names:
@@ -198,11 +127,6 @@ def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:
                 record["step_s"] = statistics.median(times)
                 records.append(record)
     return records if rank == 0 else None
-
-
-def spread(values: Sequence[float], spec: str = ".3f") -> str:
-    """Median [min-max]."""
-    return f"{statistics.median(values):{spec}} [{min(values):{spec}}-{max(values):{spec}}]"
 
 
 def summarise(records: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
@@ -299,15 +223,8 @@ def main() -> None:
     print_tables(summaries, s)
     elapsed = time.perf_counter() - t0
     print(f"\nwall time {elapsed:.0f} s")
-    meta = {"bench": "runtime", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
-            "host": platform.node(), "settings": asdict(s), "wall_s": elapsed}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as fh:
-        for rec in records:
-            fh.write(json.dumps({**meta, "kind": "round", **rec}) + "\n")
-        for summary in summaries:
-            fh.write(json.dumps({**meta, "kind": "summary", **summary}) + "\n")
-    print(f"wrote {len(records) + len(summaries)} lines to {args.out}")
+    n = write_jsonl(args.out, {**bench_meta("runtime", asdict(s)), "wall_s": elapsed}, records, summaries)
+    print(f"wrote {n} lines to {args.out}")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,20 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """`stagewise bench [options]`: stagewise against torch.distributed.pipelining (benchmarks/bench_vs_torch.py)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "bench_vs_torch.py"
+    if not script.is_file():
+        raise SystemExit(f"stagewise bench: {script} not found; the benchmarks ship with the source tree, "
+                         "not with an installed package")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.call([sys.executable, str(script), *args.bench_args], env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagewise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--timeout", type=float, default=d.timeout, help="seconds any wait on another stage may take")
     tr.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
     tr.set_defaults(func=_train)
+    # Every option goes to the benchmark script unparsed (`stagewise bench --help` shows its own help).
+    be = sub.add_parser("bench", help="benchmark against torch.distributed.pipelining (see `stagewise bench --help`)",
+                        prefix_chars="+", add_help=False)
+    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/bench_vs_torch.py")
+    be.set_defaults(func=_bench)
     return parser
 
 

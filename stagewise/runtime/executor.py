@@ -41,6 +41,15 @@ class Executor:
         self.rank = device if rank is None else rank
         self.program = schedule.actions[device]
         self.last = schedule.num_stages - 1
+        # With a transport that matches messages by tag, the receives that precede a compute action are
+        # posted before the compute action ahead of it, so that the data moves while this device computes.
+        self.ahead: dict[int, list[int]] = {}
+        if transport.posts_early:
+            compute = [i for i, a in enumerate(self.program) if a.op in (F, B, I, W, STEP)]
+            for i, k in zip(compute, compute[1:]):
+                early = [j for j in range(i + 1, k) if self.program[j].op in (RECV_F, RECV_B)]
+                if early:
+                    self.ahead[i] = early
 
     def run(self, inputs: list[Any] | None, labels: list[Any] | None, weights: list[float],
             train: bool = True, keep_outputs: bool = False) -> dict[str, Any]:
@@ -60,9 +69,33 @@ class Executor:
         events: list[Event] = []
         placement = self.schedule.placement
         received_spec: Any = None
-        for a in self.program:
+
+        def post(r: Action) -> None:
+            if r.op == RECV_F:
+                received[("F", r.stage, r.microbatch)] = self.transport.recv_activation(
+                    r.stage - 1, r.stage, r.microbatch, r.peer)
+            else:
+                like = pending[(r.stage, r.microbatch)].roots
+                received[("B", r.stage, r.microbatch)] = self.transport.recv_grad(
+                    like, r.stage + 1, r.stage, r.microbatch, r.peer)
+
+        for i, a in enumerate(self.program):
             if not train and a.op in (B, I, W, SEND_B, RECV_B, STEP):
                 continue
+            if a.op in (RECV_F, RECV_B) and ("F" if a.op == RECV_F else "B", a.stage, a.microbatch) in received:
+                continue  # posted early
+            for j in self.ahead.get(i, ()):
+                r = self.program[j]
+                if r.op == RECV_B and (not train or (r.stage, r.microbatch) not in pending):
+                    continue  # its shapes come from a forward not run yet: posted in its place
+                t0 = time.perf_counter()
+                try:
+                    post(r)
+                except Exception as err:
+                    raise PipelineError(self._explain(r, err, received_spec), stage=r.stage,
+                                        microbatch=r.microbatch, action=str(r), rank=self.rank) from err
+                events.append(Event(self.device, t0, time.perf_counter(), r.op, r.stage, r.microbatch, r.version,
+                                    {"early": True}))
             t0 = time.perf_counter()
             extra: dict[str, Any] = {}
             try:
@@ -126,15 +159,12 @@ class Executor:
                     before = self.transport.bytes_sent
                     self.transport.send_activation(outputs.pop((s, n)), s, s + 1, n, a.peer)
                     extra["bytes"] = self.transport.bytes_sent - before
-                elif op == RECV_F:
-                    received[("F", s, n)] = self.transport.recv_activation(s - 1, s, n, a.peer)
+                elif op in (RECV_F, RECV_B):
+                    post(a)
                 elif op == SEND_B:
                     before = self.transport.bytes_sent
                     self.transport.send_grad(grad_in.pop((s, n)), s, s - 1, n, a.peer)
                     extra["bytes"] = self.transport.bytes_sent - before
-                elif op == RECV_B:
-                    like = pending[(s, n)].roots
-                    received[("B", s, n)] = self.transport.recv_grad(like, s + 1, s, n, a.peer)
                 elif op == STEP:
                     if self.step_fn is not None:
                         self.step_fn(a)

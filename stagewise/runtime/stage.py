@@ -107,9 +107,12 @@ class Stage:
     def backward_input(self, pending: Pending, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
         """Gradients of the inputs only; what the weight gradient needs is kept for `backward_weight`.
 
-        The autograd graph is cut where gradient stops flowing towards the inputs and only
-        flows towards parameters; I asks autograd for the gradient at those edges too, and W
-        later runs backward from them alone, so no part of the backward runs twice.
+        Autograd is asked for the input gradients alone, so every node on the path from the
+        outputs to the inputs computes only its input-side results (a linear layer's dX, not its
+        dW). The nodes of that path that also lead to parameters ("intermediates") hand the
+        gradient they receive to a hook; W later runs exactly those nodes again for their
+        parameter-side results (dW, the LayerNorm affine gradients, ...) from the kept gradients,
+        so no part of the backward runs twice and the weight GEMMs really move into W.
         """
         if not pending.roots:
             self.release(pending)
@@ -118,32 +121,54 @@ class Stage:
             grads = [torch.ones_like(r) for r in pending.roots]
         params = self.parameters()
         if not pending.inputs:
-            pending.weight_work = [(pending.roots, grads, params)]
+            pending.weight_work = [(list(pending.roots), list(grads), params, [])]
             pending.roots = []
             return []
-        edges, root_idx, ok = _weight_boundary(pending.roots, pending.inputs, params)
-        if not ok:  # shared sub-graphs would count twice: do everything now, W has nothing left
-            torch.autograd.backward(pending.roots, grads, inputs=pending.inputs + params)
-            result = [x.grad for x in pending.inputs]
-            pending.roots = []
-            return result
-        targets = list(pending.inputs) + edges
-        got = torch.autograd.grad(pending.roots, targets, grads, retain_graph=True, allow_unused=True)
-        n = len(pending.inputs)
-        edge_grads = list(got[n:])
-        outs = [e for e, g in zip(edges, edge_grads) if g is not None]
-        outs_grads = [g for g in edge_grads if g is not None]
-        for i in root_idx:
-            outs.append(pending.roots[i])
-            outs_grads.append(grads[i])
-        pending.weight_work = [(outs, outs_grads, params)] if outs else []
+        groups = _weight_groups(pending.roots, pending.inputs, params)
+        captured: dict[Any, tuple] = {}
+        handles = []
+        try:
+            for nodes, _, _ in groups:
+                for node in nodes:
+                    handles.append(node.register_prehook(_capture(captured, node)))
+            got = torch.autograd.grad(pending.roots, pending.inputs, grads, retain_graph=True, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        work = []
+        for nodes, root_idx, group_params in groups:
+            outs: list[Any] = []
+            outs_grads: list[torch.Tensor] = []
+            kept = []
+            for node in nodes:
+                g = captured.get(node)
+                if g is None:  # no gradient reached this node: nothing for its parameters either
+                    continue
+                kept.append((node, g))
+                for i, x in enumerate(g):
+                    if x is not None:
+                        outs.append(GradientEdge(node, i))
+                        outs_grads.append(x)
+            for i in root_idx:
+                outs.append(pending.roots[i])
+                outs_grads.append(grads[i])
+            if outs:
+                # Several intermediates in one group may lie on one path; their kept gradients are already
+                # complete, so W pins them (a pre-hook returning the kept value) rather than adding twice.
+                work.append((outs, outs_grads, group_params, kept if len(kept) > 1 else []))
+        pending.weight_work = work
         pending.roots = []
-        return list(got[:n])
+        return list(got)
 
     def backward_weight(self, pending: Pending) -> None:
         """Accumulate the weight gradients prepared by `backward_input`, then free the activations."""
-        for outs, grads, params in pending.weight_work:
-            got = torch.autograd.grad(outs, params, grads, allow_unused=True)
+        for outs, grads, params, pinned in pending.weight_work:
+            handles = [node.register_prehook(_pin(g)) for node, g in pinned]
+            try:
+                got = torch.autograd.grad(outs, params, grads, allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
             for p, g in zip(params, got):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
@@ -151,14 +176,34 @@ class Stage:
         self.release(pending)
 
 
-def _weight_boundary(roots: list[torch.Tensor], inputs: list[torch.Tensor], params: list[nn.Parameter]):
-    """Edges where gradient leaves the input path for parameters: (edges, roots off the path, usable)."""
+def _capture(store: dict[Any, tuple], node: Any):
+    def hook(grad_outputs: tuple) -> None:
+        store[node] = tuple(grad_outputs)
+
+    return hook
+
+
+def _pin(saved: tuple):
+    def hook(grad_outputs: tuple) -> tuple:
+        return saved
+
+    return hook
+
+
+def _weight_groups(roots: list[torch.Tensor], inputs: list[torch.Tensor], params: list[nn.Parameter]):
+    """How the weight gradient splits off the input path: a list of (intermediates, root indices, params).
+
+    An intermediate is a node on the path from the roots to the inputs with a child that leads to
+    parameters but not to the inputs; a root off the input path that leads to parameters is handled
+    whole. Intermediates (and such roots) whose parameter-side sub-graphs share a node form one group,
+    so that W runs every parameter-side node exactly once; each group lists the parameters it reaches.
+    """
     input_nodes = {get_gradient_edge(x).node for x in inputs}
-    param_nodes = {get_gradient_edge(p).node for p in params}
+    param_of = {get_gradient_edge(p).node: p for p in params}
     to_input: dict[Any, bool] = {}
     to_param: dict[Any, bool] = {}
 
-    def reach(node: Any) -> tuple[bool, bool]:
+    def reach(node: Any) -> None:
         stack = [(node, False)]
         while stack:
             n, expanded = stack.pop()
@@ -170,44 +215,59 @@ def _weight_boundary(roots: list[torch.Tensor], inputs: list[torch.Tensor], para
                 stack.extend((c, False) for c in children if c not in to_input)
                 continue
             to_input[n] = n in input_nodes or any(to_input[c] for c in children)
-            to_param[n] = n in param_nodes or any(to_param[c] for c in children)
-        return to_input[node], to_param[node]
+            to_param[n] = n in param_of or any(to_param[c] for c in children)
 
-    edges: dict[tuple[int, int], GradientEdge] = {}
-    off_path: list[int] = []
+    starts: list[tuple[Any, int, list[Any]]] = []  # (intermediate node or None, root index or -1, param-side nodes)
     for i, r in enumerate(roots):
         node = r.grad_fn
         if node is None:
             continue
-        on_input, on_param = reach(node)
-        if not on_input:
-            if on_param:
-                off_path.append(i)
-            continue
+        reach(node)
+        if not to_input[node] and to_param[node]:
+            starts.append((None, i, [node]))
     visited: set[Any] = set()
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None and to_input.get(r.grad_fn)]
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None and to_input[r.grad_fn]]
     while stack:
         n = stack.pop()
         if n in visited:
             continue
         visited.add(n)
-        for c, nr in n.next_functions:
+        side = []
+        for c, _ in n.next_functions:
             if c is None:
                 continue
             if to_input[c]:
                 stack.append(c)
             elif to_param[c]:
-                edges[(id(c), nr)] = GradientEdge(c, nr)
-    # Usable only if no boundary node reaches another one (that gradient would be counted twice).
-    boundary = {e.node for e in edges.values()} | {roots[i].grad_fn for i in off_path}
-    for node in boundary:
-        seen: set[Any] = set()
-        todo = [c for c, _ in node.next_functions if c is not None]
+                side.append(c)
+        if side:
+            starts.append((n, -1, side))
+    parent = list(range(len(starts)))
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    owner: dict[Any, int] = {}
+    for k, (_, _, side) in enumerate(starts):
+        todo = list(side)
         while todo:
             c = todo.pop()
-            if c in boundary:
-                return [], [], False
-            if c not in seen:
-                seen.add(c)
-                todo.extend(x for x, _ in c.next_functions if x is not None)
-    return list(edges.values()), off_path, True
+            if c in owner:
+                parent[find(k)] = find(owner[c])
+                continue
+            owner[c] = k
+            todo.extend(x for x, _ in c.next_functions if x is not None and to_param.get(x))
+    groups: dict[int, tuple[list[Any], list[int], list[nn.Parameter]]] = {}
+    for k, (node, i, _) in enumerate(starts):
+        nodes, idx, _ps = groups.setdefault(find(k), ([], [], []))
+        if node is not None:
+            nodes.append(node)
+        else:
+            idx.append(i)
+    for node, p in param_of.items():
+        if node in owner:
+            groups[find(owner[node])][2].append(p)
+    return [g for g in groups.values() if g[2]]

@@ -5,6 +5,14 @@ An activation message is a small header (signature id, metadata length), the met
 payload buffer. So shapes are negotiated once per signature and again whenever they
 change (variable sequence lengths need no padding). A gradient message is just the
 payload: the receiver sent the activations and knows their shapes.
+
+A gloo send only moves once its receive is posted, so receives are posted ahead of need
+(the executor posts them one compute action early, `posts_early`), and the receiver posts
+the activation's payload receive at once, next to the header's, whenever it can predict
+the payload: when the last two messages for the same (stage, micro-batch index) had one
+signature (steady training). Both sides keep that history, so the sender knows what was
+predicted; should the signature then change, it sends a filler of the predicted size in
+the payload's place and the real payload under its own tag.
 """
 
 from __future__ import annotations
@@ -86,6 +94,7 @@ class Transport(ABC):
     """
 
     bytes_sent = 0
+    posts_early = False  # receives may be posted before their place in the program (messages matched by tag)
 
     @abstractmethod
     def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None:
@@ -124,9 +133,14 @@ class DistTransport(Transport):
         self.timeout = timeout
         self.ordered = ordered
         self.sent_sigs: dict[tuple, dict[bytes, int]] = {}
-        self.recv_sigs: dict[tuple, dict[int, Any]] = {}
+        self.recv_sigs: dict[tuple, dict[int, tuple[Any, bytes]]] = {}
+        # (dst stage, micro-batch index) -> (metadata of the last message there, how many in a row had it, up
+        # to 2); kept alike on both sides, it says when the receiver predicts the payload (see the module doc).
+        self.sent_history: dict[tuple[int, int], tuple[bytes, int]] = {}
+        self.recv_history: dict[tuple[int, int], tuple[bytes, int]] = {}
         self.pending_sends: list[tuple[Any, Any]] = []
         self.bytes_sent = 0
+        self.posts_early = not ordered
 
     def _tag(self, direction: int, dst: int, mb: int, part: int) -> int:
         return (((mb % (1 << 20)) * self.S + dst) * 2 + direction) * 4 + part
@@ -159,16 +173,37 @@ class DistTransport(Transport):
         if new:
             self._isend(torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(self.device), peer,
                         self._tag(0, dst, mb, 1))
+        part = 2
+        predicted = self._predicted(self.sent_history, (dst, mb))
+        if predicted is not None and predicted != meta:  # the receiver posted a payload of the old size: fill it
+            nbytes = _buffer_bytes(_payload_specs(pickle.loads(predicted)))
+            if nbytes:
+                self._isend(torch.zeros(nbytes, dtype=torch.uint8, device=self.device), peer,
+                            self._tag(0, dst, mb, 2))
+            part = 3
         if tensors:
-            self._isend(pack(tensors), peer, self._tag(0, dst, mb, 2))
+            self._isend(pack(tensors), peer, self._tag(0, dst, mb, part))
+        _remember(self.sent_history, (dst, mb), meta)
 
     def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle:
         header = torch.empty(2, dtype=torch.int64, device=self.device)
         work = self._irecv(header, peer, self._tag(0, dst, mb, 0))
         handle = _ActivationHandle(self, header, work, dst, mb, peer, src)
+        predicted = self._predicted(self.recv_history, (dst, mb))
+        if predicted is not None:
+            specs = _payload_specs(pickle.loads(predicted))
+            buf = buffer_for(specs, self.device) if specs else None
+            posted = self._irecv(buf, peer, self._tag(0, dst, mb, 2)) if specs else None
+            handle.predicted = (predicted, buf, posted)
         if self.ordered:
             handle.receive_payload()
         return handle
+
+    def _predicted(self, history: dict[tuple[int, int], tuple[bytes, int]], key: tuple[int, int]) -> bytes | None:
+        """The metadata the receiver predicts for the next message on `key`: the last one, seen twice in a row.
+        Never in ordered mode, where messages match in posting order and nothing is posted out of turn."""
+        last = history.get(key)
+        return last[0] if not self.ordered and last is not None and last[1] >= 2 else None
 
     def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None:
         if grads:
@@ -209,6 +244,7 @@ class _ActivationHandle(Handle):
     def __init__(self, tr: DistTransport, header: torch.Tensor, work: Any, dst: int, mb: int, peer: int, src: int):
         self.tr, self.header, self.work, self.dst, self.mb, self.peer, self.src = tr, header, work, dst, mb, peer, src
         self.result: tuple[Any, Any, list] | None = None
+        self.predicted: tuple[bytes, torch.Tensor | None, Any] | None = None  # (metadata, buffer, work) posted
 
     def receive_payload(self) -> None:
         tr, what = self.tr, f"activation for stage {self.dst} micro-batch {self.mb} from stage {self.src}"
@@ -218,13 +254,24 @@ class _ActivationHandle(Handle):
         if meta_len:
             meta = torch.empty(meta_len, dtype=torch.uint8, device=tr.device)
             tr._wait(tr._irecv(meta, self.peer, tr._tag(0, self.dst, self.mb, 1)), what)
-            sigs[sig] = pickle.loads(meta.cpu().numpy().tobytes())
-        spec = sigs[sig]
-        specs = [(s[1], s[2]) for s in slots(spec)]
+            raw = meta.cpu().numpy().tobytes()
+            sigs[sig] = (pickle.loads(raw), raw)
+        spec, raw = sigs[sig]
+        _remember(tr.recv_history, (self.dst, self.mb), raw)
+        specs = _payload_specs(spec)
+        part = 2
+        if self.predicted is not None:
+            guessed, gbuf, gwork = self.predicted
+            if guessed == raw:  # as predicted: the payload's receive is posted already
+                self.result = (spec, gwork, (gbuf, specs))
+                return
+            if gwork is not None:  # a filler of the predicted size came in the payload's place
+                tr._wait(gwork, what)
+            part = 3
         buf, work = None, None
         if specs:
             buf = buffer_for(specs, tr.device)
-            work = tr._irecv(buf, self.peer, tr._tag(0, self.dst, self.mb, 2))
+            work = tr._irecv(buf, self.peer, tr._tag(0, self.dst, self.mb, part))
         self.result = (spec, work, (buf, specs))
 
     def wait(self) -> Any:
@@ -238,6 +285,22 @@ class _ActivationHandle(Handle):
         tensors = [t.requires_grad_(True) if s[3] and t.is_floating_point() else t
                    for t, s in zip(tensors, slots(spec))]
         return unflatten(spec, tensors)
+
+
+def _remember(history: dict[tuple[int, int], tuple[bytes, int]], key: tuple[int, int], meta: bytes) -> None:
+    last = history.get(key)
+    history[key] = (meta, min(last[1] + 1, 2)) if last is not None and last[0] == meta else (meta, 1)
+
+
+def _payload_specs(spec: Any) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(s[1], s[2]) for s in slots(spec)]
+
+
+def _buffer_bytes(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes of the buffer `buffer_for(specs)` allocates (the one a `pack` of such tensors fills)."""
+    if len(specs) == 1:
+        return _nbytes(*specs[0])
+    return sum(n + (-n) % _ALIGN for n in (_nbytes(shape, dtype) for shape, dtype in specs))
 
 
 class LocalTransport(Transport):

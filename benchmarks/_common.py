@@ -1,0 +1,193 @@
+"""Helpers shared by the benchmarks (the scripts import this file from their own folder).
+
+* The model and batch: a GPT (`gpt2_layers`) shaped by a settings object with `n_layer`, `n_embd`,
+  `n_head`, `vocab`, `seq_len`, `batch`, `seed` (and optionally `tie`, default True), built with the
+  same initial weights everywhere, and a fixed batch of random token ids.
+* `SingleProcess`: the unpipelined baseline (nn.Sequential forward, backward, Adam step).
+* `timed`, `spread`: timing and "median [min-max]".
+* `analyse`: one measured step against the simulator's ideal from the measured per-action costs, and
+  the measured bubbles against the simulated ones; `activation_peaks`: measured peak saved-activation
+  bytes per device against the simulator's prediction.
+* `bench_meta`, `write_jsonl`: the JSON lines records.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stagewise.models.gpt2 import GPT2Config, config, gpt2_layers, lm_loss
+from stagewise.schedules import STEP, B, Costs, F, I, Schedule, Simulation, W, simulate
+from stagewise.schedules.timeline import Event, Timeline
+
+
+def model_config(s: Any) -> GPT2Config:
+    return config("gpt2-mini", n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, vocab_size=s.vocab,
+                  n_positions=s.seq_len, tie_word_embeddings=getattr(s, "tie", True))
+
+
+def build_layers(s: Any) -> list[nn.Module]:
+    """The model, with the same initial weights in every process and configuration."""
+    torch.manual_seed(s.seed)
+    return gpt2_layers(model_config(s))
+
+
+def make_batch(s: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and labels from a fixed seed (the same on every rank)."""
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    inputs = torch.randint(0, s.vocab, (s.batch, s.seq_len), generator=gen)
+    labels = torch.randint(0, s.vocab, (s.batch, s.seq_len), generator=gen)
+    return inputs, labels
+
+
+class SingleProcess:
+    """The baseline: plain nn.Sequential forward, backward and Adam step in this process."""
+
+    def __init__(self, s: Any):
+        self.model = nn.Sequential(*build_layers(s))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = lm_loss(self.model(batch[0]), batch[1])
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def timed(fn: Callable[[], Any], n: int) -> list[float]:
+    """Seconds of each of `n` calls."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def spread(values: Sequence[float], spec: str = ".3f") -> str:
+    """Median [min-max]."""
+    return f"{statistics.median(values):{spec}} [{min(values):{spec}}-{max(values):{spec}}]"
+
+
+def analyse(trace: Timeline, schedule: Schedule, step_wall: float, with_step: bool = False) -> dict[str, Any]:
+    """`analyse_with_sim` without the simulation."""
+    return analyse_with_sim(trace, schedule, step_wall, with_step)[0]
+
+
+def analyse_with_sim(trace: Timeline, schedule: Schedule, step_wall: float,
+                     with_step: bool = False) -> tuple[dict[str, Any], Simulation]:
+    """Per-stage mean F/B (I/W) compute, the simulated ideal, and measured against simulated bubbles, of one step.
+
+    The measured per-stage means of each compute action (they exclude time spent waiting for a
+    peer) are fed to `simulate`. With `with_step` the optimizer STEP counts too (its mean over the
+    devices as the simulator's one step cost, and as busy time in the measured bubble); without, the
+    ideal is the F/B schedule alone. Returns the ideal makespan (`ideal_s`), the measured and simulated
+    bubble per device, and per-device busy, wait-for-peer and STEP seconds; and the simulation.
+    """
+    S, P = schedule.num_stages, trace.num_devices
+    ops = (F, I, W) if schedule.split_backward else (F, B)
+    durations: dict[str, list[list[float]]] = {op: [[] for _ in range(S)] for op in ops}
+    busy, wait, step_action = [0.0] * P, [0.0] * P, [0.0] * P
+    for e in trace.events:
+        d = e.end - e.start
+        if e.op in durations:
+            durations[e.op][e.stage].append(d)
+            busy[e.device] += d
+        elif e.op == STEP:
+            step_action[e.device] += d
+        wait[e.device] += float(e.extra.get("wait_s", 0.0))
+    mean = {op: [statistics.fmean(x) if x else 0.0 for x in durations[op]] for op in ops}
+    step_cost = statistics.fmean(step_action) if with_step else 0.0
+    if schedule.split_backward:
+        costs = Costs(f=mean[F], i=mean[I], w=mean[W], step=step_cost)
+        b = [x + y for x, y in zip(mean[I], mean[W])]
+    else:
+        costs = Costs(f=mean[F], b=mean[B], step=step_cost)
+        b = mean[B]
+    sim = simulate(schedule, costs)
+    if with_step:
+        busy = [x + y for x, y in zip(busy, step_action)]
+    out = {
+        "f_s": mean[F], "b_s": b, "ideal_s": sim.makespan, "traced_step_s": step_wall,
+        "trace_span_s": trace.makespan, "outside_trace_s": step_wall - trace.makespan,
+        "bubble_measured": [1.0 - x / step_wall for x in busy], "bubble_simulated": list(sim.bubble_per_device),
+        "busy_s": busy, "wait_s": wait, "step_action_s": step_action,
+    }
+    if schedule.split_backward:
+        out.update(i_s=mean[I], w_s=mean[W])
+    return out, sim
+
+
+def _held_peak(events: Iterable[Event], schedule: Schedule, nbytes: Callable[[Event], float]) -> list[float]:
+    """Peak per device of the bytes held from each forward until the last backward piece of that (stage, mb)."""
+    last = W if schedule.split_backward else B
+    deltas: list[list[tuple[float, int, float]]] = [[] for _ in range(schedule.num_devices)]
+    size: dict[tuple[int, int], float] = {}
+    for e in events:
+        if e.op == F:
+            size[(e.stage, e.microbatch)] = nbytes(e)
+    for e in events:
+        if e.op == F:
+            deltas[e.device].append((e.start, 1, size[(e.stage, e.microbatch)]))
+        elif e.op == last:
+            deltas[e.device].append((e.end, 0, -size.get((e.stage, e.microbatch), 0.0)))
+    peaks = []
+    for dev in deltas:
+        level = peak = 0.0
+        for _, _order, delta in sorted(dev):
+            level += delta
+            peak = max(peak, level)
+        peaks.append(peak)
+    return peaks
+
+
+def activation_peaks(trace: Timeline, schedule: Schedule, sim: Simulation) -> dict[str, list[float]]:
+    """Saved-activation bytes per device: measured peak (from the forwards' `saved_bytes` in the trace)
+    against the simulator's `peak_inflight` x the device's measured saved bytes per micro-batch (summed
+    over its chunks, as `peak_inflight` counts whole-stage units), and against the simulated timeline
+    swept with each (stage, micro-batch)'s measured bytes (`predicted_swept`, exact for unequal chunks)."""
+    measured = _held_peak(trace.events, schedule, lambda e: float(e.extra.get("saved_bytes", 0)))
+    per_stage: dict[int, list[float]] = {}
+    by_key: dict[tuple[int, int], float] = {}
+    for e in trace.events:
+        if e.op == F:
+            per_stage.setdefault(e.stage, []).append(float(e.extra.get("saved_bytes", 0)))
+            by_key[(e.stage, e.microbatch)] = float(e.extra.get("saved_bytes", 0))
+    per_mb = [0.0] * schedule.num_devices
+    for s, values in per_stage.items():
+        per_mb[schedule.placement[s]] += statistics.fmean(values)
+    predicted = [sim.peak_inflight[d] * per_mb[d] for d in range(schedule.num_devices)]
+    swept = _held_peak(sim.timeline.events, schedule, lambda e: by_key.get((e.stage, e.microbatch), 0.0))
+    return {"saved_peak_bytes": measured, "saved_per_mb_bytes": per_mb, "peak_inflight": list(sim.peak_inflight),
+            "saved_predicted_bytes": predicted, "saved_predicted_swept_bytes": swept}
+
+
+def bench_meta(bench: str, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"bench": bench, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+            "host": platform.node(), "settings": settings}
+
+
+def write_jsonl(path: Path, meta: dict[str, Any], records: Iterable[dict[str, Any]],
+                summaries: Iterable[dict[str, Any]], **extra: Any) -> int:
+    """Append one line per round record and per summary; returns the number of lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("a") as fh:
+        for kind, rows in (("round", records), ("summary", summaries)):
+            for row in rows:
+                fh.write(json.dumps({**meta, **extra, "kind": kind, **row}, default=str) + "\n")
+                n += 1
+    return n
+
+
+__all__ = ["SingleProcess", "activation_peaks", "analyse", "analyse_with_sim", "bench_meta", "build_layers", "lm_loss",
+           "make_batch", "model_config", "spread", "timed", "write_jsonl"]

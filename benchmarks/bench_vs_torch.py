@@ -1,0 +1,491 @@
+"""stagewise against torch.distributed.pipelining: the same model, weights, batch, partition and threads.
+
+For each pipeline size P (one process per device, one intra-op thread each, gloo, started with
+`spawn`) the SAME spawned processes build, per configuration (schedule, m):
+
+* a stagewise `Pipeline` with an explicit balance (stagewise's "uniform" cut, which is what both
+  libraries get), and
+* a torch.distributed.pipelining pipeline with that balance: one manual `PipelineStage` per stage
+  over the same layers (fresh copies with the same initial weights), on the same stage-to-device
+  placement, under the matching schedule class: gpipe -> ScheduleGPipe, 1f1b -> Schedule1F1B,
+  interleaved -> ScheduleInterleaved1F1B (2 stages per rank, looped), zbv -> ScheduleZBVZeroBubble
+  (2 stages per rank in a V). Losses are micro-batch means and torch scales the gradients by 1/m
+  (`scale_grads=True`), which is stagewise's weighting for equal micro-batches.
+
+Both train with Adam on one fixed batch of 16 x 128 random token ids (fixed seed) of a GPT
+(embedding, 8 GPT-2 blocks of d256 with 4 heads, head with an 8k vocabulary; the head is NOT tied
+to the embedding by default, since torch.distributed.pipelining has no cross-stage ties; `--tie`
+ties it for stagewise only and skips torch).
+
+Checks and measurements:
+
+* The first step of every pipeline runs from the initial weights: its loss is printed for both
+  libraries and the single-process model and must agree within 1e-5 (relative, float32).
+* Timing alternates the libraries (A B A B, the order swapped every round) over `--repeats` rounds;
+  each timed block is `--steps` consecutive training steps followed by a barrier, timed on rank 0,
+  so a step is the block time / steps with every rank done. Tokens/s is median [min-max] over
+  rounds; the stagewise/torch ratio is taken within each round. The single-process baseline (rank 0,
+  1 thread, nn.Sequential + Adam, the other ranks idle in a barrier) runs `--repeats` steps before the
+  rounds (run inside them, the block right after it was often much slower, whichever library it was).
+* Efficiency (stagewise): the last traced step against the simulator's ideal from that step's
+  measured per-stage F, B (I, W) means and the mean optimizer STEP; measured against simulated
+  bubble per device; measured peak saved-activation bytes per device (from the forwards'
+  `saved_bytes`) against the prediction `peak_inflight` x saved bytes per micro-batch, and against
+  the simulated timeline swept with each (stage, micro-batch)'s measured bytes.
+* Unless `--no-auto`, stagewise also runs each schedule with `partition="auto"` (it measures the
+  layers on `sample=`); the best of those per (P, m) is compared with torch's best schedule on the
+  even split.
+
+Output: the tables, JSON lines (`--out`, one line per round and per summary) and a PNG chart of
+tokens/s per configuration (`--png`).
+
+Run (about 6 minutes with the defaults on two cores; P=4 runs 4 processes on 2 cores, so it is
+slower and noisier and runs fewer configurations by default):
+
+    PYTHONPATH=. python benchmarks/bench_vs_torch.py [--stages 2 4] [--schedules gpipe 1f1b interleaved zbv]
+        [--microbatches 4 8] [--p4-microbatches 8] [--steps 2 --repeats 3 --warmup 2] [--no-auto]
+    stagewise bench [same options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# torch and stagewise are imported inside the functions so that `stagewise --help` stays fast.
+
+TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B",
+                   "zbv": "ScheduleZBVZeroBubble"}
+LOSS_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker processes need (picklable)."""
+
+    configs: tuple[tuple[str, int], ...]  # (schedule, m) for this P
+    auto: bool
+    torch_side: bool
+    steps: int
+    repeats: int
+    warmup: int
+    batch: int
+    seq_len: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab: int
+    lr: float
+    seed: int
+    tie: bool
+    timeout: float
+
+
+def torch_supports(schedule: str, P: int, m: int) -> str | None:
+    """Why torch.distributed.pipelining cannot run this configuration, or None."""
+    if schedule not in TORCH_SCHEDULES:
+        return "no such schedule in torch.distributed.pipelining"
+    if schedule == "1f1b" and m < P:
+        return "Schedule1F1B needs m >= P"
+    if schedule == "interleaved" and m % max(1, m // P):
+        return "ScheduleInterleaved1F1B needs m % max(1, m // P) == 0"
+    return None
+
+
+class TorchPipe:
+    """torch.distributed.pipelining over this rank's stages: manual PipelineStages, one schedule, Adam."""
+
+    def __init__(self, layers: list, balance: list[int], placement: tuple[int, ...], schedule: str, m: int,
+                 rank: int, group: Any, lr: float, loss_fn: Any):
+        import torch
+        from torch import nn
+        from torch.distributed import pipelining as tp
+        from torch.distributed.pipelining.schedules import PipelineScheduleMulti
+
+        S = len(balance)
+        starts = [sum(balance[:s]) for s in range(S)]
+        self.stage_ids = [s for s in range(S) if placement[s] == rank]
+        self.modules = [nn.Sequential(*layers[starts[s]:starts[s] + balance[s]]) for s in self.stage_ids]
+        stages = [tp.PipelineStage(mod, s, S, torch.device("cpu"), group=group)
+                  for mod, s in zip(self.modules, self.stage_ids)]
+        cls = getattr(tp, TORCH_SCHEDULES[schedule])
+        multi = issubclass(cls, PipelineScheduleMulti)
+        self.schedule = cls(stages if multi else stages[0], n_microbatches=m, loss_fn=loss_fn, scale_grads=True)
+        self.first, self.last = 0 in self.stage_ids, S - 1 in self.stage_ids
+        self.optimizer = torch.optim.Adam([p for mod in self.modules for p in mod.parameters()], lr=lr)
+
+    def train_step(self, batch: Any) -> float | None:
+        """One step; the batch loss (mean of the micro-batch means) on the rank with the last stage."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses: list | None = [] if self.last else None
+        args = (batch[0],) if self.first else ()
+        self.schedule.step(*args, target=batch[1] if self.last else None, losses=losses)
+        self.optimizer.step()
+        return float(sum(x.item() for x in losses) / len(losses)) if losses else None
+
+
+def _block(fn: Any, n: int) -> tuple[float, list[float]]:
+    """n consecutive steps then a barrier: (seconds per step, each step's own seconds on this rank)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    dist.barrier()
+    return (time.perf_counter() - t0) / n, times
+
+
+def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
+    import torch
+    import torch.distributed as dist
+    from _common import SingleProcess, activation_peaks, analyse_with_sim, build_layers, lm_loss, make_batch, timed
+    from torch import nn
+
+    from stagewise.partition import resolve_balance
+    from stagewise.pipeline import Pipeline
+    from stagewise.schedules import build
+
+    torch.set_num_threads(1)
+    batch = make_batch(s)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    torch_group = dist.new_group(list(range(world)))  # torch's P2P on its own communicator
+
+    def adam(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=s.lr)
+
+    pipes: dict[tuple[str, str], Any] = {}  # (config name, library) -> object with train_step
+    info: dict[str, dict[str, Any]] = {}
+    for sc, m in s.configs:
+        name = f"{sc} m={m}"
+        num_stages = build(sc, world, m).num_stages
+        balance = resolve_balance("uniform", s.n_layer + 2, num_stages)
+        sw = Pipeline(build_layers(s), lm_loss, schedule=sc, microbatches=m, partition=balance, optimizer=adam,
+                      timeout=s.timeout, show_partition=False)
+        pipes[(name, "stagewise")] = sw
+        info[name] = {"schedule": sc, "microbatches": m, "partition": "even", "balance": list(sw.balance)}
+        why = torch_supports(sc, world, m) if s.torch_side else "--tie: torch has no cross-stage ties"
+        if why is None:
+            pipes[(name, "torch")] = TorchPipe(build_layers(s), balance, sw.schedule.placement, sc, m, rank,
+                                               torch_group, s.lr, lm_loss)
+        info[name]["torch"] = why or TORCH_SCHEDULES[sc]
+    if s.auto:
+        for sc, m in s.configs:
+            name = f"{sc} m={m} auto"
+            t0 = time.perf_counter()
+            sw = Pipeline(build_layers(s), lm_loss, schedule=sc, microbatches=m, partition="auto", sample=batch,
+                          optimizer=adam, timeout=s.timeout, show_partition=False)
+            pipes[(name, "stagewise")] = sw
+            info[name] = {"schedule": sc, "microbatches": m, "partition": "auto", "balance": list(sw.balance),
+                          "build_s": time.perf_counter() - t0, "torch": None}
+    single = SingleProcess(s) if rank == 0 else None
+
+    # First step from the initial weights: the losses must agree. Then the single-process baseline, timed here
+    # for all rounds: within the rounds, the block right after it was often much slower, whichever library.
+    first: dict[str, dict[str, float]] = {}
+    single_s: list[float] = []
+    if single is not None:
+        first["single"] = {"single": single.step(batch)}
+        single_s = timed(lambda: single.step(batch), s.repeats)
+    dist.barrier()
+    for (name, lib), pipe in pipes.items():
+        if lib == "stagewise":
+            value = float(pipe.train_step(batch))
+        else:
+            got = pipe.train_step(batch)
+            buf = torch.tensor([got if got is not None else 0.0], dtype=torch.float64)
+            dist.broadcast(buf, src=pipes[(name, "stagewise")].schedule.placement[-1])
+            value = float(buf[0])
+        first.setdefault(name, {})[lib] = value
+    for (_name, _lib), pipe in pipes.items():
+        for _ in range(max(0, s.warmup - 1)):
+            pipe.train_step(batch)
+
+    records: list[dict[str, Any]] = []
+    names = list(info)
+    for r in range(s.repeats):
+        if rank == 0:
+            records.append({"config": "single", "library": "single", "round": r, "step_s": single_s[r]})
+        for name in names:
+            libs = [lib for lib in ("stagewise", "torch") if (name, lib) in pipes]
+            if r % 2:
+                libs.reverse()
+            for lib in libs:
+                pipe = pipes[(name, lib)]
+                step_s, times = _block(lambda p=pipe: p.train_step(batch), s.steps)
+                rec: dict[str, Any] = {"config": name, "library": lib, "round": r, "step_s": step_s,
+                                       "step_times_s": times, **info[name]}
+                if lib == "stagewise":
+                    trace = pipe.last_trace()  # a collective: every rank calls it
+                    if rank == 0:
+                        a, sim = analyse_with_sim(trace, pipe.schedule, times[-1], with_step=True)
+                        rec.update(a)
+                        rec.update(activation_peaks(trace, pipe.schedule, sim))
+                if rank == 0:
+                    records.append(rec)
+    if rank != 0:
+        return None
+    return {"records": records, "first_loss": first, "info": info}
+
+
+# ---- summaries and output ----
+
+def summarise(records: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
+    """One summary per (configuration, library); ratios are taken within a round, then summarised."""
+    by: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for rec in records:
+        by.setdefault((rec["config"], rec["library"]), {})[rec["round"]] = rec
+    single = by[("single", "single")]
+    out = []
+    for (name, lib), rounds in by.items():
+        rows = [rounds[r] for r in sorted(rounds)]
+        x: dict[str, Any] = {"config": name, "library": lib, "step_s": [r["step_s"] for r in rows],
+                             "tokens_per_s": [tokens / r["step_s"] for r in rows],
+                             "vs_single": [single[r["round"]]["step_s"] / r["step_s"] for r in rows]}
+        for key in ("schedule", "microbatches", "partition", "balance"):
+            if key in rows[0]:
+                x[key] = rows[0][key]
+        other = by.get((name, "torch"))
+        if lib == "stagewise" and other is not None:
+            x["vs_torch"] = [other[r["round"]]["step_s"] / r["step_s"] for r in rows]
+        if "ideal_s" in rows[0]:
+            P = len(rows[0]["busy_s"])
+            x.update(
+                ideal_s=[r["ideal_s"] for r in rows], traced_step_s=[r["traced_step_s"] for r in rows],
+                measured_over_ideal=[r["traced_step_s"] / r["ideal_s"] for r in rows],
+                bubble_measured=[[r["bubble_measured"][d] for r in rows] for d in range(P)],
+                bubble_simulated=[[r["bubble_simulated"][d] for r in rows] for d in range(P)],
+                wait_s=[[r["wait_s"][d] for r in rows] for d in range(P)],
+                outside_trace_s=[r["outside_trace_s"] for r in rows],
+                saved_peak_bytes=[statistics.median(r["saved_peak_bytes"][d] for r in rows) for d in range(P)],
+                saved_predicted_bytes=[statistics.median(r["saved_predicted_bytes"][d] for r in rows)
+                                       for d in range(P)],
+                saved_predicted_swept_bytes=[statistics.median(r["saved_predicted_swept_bytes"][d] for r in rows)
+                                             for d in range(P)],
+                peak_inflight=rows[0]["peak_inflight"],
+            )
+        out.append(x)
+    return out
+
+
+def print_tables(P: int, result: dict[str, Any], summaries: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
+    """The three tables of one pipeline size; returns the goal numbers."""
+    from _common import spread
+
+    med = statistics.median
+    tokens = s.batch * s.seq_len
+    get = {(x["config"], x["library"]): x for x in summaries}
+    single = get[("single", "single")]
+    first = result["first_loss"]
+    print(f"\n== P={P}: {P} ranks x 1 thread (gloo), {s.n_layer + 2}-layer GPT d{s.n_embd} h{s.n_head} vocab "
+          f"{s.vocab}{' tied' if s.tie else ''}, batch {s.batch} x {s.seq_len} = {tokens} tokens; {s.repeats} rounds "
+          f"x {s.steps} steps; median [min-max] over rounds")
+    print(f"single process, 1 thread: {spread(single['tokens_per_s'], '.0f')} tokens/s, "
+          f"first loss {first['single']['single']:.6f}")
+    print(f"{'configuration':<16} {'balance':<18} {'stagewise tok/s':<19} {'torch tok/s':<19} "
+          f"{'stagewise/torch':<18} {'sw/1 proc':<9} {'first loss sw / torch':<22}")
+    goals: dict[str, Any] = {"P": P, "parity": [], "efficiency": [], "auto": None}
+    for name, inf in result["info"].items():
+        if inf["partition"] != "even":
+            continue
+        sw, th = get[(name, "stagewise")], get.get((name, "torch"))
+        bal = str(inf["balance"]).replace(" ", "")
+        ratio = spread(sw["vs_torch"], ".3f") if th else "-"
+        loss = first[name]
+        lt = f"{loss['torch']:.6f}" if "torch" in loss else inf["torch"][:12]
+        print(f"{name:<16} {bal:<18} {spread(sw['tokens_per_s'], '.0f'):<19} "
+              f"{spread(th['tokens_per_s'], '.0f') if th else '-':<19} {ratio:<18} {med(sw['vs_single']):<9.2f} "
+              f"{loss['stagewise']:.6f} / {lt}")
+        if th:
+            goals["parity"].append((name, med(sw["vs_torch"])))
+    print("\nstagewise efficiency: the last traced step vs the simulator's ideal from its measured per-stage F/B "
+          "(I/W) and STEP costs; bubble = 1 - busy / step, per device.\nSaved activations per device (MB): measured "
+          "peak; pred = simulated peak in-flight x the device's saved bytes per micro-batch; pred swept = the "
+          "simulated timeline\nswept with each (stage, micro-batch)'s measured bytes (they differ when a device's "
+          "chunks save different amounts)")
+    dev = "/".join(f"d{d}" for d in range(P))
+    print(f"{'configuration':<21} {'ideal s':<7} {'step s':<7} {'measured/ideal':<20} {'bubble meas ' + dev:<19} "
+          f"{'bubble sim ' + dev:<18} {'in-flight':<16} {'saved MB meas':<20} {'pred':<20} {'pred swept':<20}")
+    for name in result["info"]:
+        x = get[(name, "stagewise")]
+        meas = "/".join(f"{med(v):.2f}" for v in x["bubble_measured"])
+        sim = "/".join(f"{med(v):.2f}" for v in x["bubble_simulated"])
+        infl = "/".join(f"{v:g}" for v in x["peak_inflight"])
+        saved, pred, swept = ("/".join(f"{v / 2**20:.1f}" for v in x[k]) for k in
+                              ("saved_peak_bytes", "saved_predicted_bytes", "saved_predicted_swept_bytes"))
+        print(f"{name:<21} {med(x['ideal_s']):<7.3f} {med(x['traced_step_s']):<7.3f} "
+              f"{spread(x['measured_over_ideal'], '.3f'):<20} {meas:<19} {sim:<18} {infl:<16} {saved:<20} {pred:<20} "
+              f"{swept:<20}")
+        goals["efficiency"].append((name, med(x["measured_over_ideal"])))
+    autos = [n for n, inf in result["info"].items() if inf["partition"] == "auto"]
+    if autos:
+        print("\nstagewise partition=auto (best schedule per m) vs torch on the even split (best schedule per m)")
+        print(f"{'m':<3} {'best stagewise auto':<24} {'balance':<20} {'tok/s':<19} {'best torch even':<17} "
+              f"{'tok/s':<19} {'ratio':<7} {'vs torch same schedule':<22}")
+        best_ratios = []
+        for m in sorted({result["info"][n]["microbatches"] for n in autos}):
+            mine = [n for n in autos if result["info"][n]["microbatches"] == m]
+            theirs = [n for n, inf in result["info"].items() if inf["partition"] == "even"
+                      and inf["microbatches"] == m and (n, "torch") in get]
+            if not theirs:
+                continue
+            a = max(mine, key=lambda n: med(get[(n, "stagewise")]["tokens_per_s"]))
+            t = max(theirs, key=lambda n: med(get[(n, "torch")]["tokens_per_s"]))
+            xa, xt = get[(a, "stagewise")], get[(t, "torch")]
+            ratio = med(xa["tokens_per_s"]) / med(xt["tokens_per_s"])
+            same = get.get((a.removesuffix(" auto"), "torch"))
+            same_ratio = f"{med(xa['tokens_per_s']) / med(same['tokens_per_s']):.3f}" if same else "-"
+            print(f"{m:<3} {a:<24} {str(result['info'][a]['balance']).replace(' ', ''):<20} "
+                  f"{spread(xa['tokens_per_s'], '.0f'):<19} {t:<17} {spread(xt['tokens_per_s'], '.0f'):<19} "
+                  f"{ratio:<7.3f} {same_ratio:<22}")
+            best_ratios.append((m, a, t, ratio))
+        goals["auto"] = best_ratios
+    return goals
+
+
+def draw_chart(all_summaries: dict[int, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, sw, th, auto = [], [], [], []
+    baselines = []  # (first bar, last bar, single-process tokens/s) per P
+    for P, summaries in all_summaries.items():
+        get = {(x["config"], x["library"]): x for x in summaries}
+        first = len(labels)
+        for x in summaries:
+            if x["library"] != "stagewise" or x.get("partition") != "even":
+                continue
+            labels.append(f"P={P}\n{x['config']}")
+            sw.append(x["tokens_per_s"])
+            t = get.get((x["config"], "torch"))
+            th.append(t["tokens_per_s"] if t else None)
+            a = get.get((x["config"] + " auto", "stagewise"))
+            auto.append(a["tokens_per_s"] if a else None)
+        if len(labels) > first:
+            baselines.append((first, len(labels) - 1, statistics.median(get[("single", "single")]["tokens_per_s"])))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 4.8))
+    width = 0.27
+    for k, (series, name, color) in enumerate(((sw, "stagewise (even split)", "tab:blue"),
+                                               (th, "torch.distributed.pipelining (even split)", "tab:orange"),
+                                               (auto, "stagewise partition=auto", "tab:green"))):
+        xs = [i + (k - 1) * width for i, v in enumerate(series) if v]
+        vals = [v for v in series if v]
+        if not vals:
+            continue
+        mids = [statistics.median(v) for v in vals]
+        err = [[m - min(v) for m, v in zip(mids, vals)], [max(v) - m for m, v in zip(mids, vals)]]
+        ax.bar(xs, mids, width, yerr=err, capsize=2, label=name, color=color)
+    for k, (lo, hi, value) in enumerate(baselines):
+        ax.hlines(value, lo - 0.45, hi + 0.45, colors="gray", linestyles="dashed",
+                  label="single process, 1 thread" if k == 0 else None)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("tokens/s (median, min-max)")
+    ax.set_title("stagewise vs torch.distributed.pipelining, CPU, 1 thread per rank")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stages", nargs="+", type=int, default=[2, 4], help="pipeline sizes P (one rank each)")
+    parser.add_argument("--schedules", nargs="+", default=list(TORCH_SCHEDULES))
+    parser.add_argument("--microbatches", nargs="+", type=int, default=[4, 8], help="m for P < 4")
+    parser.add_argument("--p4-microbatches", nargs="+", type=int, default=[8],
+                        help="m for P >= 4 (4 processes on 2 cores are slow: fewer configurations)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (alternating the libraries)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per pipeline, the loss check included")
+    parser.add_argument("--no-auto", dest="auto", action="store_false", help="skip stagewise partition=auto")
+    parser.add_argument("--tie", action="store_true", help="tie embedding and head (stagewise only; no torch)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--n-layer", type=int, default=8)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for each spawned run")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/vs_torch.jsonl"))
+    parser.add_argument("--png", type=Path, default=Path("runs/bench/vs_torch.png"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
+        parser.error("--steps, --repeats and --warmup must be >= 1 (the first step checks the loss)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import bench_meta, write_jsonl
+
+    from stagewise.runtime.launch import spawn
+
+    start = time.perf_counter()
+    all_summaries: dict[int, list[dict[str, Any]]] = {}
+    all_goals = []
+    failures = []
+    for P in args.stages:
+        ms = args.microbatches if P < 4 else args.p4_microbatches
+        s = Settings(tuple((sc, m) for sc in args.schedules for m in ms), args.auto, not args.tie, args.steps,
+                     args.repeats, args.warmup, args.batch, args.seq_len, args.n_layer, args.n_embd, args.n_head,
+                     args.vocab, args.lr, args.seed, args.tie, args.timeout)
+        t0 = time.perf_counter()
+        result = spawn(worker, P, args=(s,), timeout=args.timeout, threads=1)[0]
+        summaries = summarise(result["records"], s.batch * s.seq_len)
+        all_summaries[P] = summaries
+        goals = print_tables(P, result, summaries, s)
+        all_goals.append(goals)
+        ref = result["first_loss"]["single"]["single"]
+        for name, losses in result["first_loss"].items():
+            for lib, value in losses.items():
+                if abs(value - ref) > LOSS_RTOL * abs(ref):
+                    failures.append(f"P={P} {name} {lib}: first loss {value:.8f} vs single {ref:.8f}")
+        elapsed = time.perf_counter() - t0
+        print(f"P={P}: wall time {elapsed:.0f} s", flush=True)
+        meta = bench_meta("vs_torch", asdict(s))
+        write_jsonl(args.out, meta, result["records"], summaries, stages=P, wall_s=elapsed,
+                    first_loss=result["first_loss"])
+    print("\n== goals")
+    for g in all_goals:
+        P = g["P"]
+        if g["parity"]:
+            worst = min(g["parity"], key=lambda t: t[1])
+            ok = sum(v >= 0.99 for _, v in g["parity"])
+            print(f"P={P} parity (stagewise/torch >= 0.99, even split): {ok}/{len(g['parity'])} configurations; "
+                  f"lowest {worst[1]:.3f} ({worst[0]}); median {statistics.median(v for _, v in g['parity']):.3f}")
+        eff = [(n, v) for n, v in g["efficiency"] if not n.endswith("auto")]
+        ok = sum(v <= 1.03 for _, v in eff)
+        worst = max(eff, key=lambda t: t[1])
+        print(f"P={P} efficiency (measured step within 3% of the simulated ideal): {ok}/{len(eff)}; "
+              f"highest measured/ideal {worst[1]:.3f} ({worst[0]})")
+        if g["auto"]:
+            target = 1.1 if P == 2 else 1.3
+            for m, a, t, ratio in g["auto"]:
+                print(f"P={P} m={m} auto (best: {a}) vs torch even (best: {t}): {ratio:.4f}x, goal {target}x "
+                      f"{'reached' if ratio >= target else 'not reached'}")
+    draw_chart(all_summaries, args.png)
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; appended to {args.out}; chart {args.png}")
+    if failures:
+        print(f"FAILED: first-step losses differ by more than {LOSS_RTOL:g} (relative):\n" + "\n".join(failures),
+              file=sys.stderr)
+        return 1
+    print(f"first-step losses agree within {LOSS_RTOL:g} (relative) for every pipeline and the single process")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
