@@ -191,3 +191,23 @@ def write_jsonl(path: Path, meta: dict[str, Any], records: Iterable[dict[str, An
 
 __all__ = ["SingleProcess", "activation_peaks", "analyse", "analyse_with_sim", "bench_meta", "build_layers", "lm_loss",
            "make_batch", "model_config", "spread", "timed", "write_jsonl"]
+
+
+def add_run_args(parser: Any, *, steps: int, warmup: int, vocab: int) -> None:
+    """The timing and model options every benchmark shares (the model: a GPT of GPT-2 blocks)."""
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per configuration and round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all configurations")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps per configuration at the start")
+    add_model_args(parser, vocab=vocab)
+
+
+def add_model_args(parser: Any, *, vocab: int) -> None:
+    """The benchmark model and batch: a GPT of GPT-2 blocks on random token ids."""
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--n-layer", type=int, default=8)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)

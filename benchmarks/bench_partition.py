@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import bench_meta, build_layers, lm_loss, make_batch, spread, timed, write_jsonl
+from _common import add_run_args, bench_meta, build_layers, lm_loss, make_batch, spread, timed, write_jsonl
 from torch import nn
 
 from stagewise.partition import Planner
@@ -167,17 +167,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["uniform", "parameters", "time", "auto"])
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per method and round")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over all methods")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method at the start")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_args(parser, steps=1, warmup=1, vocab=32768)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for each spawned run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/partition.jsonl"))
     args = parser.parse_args()

@@ -45,7 +45,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _common import SingleProcess, analyse, bench_meta, build_layers, lm_loss, make_batch, spread, timed, write_jsonl
+from _common import (
+    SingleProcess,
+    add_run_args,
+    analyse,
+    bench_meta,
+    build_layers,
+    lm_loss,
+    make_batch,
+    spread,
+    timed,
+    write_jsonl,
+)
 from torch import nn
 
 from stagewise.pipeline import Pipeline
@@ -197,17 +208,7 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=["1f1b", "gpipe"])
     parser.add_argument("--microbatches", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--partitions", nargs="+", default=["uniform"], help="e.g. uniform auto")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over all configurations")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration at the start")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_args(parser, steps=2, warmup=2, vocab=8192)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole spawned run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/runtime.jsonl"))
     args = parser.parse_args()

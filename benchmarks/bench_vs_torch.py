@@ -412,14 +412,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per pipeline, the loss check included")
     parser.add_argument("--no-auto", dest="auto", action="store_false", help="skip stagewise partition=auto")
     parser.add_argument("--tie", action="store_true", help="tie embedding and head (stagewise only; no torch)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    from _common import add_model_args
+
+    add_model_args(parser, vocab=8192)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for each spawned run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/vs_torch.jsonl"))
     parser.add_argument("--png", type=Path, default=Path("runs/bench/vs_torch.png"))

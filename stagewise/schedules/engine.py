@@ -16,24 +16,6 @@ from stagewise.schedules.actions import STEP, Action, B, F, I, Schedule, Schedul
 Key = tuple[str, int, int]
 
 
-def dependencies(a: Action, num_stages: int) -> list[tuple[Key, int]]:
-    """What action `a` waits for, each with the stage that produces it."""
-    op, s, n = a.op, a.stage, a.microbatch
-    if op == F:
-        deps = [(("F", s - 1, n), s - 1)] if s > 0 else []
-        if a.version > 0:
-            deps.append((("V", s, a.version), s))
-        return deps
-    if op in (B, I):
-        deps = [(("F", s, n), s)]
-        if s < num_stages - 1:
-            deps.append((("B", s + 1, n), s + 1))
-        return deps
-    if op == W:
-        return [(("B", s, n), s)]
-    return []
-
-
 def produces(a: Action) -> Key:
     if a.op == STEP:
         return ("V", a.stage, a.version)
