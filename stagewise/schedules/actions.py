@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from stagewise.schedules.programs import Programs
 
 # Compute ops.
 F = "F"  # forward of one (stage, micro-batch)
@@ -19,6 +23,7 @@ RECV_F = "RECV_F"  # receive the input of stage `stage` for `microbatch` from de
 SEND_B = "SEND_B"  # send the gradient of stage `stage`'s input to device `peer`
 RECV_B = "RECV_B"  # receive the gradient of stage `stage`'s output from device `peer`
 COMM_OPS = (SEND_F, RECV_F, SEND_B, RECV_B)
+OPS = COMPUTE_OPS + COMM_OPS  # an op's index here is its code in the columnar form (`Programs`)
 
 
 class Action(NamedTuple):
@@ -56,7 +61,8 @@ class ScheduleError(ValueError):
 class Schedule:
     """An ordered list of actions for each device, plus where every stage lives.
 
-    `placement[s]` is the device that holds stage `s`; `actions[d]` is device `d`'s program.
+    `placement[s]` is the device that holds stage `s`; `actions[d]` is device `d`'s program
+    (given as per-device sequences of `Action`, it is stored as `Programs` columns).
     `lowered` is True once `lower()` has added the communication actions.
     """
 
@@ -64,11 +70,23 @@ class Schedule:
     num_devices: int
     microbatches: int
     placement: tuple[int, ...]
-    actions: tuple[tuple[Action, ...], ...]
+    actions: Programs | Sequence[Sequence[Action]]
     split_backward: bool = False  # backward is I + W rather than B
     asynchronous: bool = False  # several weight versions, no flush
     lowered: bool = False
     per_batch: int = 0  # micro-batches per optimizer batch when several batches run unflushed (0: all)
+
+    def __post_init__(self) -> None:
+        from stagewise.schedules.programs import Programs
+
+        if not isinstance(self.actions, Programs):
+            object.__setattr__(self, "actions", Programs.from_lists(self.actions))
+        object.__setattr__(self, "placement", tuple(self.placement))
+
+    @property
+    def programs(self) -> Programs:
+        """The actions as columns (the same object as `actions`)."""
+        return self.actions  # type: ignore[return-value]
 
     @property
     def batch_microbatches(self) -> int:

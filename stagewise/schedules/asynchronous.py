@@ -6,8 +6,11 @@ version it creates, so the runtime only has to keep the versions the list mentio
 
 from __future__ import annotations
 
-from stagewise.schedules.actions import STEP, Action, B, F, Schedule, ScheduleError
+import numpy as np
+
+from stagewise.schedules.actions import STEP, B, F, Schedule, ScheduleError
 from stagewise.schedules.placement import check_args, plain
+from stagewise.schedules.programs import OP_CODE, Programs
 from stagewise.schedules.simple import one_f_one_b_order
 
 
@@ -23,20 +26,19 @@ def pipedream(devices: int, microbatches: int, chunks: int = 1, *, batches: int 
     _check_async("pipedream", chunks, batches)
     P, total = devices, microbatches * batches
     w0 = min(P - 1, total)
-    lists = []
+    rows = []
     for d in range(P):
-        current, used, acts = 0, {}, []
-        for op, n in one_f_one_b_order(d, P, total):
-            if op == F:
-                used[n] = max(0, n - w0) if vertical_sync else current
-                acts.append(Action(F, d, n, used[n]))
-            else:
-                acts.append(Action(B, d, n, used.pop(n)))
-                current += 1
-                acts.append(Action(STEP, d, -1, current))
-        lists.append(tuple(acts))
+        backward, mbs = one_f_one_b_order(d, P, total)
+        steps_before = np.cumsum(backward) - backward  # optimizer steps this device ran before each action
+        used = np.zeros(total, dtype=np.int64)
+        fw = ~backward
+        used[mbs[fw]] = np.maximum(0, mbs[fw] - w0) if vertical_sync else steps_before[fw]
+        version = used[mbs]
+        # each backward is followed by the step that creates version (backwards so far)
+        step_version = np.cumsum(backward)
+        rows.append(_with_steps(d, backward, mbs, version, backward, step_version))
     name = "pipedream-vs" if vertical_sync else "pipedream"
-    return Schedule(name, P, total, plain(P), tuple(lists), asynchronous=True, per_batch=microbatches)
+    return Schedule(name, P, total, plain(P), _programs(P, rows), asynchronous=True, per_batch=microbatches)
 
 
 def two_bw(devices: int, microbatches: int, chunks: int = 1, *, batches: int = 1) -> Schedule:
@@ -49,16 +51,34 @@ def two_bw(devices: int, microbatches: int, chunks: int = 1, *, batches: int = 1
     check_args("2bw", devices, microbatches, chunks)
     _check_async("2bw", chunks, batches)
     P, m, total = devices, microbatches, microbatches * batches
-    lists = []
+    rows = []
     for d in range(P):
-        acts = []
-        for op, n in one_f_one_b_order(d, P, total, warmup=min(P - d - 1, m, total)):
-            t = n // m
-            acts.append(Action(op, d, n, max(t - 1, 0)))
-            if op == B and n % m == m - 1:
-                acts.append(Action(STEP, d, -1, t + 1))
-        lists.append(tuple(acts))
-    return Schedule("2bw", P, total, plain(P), tuple(lists), asynchronous=True, per_batch=m)
+        backward, mbs = one_f_one_b_order(d, P, total, warmup=min(P - d - 1, m, total))
+        t = mbs // m
+        steps = backward & (mbs % m == m - 1)
+        rows.append(_with_steps(d, backward, mbs, np.maximum(t - 1, 0), steps, t + 1))
+    return Schedule("2bw", P, total, plain(P), _programs(P, rows), asynchronous=True, per_batch=m)
+
+
+def _with_steps(d: int, backward: np.ndarray, mbs: np.ndarray, version: np.ndarray, step_after: np.ndarray,
+                step_version: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One device's rows with a STEP (creating `step_version`) right after each marked action."""
+    n = len(mbs)
+    pos = np.arange(n) + np.cumsum(step_after) - step_after  # where each action lands
+    total = n + int(step_after.sum())
+    op = np.full(total, OP_CODE[STEP], dtype=np.int64)
+    mb = np.full(total, -1, dtype=np.int64)
+    ver = np.zeros(total, dtype=np.int64)
+    op[pos] = np.where(backward, OP_CODE[B], OP_CODE[F])
+    mb[pos] = mbs
+    ver[pos] = version
+    ver[pos[step_after] + 1] = step_version[step_after]
+    return np.full(total, d, dtype=np.int64), op, np.full(total, d, dtype=np.int64), mb, ver
+
+
+def _programs(P: int, rows: list[tuple[np.ndarray, ...]]) -> Programs:
+    dev, op, st, mb, ver = (np.concatenate(c) for c in zip(*rows))
+    return Programs.from_rows(P, dev, op, st, mb, ver)
 
 
 def _check_async(name: str, chunks: int, batches: int) -> None:

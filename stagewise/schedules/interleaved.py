@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from stagewise.schedules.actions import STEP, Action, B, F, Schedule, ScheduleError
-from stagewise.schedules.list_scheduler import Choice, DeviceState, list_schedule
+import numpy as np
+
+from stagewise.schedules.actions import Schedule, ScheduleError
+from stagewise.schedules.list_scheduler import BWD, FWD, NONE, Ready, list_schedule, schedule_from_listed
 from stagewise.schedules.placement import check_args, round_robin
 
 
@@ -27,44 +29,39 @@ def interleaved(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
     # over the groups (sizes P or P+1) so that no short trailing group runs without overlap.
     n_groups = max(1, m // P)
     sizes = [m // n_groups + (1 if g < m % n_groups else 0) for g in range(n_groups)]
-    starts = [sum(sizes[:g]) for g in range(n_groups)]
 
-    def order(d: int, backward: bool) -> list[tuple[int, int]]:
-        """Megatron's order of (stage, micro-batch) on device d: group by group, chunk by chunk."""
-        out = []
-        for start, size in zip(starts, sizes):
-            for c in (range(v - 1, -1, -1) if backward else range(v)):
-                out += [(c * P + d, n) for n in range(start, start + size)]
-        return out
+    def chunk_order(backward: bool) -> np.ndarray:
+        """Megatron's order of chunks, the same on every device: group by group, chunk by chunk."""
+        return np.concatenate([np.repeat(np.arange(v)[::-1] if backward else np.arange(v), size) for size in sizes])
 
-    forward_order = [order(d, False) for d in range(P)]
-    backward_order = [order(d, True) for d in range(P)]
     total = m * v
-    warmup = [min(total, (v - 1) * max(sizes) + 2 * (P - 1 - d)) for d in range(P)]
+    devs = np.arange(P)
+    # stage of each device's k-th forward / backward (chunk c of device d is stage c*P + d); a pad at the end
+    f_stage = np.c_[chunk_order(False)[None, :] * P + devs[:, None], np.zeros(P, dtype=np.int64)]
+    b_stage = np.c_[chunk_order(True)[None, :] * P + devs[:, None], np.zeros(P, dtype=np.int64)]
+    warmup = np.minimum(total, (v - 1) * max(sizes) + 2 * (P - 1 - devs))
     # Megatron's rhythm per device: warm-up forwards, then one forward and one backward, then the rest.
-    rhythm = [[F] * w + [F, B] * (total - w) + [B] * w for w in warmup]
-    done_f, done_b = [0] * P, [0] * P
-    limits = [w + 1 for w in warmup]
+    # Position j is a forward when j < w, or when (j - w) is even while j < 2 * total - w.
+    j = np.arange(2 * total + 1)[None, :]
+    w_ = warmup[:, None]
+    rhythm = (j < w_) | (((j - w_) % 2 == 0) & (j < 2 * total - w_))
+    done_f, done_b = np.zeros(P, dtype=np.int64), np.zeros(P, dtype=np.int64)
+    limits = warmup + 1
 
-    def policy(st: DeviceState) -> Choice | None:
-        d = st.device
-        nf = forward_order[d][done_f[d]] if done_f[d] < total else None
-        nb = backward_order[d][done_b[d]] if done_b[d] < total else None
-        can_f = nf in st.forwards and st.inflight < limits[d]
-        can_b = nb in st.backwards
+    def policy(r: Ready) -> tuple[np.ndarray, np.ndarray]:
+        can_f = (done_f < total) & r.f_stage[f_stage[devs, done_f]] & (r.inflight < limits)
+        can_b = (done_b < total) & r.b_stage[b_stage[devs, done_b]]
         # Follow the rhythm; when its next action is not ready, take the other kind rather than
         # idle (a trailing group shorter than P needs that to never wait forever).
-        prefer_f = rhythm[d][done_f[d] + done_b[d]] == F
-        if can_f and (prefer_f or not can_b):
-            done_f[d] += 1
-            return (F, *nf)
-        if can_b:
-            done_b[d] += 1
-            return (B, *nb)
-        return None
+        prefer_f = rhythm[devs, done_f + done_b]
+        take_f = can_f & (prefer_f | ~can_b)
+        take_b = can_b & ~take_f
+        kind = NONE + (FWD - NONE) * take_f + (BWD - NONE) * take_b
+        chunk = np.where(take_f, f_stage[devs, done_f] // P, b_stage[devs, done_b] // P)
+        done_f[take_f] += 1
+        done_b[take_b] += 1
+        return kind, chunk
 
     placement = round_robin(P, v)
-    lists = list_schedule(placement, P, m, False, policy)
-    for d in range(P):
-        lists[d].append(Action(STEP, d, -1, 1))
-    return Schedule("interleaved", P, m, placement, tuple(tuple(a) for a in lists))
+    listed = list_schedule(placement, P, m, False, policy)
+    return schedule_from_listed("interleaved", P, m, placement, listed)

@@ -4,36 +4,61 @@ Schedules whose closed form only exists for special (P, m) (Megatron's interleav
 m % P == 0, zero-bubble papers draw m >= 2P) are generated here for any m: the policy
 says what each device prefers, the simulation guarantees that every picked action is
 ready, so the result is valid by construction. The output is still plain data.
+
+The simulation moves from one completion time to the next and lets every free device
+choose at once (nothing started at time t can finish by t, so devices choosing at the
+same moment cannot affect each other); the policy decides for all devices in one call,
+on arrays, which keeps a million-action schedule to a fraction of a second.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from stagewise.schedules.actions import Action, B, F, I, ScheduleError
+import numpy as np
 
-# (op, stage, microbatch)
-Choice = tuple[str, int, int]
+from stagewise.schedules.actions import STEP, B, F, I, Schedule, ScheduleError, W
+from stagewise.schedules.programs import OP_CODE, Programs
+
+# What a policy returns per device: NONE, or the kind of action and the chunk it is for.
+NONE, FWD, BWD, WGT = -1, 0, 1, 2
 
 
 @dataclass
-class DeviceState:
-    """What a policy sees about one device when it is free to start something."""
+class Ready:
+    """What the policy sees at time `t`, for every device d and chunk c (arrays shaped (chunks, P)).
 
-    device: int
-    time: float
-    forwards: list[tuple[int, int]]  # ready (stage, micro-batch) forwards, at most one per stage
-    backwards: list[tuple[int, int]]  # ready B (or I) per stage
-    weights: list[tuple[int, int]]  # ready W per stage (split backward only)
-    inflight: int  # chunk forwards started whose last backward part has not started
-    inflight_until_input_grad: int  # same, but released at I
-    extra: dict = field(default_factory=dict)
+    `f`, `b`, `w`: the chunk's next forward, backward (B, or I when split) and weight-gradient
+    piece can start now on a free device. `inflight[d]` counts chunk forwards started whose
+    last backward piece has not started; `inflight_i[d]` the same, released at I.
+    `f_stage`, `b_stage` give the same readiness per stage (device freedom included).
+    """
+
+    t: float
+    f: np.ndarray
+    b: np.ndarray
+    w: np.ndarray
+    f_stage: np.ndarray
+    b_stage: np.ndarray
+    inflight: np.ndarray
+    inflight_i: np.ndarray
 
 
-Policy = Callable[[DeviceState], Choice | None]
+# A policy returns (kind per device, chunk per device); it sees only free devices as ready.
+Policy = Callable[[Ready], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Listed:
+    """The compute actions a list schedule placed: flat rows with their start under unit costs."""
+
+    device: np.ndarray
+    op: np.ndarray
+    stage: np.ndarray
+    microbatch: np.ndarray
+    start: np.ndarray
+    device_free: np.ndarray  # when each device finished its last action
 
 
 def list_schedule(
@@ -43,88 +68,111 @@ def list_schedule(
     split_backward: bool,
     policy: Policy,
     costs: tuple[float, float, float, float] = (1.0, 2.0, 1.0, 1.0),
-) -> list[list[Action]]:
-    """Return each device's compute actions (no STEP) in the order the policy produced."""
-    S, m = len(placement), microbatches
+) -> Listed:
+    """Run the policy until every device has placed all its F, B (or I and W) actions."""
+    S, m, P = len(placement), microbatches, devices
+    place = np.asarray(placement, dtype=np.int64)
+    chunks = S // P
+    stage_of = np.zeros((chunks, P), dtype=np.int64)
+    seen = np.zeros(P, dtype=np.int64)
+    for s, d in enumerate(placement):  # chunk c of device d = its c-th stage in stage order
+        stage_of[seen[d], d] = s
+        seen[d] += 1
     cost_f, cost_b, cost_i, cost_w = costs
-    inf = float("inf")
-    stages_on = [[s for s in range(S) if placement[s] == d] for d in range(devices)]
-    fend = [[inf] * m for _ in range(S)]
-    bend = [[inf] * m for _ in range(S)]  # end of B, or of I when split
-    next_f, next_b = [0] * S, [0] * S
-    pending_w: list[deque[int]] = [deque() for _ in range(S)]
-    inflight, inflight_i = [0] * devices, [0] * devices
-    remaining = [len(st) * m * (3 if split_backward else 2) for st in stages_on]
-    lists: list[list[Action]] = [[] for _ in range(devices)]
-    # (time, sequence, device): the sequence orders devices looking again at the same time
-    ready_heap = [(0.0, d, d) for d in range(devices) if remaining[d]]
-    seq = devices
-    ends: list[float] = []  # completion times of placed actions: when an idle device looks again
-    busy_until = [0.0] * devices
-    idle_streak = 0  # consecutive looks that placed nothing while no action is running
-    waiting: dict[int, float] = {}  # idle device -> when it looks again
-    bop = I if split_backward else B
-    while ready_heap:
-        t, _, d = heapq.heappop(ready_heap)
-        if t < busy_until[d] or not remaining[d]:
-            continue  # a stale wake-up
-        fw, bw, ww = [], [], []
-        for s in stages_on[d]:
-            n = next_f[s]
-            if n < m and (s == 0 or fend[s - 1][n] <= t):
-                fw.append((s, n))
-            k = next_b[s]
-            if k < next_f[s] and fend[s][k] <= t and (s == S - 1 or bend[s + 1][k] <= t):
-                bw.append((s, k))
-            if pending_w[s] and bend[s][pending_w[s][0]] <= t:
-                ww.append((s, pending_w[s][0]))
-        choice = policy(DeviceState(d, t, fw, bw, ww, inflight[d], inflight_i[d])) if fw or bw or ww else None
-        if choice is None:
-            while ends and ends[0] <= t:
-                heapq.heappop(ends)
-            seq += 1
-            if ends:
-                heapq.heappush(ready_heap, (ends[0], seq, d))
-                waiting[d] = ends[0]
-            else:  # nothing running: look again after the other devices free at this time
-                idle_streak += 1
-                if idle_streak > devices:
-                    stuck = sorted(x for x in range(devices) if remaining[x])
-                    raise ScheduleError(f"list scheduler: devices {stuck} have work left but nothing can ever run")
-                heapq.heappush(ready_heap, (t, seq, d))
-            continue
-        idle_streak = 0
-        waiting.pop(d, None)
-        op, s, n = choice
-        if op == F:
-            end = t + cost_f
-            fend[s][n] = end
-            next_f[s] += 1
-            inflight[d] += 1
-            inflight_i[d] += 1
-        elif op in (B, I):
-            end = t + (cost_i if split_backward else cost_b)
-            bend[s][n] = end
-            next_b[s] += 1
-            inflight_i[d] -= 1
-            if split_backward:
-                pending_w[s].append(n)
-            else:
-                inflight[d] -= 1
-        else:
-            end = t + cost_w
-            pending_w[s].popleft()
-            inflight[d] -= 1
-        lists[d].append(Action(bop if op in (B, I) else op, s, n))
-        remaining[d] -= 1
-        busy_until[d] = end
-        heapq.heappush(ends, end)
-        for other, wake in list(waiting.items()):  # an idle device must not sleep past this completion
-            if wake > end:
-                seq += 1
-                heapq.heappush(ready_heap, (end, seq, other))
-                waiting[other] = end
-        if remaining[d]:
-            seq += 1
-            heapq.heappush(ready_heap, (end, seq, d))
-    return lists
+    cost_back = cost_i if split_backward else cost_b
+    inf = np.inf
+    # End times per (stage, micro-batch), plus m slots of "no dependency" (the input of
+    # stage 0, the gradient into the last stage) so that every lookup is one index.
+    fend = np.full(S * m + m, inf)
+    bend = np.full(S * m + m, inf)
+    fend[S * m:] = -inf
+    bend[S * m:] = -inf
+    nxt_f, nxt_b, nxt_w = (np.zeros(S, dtype=np.int64) for _ in range(3))
+    inflight, inflight_i = np.zeros(P, dtype=np.int64), np.zeros(P, dtype=np.int64)
+    remaining = np.bincount(place, minlength=P) * m * (3 if split_backward else 2)
+    busy = np.zeros(P)
+    stages = np.arange(S)
+    own_base = stages * m
+    prev_base = np.where(stages > 0, own_base - m, S * m)
+    next_base = np.where(stages < S - 1, own_base + m, S * m)
+    code_f, code_b, code_w = OP_CODE[F], OP_CODE[I] if split_backward else OP_CODE[B], OP_CODE[W]
+    last = m - 1
+    rows: list[tuple] = []
+    t = 0.0
+    ready_w = np.zeros((chunks, P), dtype=bool)
+    while True:
+        free_s = ((busy <= t) & (remaining > 0))[place]
+        nf = np.minimum(nxt_f, last)
+        f_ok = free_s & (nxt_f < m) & (fend[prev_base + nf] <= t)
+        nb = np.minimum(nxt_b, last)
+        b_ok = free_s & (nxt_b < nxt_f) & (fend[own_base + nb] <= t) & (bend[next_base + nb] <= t)
+        if split_backward:
+            w_ok = free_s & (nxt_w < nxt_b) & (bend[own_base + np.minimum(nxt_w, last)] <= t)
+            ready_w = w_ok[stage_of]
+        kind, chunk = policy(Ready(t, f_ok[stage_of], b_ok[stage_of], ready_w, f_ok, b_ok, inflight, inflight_i))
+        chosen = np.flatnonzero(kind >= 0)
+        if len(chosen):
+            k = kind[chosen]
+            s = stage_of[chunk[chosen], chosen]
+            n = np.empty(len(chosen), dtype=np.int64)
+            code = np.empty(len(chosen), dtype=np.int64)
+            end = np.empty(len(chosen))
+            f, b = k == FWD, k == BWD
+            if f.any():
+                sf, df = s[f], chosen[f]
+                n[f] = nf_ = nxt_f[sf]
+                fend[sf * m + nf_] = end[f] = t + cost_f
+                code[f] = code_f
+                nxt_f[sf] += 1
+                inflight[df] += 1
+                inflight_i[df] += 1
+            if b.any():
+                sb, db = s[b], chosen[b]
+                n[b] = nb_ = nxt_b[sb]
+                bend[sb * m + nb_] = end[b] = t + cost_back
+                code[b] = code_b
+                nxt_b[sb] += 1
+                inflight_i[db] -= 1
+                if not split_backward:
+                    inflight[db] -= 1
+            w = k == WGT
+            if w.any():
+                sw = s[w]
+                n[w] = nxt_w[sw]
+                end[w] = t + cost_w
+                code[w] = code_w
+                nxt_w[sw] += 1
+                inflight[chosen[w]] -= 1
+            busy[chosen] = end
+            remaining[chosen] -= 1
+            rows.append((chosen, code, s, n, t))
+        running = busy[busy > t]
+        if not len(running):
+            if remaining.any():
+                stuck = np.flatnonzero(remaining).tolist()
+                raise ScheduleError(f"list scheduler: devices {stuck} have work left but nothing can ever run")
+            break
+        t = float(running.min())
+    if not rows:
+        e = np.zeros(0, dtype=np.int64)
+        return Listed(e, e, e, e, np.zeros(0), busy)
+    cols = [np.concatenate(c) for c in list(zip(*rows))[:4]]
+    start = np.repeat(np.array([r[4] for r in rows]), [len(r[0]) for r in rows])
+    return Listed(cols[0], cols[1], cols[2], cols[3], start, busy)
+
+
+def schedule_from_listed(name: str, P: int, m: int, placement: tuple[int, ...], listed: Listed,
+                         split_backward: bool = False) -> Schedule:
+    """The schedule of a list-scheduled run, with each device's optimizer step (version 1) at its end.
+
+    The run's start times go along as the unit-cost execution `validate` checks and reuses.
+    """
+    d = np.arange(P, dtype=np.int64)
+    dev = np.r_[listed.device, d]
+    op = np.r_[listed.op, np.full(P, OP_CODE[STEP])]
+    stage = np.r_[listed.stage, d]
+    mb = np.r_[listed.microbatch, np.full(P, -1)]
+    version = np.r_[np.zeros(len(listed.device), dtype=np.int64), np.ones(P, dtype=np.int64)]
+    start = np.r_[listed.start, listed.device_free]
+    progs = Programs.from_rows(P, dev, op, stage, mb, version, start=start)
+    return Schedule(name, P, m, placement, progs, split_backward=split_backward)

@@ -6,66 +6,72 @@ unit-cost execution of the schedule: compute by start time, a message at the mom
 producer ends), so any two devices post their messages to each other in the same order.
 That makes the program deadlock-free even under blocking, rendezvous point-to-point
 semantics (NCCL's per-pair streams): run the global order and every step is possible.
+The order keys stay with the lowered schedule (`Programs.order`) as the certificate
+`validate` checks.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule, W
-from stagewise.schedules.engine import execute
+import numpy as np
 
-UNIT_COSTS = {F: 1.0, B: 2.0, I: 1.0, W: 1.0}
-
-
-def unit_times(schedule: Schedule) -> tuple[list[list[float]], list[list[float]]]:
-    """Start and end of every compute action under unit costs: the global order `lower` follows."""
-    return execute(schedule, lambda a: UNIT_COSTS.get(a.op, 0.0))
+from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule
+from stagewise.schedules.engine import compile_schedule, unit_execution
+from stagewise.schedules.programs import OP_CODE, Programs
 
 
-def lower(schedule: Schedule, times: tuple[list[list[float]], list[list[float]]] | None = None) -> Schedule:
-    """Return `schedule` with SEND/RECV actions added (a no-op if it already has them).
-
-    `times` are `unit_times(schedule)` when the caller has them already (integral by construction).
-    """
+def lower(schedule: Schedule) -> Schedule:
+    """Return `schedule` with SEND/RECV actions added (a no-op if it already has them)."""
     if schedule.lowered:
         return schedule
-    starts, ends = times if times is not None else unit_times(schedule)
-    placement, S, P = schedule.placement, schedule.num_stages, schedule.num_devices
-    progs = [schedule.compute_actions(d) for d in range(P)]
-    L = max((len(p) for p in progs), default=0) + 1
+    c = compile_schedule(schedule)
+    start, end = unit_execution(schedule)
+    P, S = schedule.num_devices, schedule.num_stages
+    placement = np.asarray(schedule.placement, dtype=np.int64)
+    progs, dev = c.programs, c.device
+    N = c.n
+    op, st = progs.op, progs.stage
+    local = np.arange(N, dtype=np.int64) - progs.offsets[:-1][dev] if N else np.zeros(0, dtype=np.int64)
+    L = int(np.diff(progs.offsets).max(initial=0)) + 1
     # One integer per event: (time, compute after messages, device, index) in mixed radix. Unit
     # costs make every time an integer, so the order is exact.
-    keys: list[list[int]] = [[] for _ in range(P)]
-    acts: list[list[Action]] = [[] for _ in range(P)]
-    for d, prog in enumerate(progs):
-        st, en, kd, ad = starts[d], ends[d], keys[d], acts[d]
-        for i, a in enumerate(prog):
-            kd.append(((int(st[i]) * 2 + 1) * P + d) * L + i)
-            ad.append(a)
-            op, s = a.op, a.stage
-            if op == F:
-                if s < S - 1 and placement[s + 1] != d:
-                    dst, kind_send, kind_recv, peer_stage = placement[s + 1], SEND_F, RECV_F, s + 1
-                else:
-                    continue
-            elif op == B or op == I:
-                if s > 0 and placement[s - 1] != d:
-                    dst, kind_send, kind_recv, peer_stage = placement[s - 1], SEND_B, RECV_B, s - 1
-                else:
-                    continue
-            else:
-                continue
-            key = ((int(en[i]) * 2) * P + d) * L + i
-            kd.append(key)
-            ad.append(Action(kind_send, s, a.microbatch, a.version, dst))
-            keys[dst].append(key)
-            acts[dst].append(Action(kind_recv, peer_stage, a.microbatch, 0, d))
-    actions = []
-    for kd, ad in zip(keys, acts):
-        order = sorted(range(len(kd)), key=kd.__getitem__)
-        actions.append(tuple(ad[j] for j in order))
-    return replace(schedule, actions=tuple(actions), lowered=True)
+    ckey = ((start.astype(np.int64) * 2 + 1) * P + dev) * L + local
+    is_f = op == OP_CODE[F]
+    is_b = (op == OP_CODE[B]) | (op == OP_CODE[I])
+    nxt = placement[np.minimum(st + 1, S - 1)]
+    prv = placement[np.maximum(st - 1, 0)]
+    send_f = is_f & (st < S - 1) & (nxt != dev)
+    send_b = is_b & (st > 0) & (prv != dev)
+    sends = np.flatnonzero(send_f | send_b)
+    fwd = send_f[sends]
+    dst = np.where(fwd, nxt[sends], prv[sends])
+    mkey = ((end[sends].astype(np.int64) * 2) * P + dev[sends]) * L + local[sends]
+    n_s = len(sends)
+    code = np.array([OP_CODE[SEND_F], OP_CODE[SEND_B], OP_CODE[RECV_F], OP_CODE[RECV_B]], dtype=np.int8)
+    device = np.concatenate([dev, dev[sends], dst])
+    ops = np.concatenate([op, np.where(fwd, code[0], code[1]), np.where(fwd, code[2], code[3])])
+    stage = np.concatenate([st, st[sends], np.where(fwd, st[sends] + 1, st[sends] - 1)])
+    mb = np.concatenate([progs.microbatch, progs.microbatch[sends], progs.microbatch[sends]])
+    version = np.concatenate([progs.version, progs.version[sends], np.zeros(n_s, dtype=np.int64)])
+    peer = np.concatenate([np.full(N, -1, dtype=np.int64), dst, dev[sends]])
+    times = np.concatenate([start, np.full(2 * n_s, np.nan)])
+    keys = np.concatenate([ckey, mkey, mkey])
+    out = Programs.from_rows(P, device, ops, stage, mb, version, peer, start=times, order=keys, sort=keys)
+    lowered = replace(schedule, actions=out, lowered=True)
+    # The compute rows and their unit execution are those of `schedule`: share them.
+    lowered.programs.cached("compiled", lambda: _relabel(c, out))
+    lowered.programs.cached("unit", lambda: (start, end))
+    return lowered
+
+
+def _relabel(c, out: Programs):
+    """The same compiled dependencies, on the lowered programs (compute rows keep their order)."""
+    from stagewise.schedules.engine import Compiled
+
+    mask = np.isin(out.op, np.array([OP_CODE[k] for k in (F, B, I, "W", "STEP")]))
+    return Compiled(out.select(mask), c.device, c.unit_cost, c.dep1, c.dep2, c.key1, c.key2,
+                    c.cross1, c.cross2, c.S, c.K)
 
 
 def message_of(a: Action) -> tuple[str, int, int, int]:

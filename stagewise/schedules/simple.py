@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
-from stagewise.schedules.actions import STEP, Action, B, F, Schedule, ScheduleError
+import numpy as np
+
+from stagewise.schedules.actions import STEP, B, F, Schedule, ScheduleError
 from stagewise.schedules.placement import check_args, plain
+from stagewise.schedules.programs import OP_CODE, Programs
+
+_F, _B, _STEP = OP_CODE[F], OP_CODE[B], OP_CODE[STEP]
 
 
-def _finish(name: str, devices: int, m: int, lists: list[list[Action]]) -> Schedule:
-    for d, acts in enumerate(lists):
-        acts.append(Action(STEP, d, -1, 1))
-    return Schedule(name, devices, m, plain(devices), tuple(tuple(a) for a in lists))
+def programs_from_orders(orders: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Programs:
+    """Programs from per-device (op codes, stages, micro-batches), versions 0."""
+    dev = np.concatenate([np.full(len(o[0]), d, dtype=np.int64) for d, o in enumerate(orders)])
+    op, st, mb = (np.concatenate([np.asarray(o[k], dtype=np.int64) for o in orders]) for k in range(3))
+    return Programs.from_rows(len(orders), dev, op, st, mb)
+
+
+def _finish(name: str, devices: int, m: int, orders: list[tuple[np.ndarray, np.ndarray]]) -> Schedule:
+    """Per-device (op codes, micro-batches) of one stage each, then the step (creating version 1)."""
+    full = []
+    for d, (ops, mbs) in enumerate(orders):
+        n = len(ops)
+        full.append((np.r_[ops, _STEP], np.full(n + 1, d), np.r_[mbs, -1]))
+    progs = programs_from_orders(full)
+    step = progs.op == _STEP
+    progs.version[step] = 1
+    return Schedule(name, devices, m, plain(devices), progs)
 
 
 def naive(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
     """Inter-layer model parallelism: one micro-batch travels the whole pipeline at a time."""
     check_args("naive", devices, microbatches, chunks)
     _one_chunk("naive", chunks)
-    lists = [[a for n in range(microbatches) for a in (Action(F, d, n), Action(B, d, n))] for d in range(devices)]
-    return _finish("naive", devices, microbatches, lists)
+    m = microbatches
+    order = (np.tile([_F, _B], m), np.repeat(np.arange(m), 2))
+    return _finish("naive", devices, m, [order] * devices)
 
 
 def gpipe(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
@@ -25,27 +44,33 @@ def gpipe(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
     check_args("gpipe", devices, microbatches, chunks)
     _one_chunk("gpipe", chunks)
     m = microbatches
-    lists = [[Action(F, d, n) for n in range(m)] + [Action(B, d, n) for n in range(m)] for d in range(devices)]
-    return _finish("gpipe", devices, m, lists)
+    order = (np.repeat([_F, _B], m), np.tile(np.arange(m), 2))
+    return _finish("gpipe", devices, m, [order] * devices)
 
 
 def one_f_one_b(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
     """1F1B / PipeDream-Flush: min(P-s-1, m) warm-up forwards, then one forward, one backward."""
     check_args("1f1b", devices, microbatches, chunks)
     _one_chunk("1f1b", chunks)
-    lists = [one_f_one_b_order(d, devices, microbatches) for d in range(devices)]
-    programs = [[Action(op, d, n) for op, n in order] for d, order in enumerate(lists)]
-    return _finish("1f1b", devices, microbatches, programs)
+    orders = []
+    for d in range(devices):
+        backward, mbs = one_f_one_b_order(d, devices, microbatches)
+        orders.append((np.where(backward, _B, _F), mbs))
+    return _finish("1f1b", devices, microbatches, orders)
 
 
-def one_f_one_b_order(device: int, devices: int, m: int, warmup: int | None = None) -> list[tuple[str, int]]:
-    """The (op, micro-batch) order of 1F1B on one device, shared with the asynchronous schedules."""
+def one_f_one_b_order(device: int, devices: int, m: int, warmup: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """1F1B on one device as (is backward, micro-batch) arrays; shared with the asynchronous schedules.
+
+    `warmup` forwards (default min(P-d-1, m)), then forward n and backward n - warmup, then the rest.
+    """
     w = min(devices - device - 1, m) if warmup is None else warmup
-    order = [(F, n) for n in range(w)]
-    for n in range(w, m):
-        order += [(F, n), (B, n - w)]
-    order += [(B, n) for n in range(m - w, m)]
-    return order
+    steady = m - w
+    backward = np.r_[np.zeros(w, dtype=bool), np.tile([False, True], steady), np.ones(w, dtype=bool)]
+    pairs = np.stack([np.arange(w, m), np.arange(0, steady)], axis=1).ravel()
+    mbs = np.r_[np.arange(w), pairs, np.arange(steady, m)]
+    return backward, mbs.astype(np.int64)
 
 
 def _one_chunk(name: str, chunks: int) -> None:

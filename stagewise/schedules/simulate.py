@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from stagewise.schedules.actions import STEP, Action, B, F, I, Schedule, W
-from stagewise.schedules.engine import execute
+import numpy as np
+
+from stagewise.schedules.actions import OPS, STEP, B, F, I, Schedule, W
+from stagewise.schedules.engine import compile_schedule, timed_execution
+from stagewise.schedules.programs import OP_CODE
 from stagewise.schedules.timeline import Event, Timeline
 
 PerStage = float | Sequence[float]
@@ -64,18 +67,37 @@ def _per_stage(value: PerStage, n: int, name: str) -> list[float]:
     return values
 
 
-@dataclass
 class Simulation:
-    """The result of `simulate`: a timeline and the numbers read off it."""
+    """The result of `simulate`: a timeline and the numbers read off it.
 
-    schedule: Schedule
-    timeline: Timeline
-    makespan: float
-    bubble_fraction: float  # idle share of all devices over the makespan, 0..1
-    bubble_per_device: list[float]
-    peak_inflight: list[float]  # activations held, in whole-stage micro-batches (chunk count / chunks)
-    peak_weight_versions: list[int]
-    costs: dict = field(default_factory=dict)
+    `start`/`end` hold the time of every compute action (rows of `compile_schedule`:
+    device-major, in program order); `timeline` turns them into events when first asked.
+    """
+
+    def __init__(self, schedule: Schedule, start: np.ndarray, end: np.ndarray, makespan: float,
+                 bubble_fraction: float, bubble_per_device: list[float], peak_inflight: list[float],
+                 peak_weight_versions: list[int], costs: dict) -> None:
+        self.schedule = schedule
+        self.start, self.end = start, end
+        self.makespan = makespan
+        self.bubble_fraction = bubble_fraction  # idle share of all devices over the makespan, 0..1
+        self.bubble_per_device = bubble_per_device
+        self.peak_inflight = peak_inflight  # activations held, in whole-stage micro-batches (chunk count / chunks)
+        self.peak_weight_versions = peak_weight_versions
+        self.costs = costs
+        self._timeline: Timeline | None = None
+
+    @property
+    def timeline(self) -> Timeline:
+        if self._timeline is None:
+            c = compile_schedule(self.schedule)
+            p = c.programs
+            ops = [OPS[k] for k in p.op.tolist()]
+            events = list(map(Event, c.device.tolist(), self.start.tolist(), self.end.tolist(), ops,
+                              p.stage.tolist(), p.microbatch.tolist(), p.version.tolist()))
+            self._timeline = Timeline(self.schedule.num_devices, events, title=self.schedule.describe(),
+                                      num_stages=self.schedule.num_stages)
+        return self._timeline
 
     def to_dict(self) -> dict:
         sc = self.schedule
@@ -91,76 +113,93 @@ class Simulation:
 def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     """Run the schedule's compute actions against `costs`; communication adds transfer delays."""
     costs = costs or Costs()
-    S = schedule.num_stages
+    S, P = schedule.num_stages, schedule.num_devices
     table = costs.table(S)
-    step = costs.step
-
-    def duration(a: Action) -> float:
-        return step if a.op == STEP else table[a.op][a.stage]
-
+    c = compile_schedule(schedule)
+    op, st = c.programs.op, c.programs.stage
+    per_op = np.zeros((len(OPS), max(S, 1)))
+    for name, values in table.items():
+        per_op[OP_CODE[name], :S] = values
+    per_op[OP_CODE[STEP], :] = costs.step
+    cost = per_op[op, np.clip(st, 0, max(S - 1, 0))]
     has_comm = costs.latency > 0 or (costs.bandwidth != float("inf") and costs.bytes != 0.0)
-    starts, ends = execute(schedule, duration, costs.transfer(S) if has_comm else None)
-    events: list[Event] = []
-    for d in range(schedule.num_devices):
-        for a, t0, t1 in zip(schedule.compute_actions(d), starts[d], ends[d]):
-            events.append(Event(d, t0, t1, a.op, a.stage, a.microbatch, a.version))
-    timeline = Timeline(schedule.num_devices, events, title=schedule.describe(), num_stages=S)
-    makespan = max((e.end for e in events), default=0.0)
-    busy = [0.0] * schedule.num_devices
-    for e in events:
-        busy[e.device] += e.end - e.start
-    per_device = [1.0 - b / makespan if makespan > 0 else 0.0 for b in busy]
-    overall = 1.0 - sum(busy) / (makespan * schedule.num_devices) if makespan > 0 else 0.0
+    delay = None
+    if has_comm and S > 1:
+        transfer = costs.transfer(S)
+        delay = np.array([transfer(b, b + 1) for b in range(S - 1)])
+    start, end = timed_execution(schedule, cost, delay)
+    makespan = float(end.max(initial=0.0))
+    busy = np.bincount(c.device, weights=end - start, minlength=P)
+    per_device = [1.0 - b / makespan if makespan > 0 else 0.0 for b in busy.tolist()]
+    overall = 1.0 - float(busy.sum()) / (makespan * P) if makespan > 0 else 0.0
     return Simulation(
-        schedule, timeline, makespan, overall, per_device,
-        peak_inflight(schedule, events), peak_weight_versions(schedule, events),
-        {k: v for k, v in table.items()} | {"step": step, "latency": costs.latency},
+        schedule, start, end, makespan, overall, per_device,
+        _peak_inflight(schedule, c, start, end), _peak_weight_versions(schedule, c, start, end),
+        {k: v for k, v in table.items()} | {"step": costs.step, "latency": costs.latency},
     )
 
 
-def _peak(deltas: list[tuple[float, int, int]]) -> int:
-    """Peak of a running sum; at equal times releases (-1, ordered first) precede acquisitions."""
-    level = peak = 0
-    for _, _order, delta in sorted(deltas):
-        level += delta
-        peak = max(peak, level)
-    return peak
+def _segment_peaks(group: np.ndarray, time: np.ndarray, first: np.ndarray, delta: np.ndarray, n: int) -> np.ndarray:
+    """Peak running sum of `delta` per group, in time order; at equal times `first` = 0 goes first."""
+    out = np.zeros(n, dtype=np.int64)
+    if not len(group):
+        return out
+    order = np.lexsort((first, time, group))
+    g, dl = group[order], delta[order]
+    level = np.cumsum(dl)
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    base = np.r_[0, level[starts[1:] - 1]] if len(starts) > 1 else np.zeros(1, dtype=np.int64)
+    level = level - np.repeat(base, np.diff(np.r_[starts, len(g)]))
+    peaks = np.maximum.reduceat(level, starts)
+    out[g[starts]] = np.maximum(peaks, 0)
+    return out
 
 
-def peak_inflight(schedule: Schedule, events: list[Event]) -> list[float]:
+def _peak_inflight(schedule: Schedule, c, start: np.ndarray, end: np.ndarray) -> list[float]:
     """Most micro-batch activations each device holds at once (forward started, last backward piece not done)."""
-    last = W if schedule.split_backward else B
-    deltas: list[list[tuple[float, int, int]]] = [[] for _ in range(schedule.num_devices)]
-    for e in events:
-        if e.op == F:
-            deltas[e.device].append((e.start, 1, 1))
-        elif e.op == last:
-            deltas[e.device].append((e.end, 0, -1))
+    op = c.programs.op
+    last = OP_CODE[W if schedule.split_backward else B]
+    f, b = op == OP_CODE[F], op == last
+    group = np.concatenate([c.device[f], c.device[b]])
+    time = np.concatenate([start[f], end[b]])
+    first = np.concatenate([np.ones(f.sum(), dtype=np.int64), np.zeros(b.sum(), dtype=np.int64)])
+    delta = np.concatenate([np.ones(f.sum(), dtype=np.int64), -np.ones(b.sum(), dtype=np.int64)])
+    peaks = _segment_peaks(group, time, first, delta, schedule.num_devices)
     v = schedule.chunks
-    return [_peak(x) / v if v > 1 else float(_peak(x)) for x in deltas]
+    return [x / v if v > 1 else float(x) for x in peaks.tolist()]
 
 
-def peak_weight_versions(schedule: Schedule, events: list[Event]) -> list[int]:
-    """Most weight versions a device keeps at once: the newest, plus any still used by some action."""
-    S = schedule.num_stages
-    born: list[dict[int, float]] = [{0: 0.0} for _ in range(S)]
-    last_use: list[dict[int, float]] = [{} for _ in range(S)]
-    for e in events:
-        if e.op == STEP:
-            born[e.stage][e.version] = e.end
-        else:
-            lu = last_use[e.stage]
-            lu[e.version] = max(lu.get(e.version, 0.0), e.end)
-    result = [0] * schedule.num_devices
-    for s in range(S):
-        versions = sorted(born[s])
-        deltas = []
-        for k, v in enumerate(versions):
-            end = last_use[s].get(v, born[s][v])
-            if k + 1 < len(versions):
-                end = max(end, born[s][versions[k + 1]])
-                deltas.append((end, 0, -1))
-            deltas.append((born[s][v], 1, 1))
-        d = schedule.placement[s]
-        result[d] = max(result[d], _peak(deltas))
-    return result
+def _peak_weight_versions(schedule: Schedule, c, start: np.ndarray, end: np.ndarray) -> list[int]:
+    """Most weight versions a device keeps at once: the newest, plus any still used by some action.
+
+    Version k of a stage lives from the STEP that creates it (version 0: from time 0) until
+    both its last use and the birth of version k+1 have passed.
+    """
+    S, P = schedule.num_stages, schedule.num_devices
+    p = c.programs
+    step = p.op == OP_CODE[STEP]
+    ver, st = p.version, p.stage
+    V = int(max(ver.max(initial=0), 0)) + 1
+    born = np.full(S * V, np.nan)
+    born[np.arange(S) * V] = 0.0
+    born[st[step] * V + ver[step]] = end[step]
+    use = ~step
+    last_use = np.full(S * V, -np.inf)
+    np.maximum.at(last_use, st[use] * V + ver[use], end[use])
+    exists = np.flatnonzero(~np.isnan(born))
+    s_of, v_of = exists // V, exists % V
+    b = born[exists]
+    order = np.lexsort((v_of, s_of))
+    s_of, b, exists = s_of[order], b[order], exists[order]
+    nxt_same = np.r_[s_of[1:] == s_of[:-1], False]
+    next_born = np.r_[b[1:], np.inf]
+    dies = np.maximum(np.where(np.isneginf(last_use[exists]), b, last_use[exists]), next_born)
+    has_end = nxt_same
+    group = np.concatenate([s_of, s_of[has_end]])
+    time = np.concatenate([b, dies[has_end]])
+    first = np.concatenate([np.ones(len(b), dtype=np.int64), np.zeros(int(has_end.sum()), dtype=np.int64)])
+    delta = np.concatenate([np.ones(len(b), dtype=np.int64), -np.ones(int(has_end.sum()), dtype=np.int64)])
+    per_stage = _segment_peaks(group, time, first, delta, S)
+    result = np.zeros(P, dtype=np.int64)
+    np.maximum.at(result, np.asarray(schedule.placement, dtype=np.int64), per_stage)
+    return [int(x) for x in result.tolist()]

@@ -1,10 +1,18 @@
-"""Check that a schedule is a correct pipeline program, naming the first offending action."""
+"""Check that a schedule is a correct pipeline program, naming the first offending action.
+
+Each check has a fast form over the columns (`Programs`) that only says yes or no; when
+it says no, the exact form walks the actions to find and name the first offending one.
+"""
 
 from __future__ import annotations
+
+import numpy as np
 
 from stagewise.schedules.actions import (
     COMM_OPS,
     COMPUTE_OPS,
+    RECV_B,
+    RECV_F,
     SEND_B,
     SEND_F,
     STEP,
@@ -16,8 +24,9 @@ from stagewise.schedules.actions import (
     ScheduleError,
     W,
 )
-from stagewise.schedules.engine import execute
-from stagewise.schedules.lowering import lower, message_of, unit_times
+from stagewise.schedules.engine import unit_execution
+from stagewise.schedules.lowering import lower, message_of
+from stagewise.schedules.programs import OP_CODE
 
 
 def validate(schedule: Schedule) -> Schedule:
@@ -30,13 +39,15 @@ def validate(schedule: Schedule) -> Schedule:
     (no action waits for one that comes later); and the communication, lowered when
     missing, matches send for receive and cannot deadlock under blocking semantics.
     """
-    _check_structure(schedule)
+    if not _structure_ok(schedule):
+        _check_structure(schedule)
     if schedule.lowered:
-        execute(schedule, lambda a: 1.0)
+        unit_execution(schedule)  # proves every dependency can be met
         lowered = schedule
     else:
-        lowered = lower(schedule, unit_times(schedule))  # also proves every dependency can be met
-    check_communication(lowered)
+        lowered = lower(schedule)  # runs the unit execution too
+    if not _communication_ok(lowered):
+        check_communication(lowered)
     return lowered
 
 
@@ -65,6 +76,9 @@ def _check_structure(sc: Schedule) -> None:
             if not 0 <= a.stage < S:
                 raise _fail(sc, d, i, a, f"stage outside 0..{S - 1}")
             if a.op == STEP:
+                if sc.placement[a.stage] != d:
+                    raise _fail(sc, d, i, a, f"stage {a.stage} lives on device {sc.placement[a.stage]}, "
+                                f"so its optimizer step runs there, not on {d}")
                 step_at = i
                 versions[a.stage].add(a.version)
                 continue
@@ -158,6 +172,11 @@ def check_communication(sc: Schedule) -> None:
         if k not in sends:
             src = message_of(sc.actions[d][i])[1]
             raise _fail(sc, d, i, sc.actions[d][i], f"no device sends it (device {placement[src]} should)")
+        d2, i2 = sends[k]
+        for (x, j), other in (((d, i), d2), ((d2, i2), d)):
+            if sc.actions[x][j].peer != other:
+                raise _fail(sc, x, j, sc.actions[x][j], f"names peer {sc.actions[x][j].peer}, but the other end "
+                            f"of this message is device {other}")
     pos = [0] * P
     work = list(range(P))
     while work:
@@ -201,3 +220,126 @@ def _needs(sc: Schedule, d: int, a: Action) -> list[tuple[tuple, str]]:
     elif a.op == W:
         out.append((("B", s, n), f"I(stage {s}, mb {n})"))
     return out
+
+
+_C = OP_CODE
+_COMPUTE = len(COMPUTE_OPS)  # codes below this are compute ops
+
+
+def _structure_ok(sc: Schedule) -> bool:
+    """The checks of `_check_structure`, over columns: True when all of them pass."""
+    p, P, S, m = sc.programs, sc.num_devices, sc.num_stages, sc.microbatches
+    if len(p) != P or any(not 0 <= d < P for d in sc.placement) or (p.op < 0).any():
+        return False
+    comp = p.op < _COMPUTE
+    op, st, mb, ver = p.op[comp], p.stage[comp], p.microbatch[comp], p.version[comp]
+    dev = p.device()[comp]
+    row = np.flatnonzero(comp)
+    if ((st < 0) | (st >= S)).any():
+        return False
+    placement = np.asarray(sc.placement, dtype=np.int64)
+    if (placement[st] != dev).any():
+        return False
+    step = op == _C[STEP]
+    work = ~step
+    if ((mb[work] < 0) | (mb[work] >= m)).any():
+        return False
+    kinds = (F, I, W) if sc.split_backward else (F, B)
+    slot = np.full(len(_C), -1)
+    for k, name in enumerate(kinds):
+        slot[_C[name]] = k
+    wslot = slot[op[work]]
+    if (wslot < 0).any():
+        return False
+    counts = np.bincount((wslot * S + st[work]) * m + mb[work], minlength=len(kinds) * S * m)
+    if len(counts) != len(kinds) * S * m or (counts != 1).any():
+        return False
+    if not sc.asynchronous and step.any():  # no work after a device's first step
+        first_step = np.full(P, np.iinfo(np.int64).max)
+        np.minimum.at(first_step, dev[step], row[step])
+        last_work = np.full(P, -1)
+        np.maximum.at(last_work, dev[work], row[work])
+        if (first_step < last_work).any():
+            return False
+    if (ver[step] < 0).any():
+        return False
+    is_f = op == _C[F]
+    fwd_ver = np.zeros(S * m, dtype=np.int64)
+    fwd_ver[st[is_f] * m + mb[is_f]] = ver[is_f]
+    back = work & ~is_f
+    if (fwd_ver[st[back] * m + mb[back]] != ver[back]).any():
+        return False
+    used = is_f & (ver != 0)
+    if used.any():  # a version a forward uses was created by an earlier STEP on its device
+        V = int(max(ver.max(), 0)) + 1
+        if (ver[used] < 0).any():
+            return False
+        born = np.full(S * V, np.iinfo(np.int64).max)
+        np.minimum.at(born, st[step] * V + ver[step], row[step])
+        if (born[st[used] * V + ver[used]] > row[used]).any():
+            return False
+    return True
+
+
+def _communication_ok(sc: Schedule) -> bool:
+    """`check_communication` over columns, using the lowering's order keys as the deadlock proof.
+
+    Keys that increase along every device's messages, equal at both ends of each message,
+    give an order in which every SEND meets its RECV; without keys (a hand-made lowered
+    schedule) the answer is no and the exact check decides.
+    """
+    p = sc.programs
+    if p.order is None or len(p.order) != p.num_actions:
+        return False
+    S, M = sc.num_stages, sc.microbatches
+    placement = np.asarray(sc.placement, dtype=np.int64)
+    op, st, mb = p.op, p.stage, p.microbatch
+    dev = p.device()
+    rows = np.arange(len(op))
+    is_sf, is_rf, is_sb, is_rb = (op == _C[SEND_F]), (op == _C[RECV_F]), (op == _C[SEND_B]), (op == _C[RECV_B])
+    send, recv = is_sf | is_sb, is_rf | is_rb
+    # A message is (direction, boundary b between stages b and b+1, micro-batch).
+    boundary = np.where(is_sf, st, np.where(is_rf, st - 1, np.where(is_sb, st - 1, st)))
+    comm = send | recv
+    if ((boundary[comm] < 0) | (boundary[comm] >= S - 1) | (mb[comm] < 0) | (mb[comm] >= M)).any():
+        return False
+    mid = ((is_sb | is_rb).astype(np.int64) * S + boundary) * M + mb
+    s_rows, r_rows = rows[send], rows[recv]
+    s_order, r_order = np.argsort(mid[s_rows], kind="stable"), np.argsort(mid[r_rows], kind="stable")
+    s_rows, r_rows = s_rows[s_order], r_rows[r_order]
+    if len(s_rows) != len(r_rows) or not np.array_equal(mid[s_rows], mid[r_rows]):
+        return False
+    if len(s_rows) and (np.diff(mid[s_rows]) == 0).any():
+        return False
+    if ((p.peer[s_rows] != dev[r_rows]) | (p.peer[r_rows] != dev[s_rows])).any():
+        return False
+    if (p.order[s_rows] != p.order[r_rows]).any():
+        return False
+    c_rows = rows[comm]
+    same_dev = dev[c_rows[1:]] == dev[c_rows[:-1]]
+    if (same_dev & (p.order[c_rows[1:]] <= p.order[c_rows[:-1]])).any():
+        return False
+    # What each action needs at hand on its device, and where that is: items are results
+    # (kind 0 F, 1 B/I, 2 W) and received inputs (3 activation into stage s, 4 gradient into s).
+    is_f, is_bi, is_w = op == _C[F], (op == _C[B]) | (op == _C[I]), op == _C[W]
+    key = np.full(len(op), -1, dtype=np.int64)
+    kind = np.select([is_f, is_bi, is_w, is_rf, is_rb], [0, 1, 2, 3, 4], -1)
+    has = kind >= 0
+    key[has] = (kind[has] * S + st[has]) * M + mb[has]
+    at = np.full(5 * S * M + 1, -1, dtype=np.int64)
+    at[key[has]] = rows[has]
+    sp = np.clip(st, 0, S - 1)
+    f_in = np.where(placement[np.clip(sp - 1, 0, None)] == dev, (0 * S + sp - 1) * M + mb, (3 * S + sp) * M + mb)
+    b_in = np.where(placement[np.clip(sp + 1, None, S - 1)] == dev, (1 * S + sp + 1) * M + mb,
+                    (4 * S + sp) * M + mb)
+    need1 = np.select([is_sf, is_sb, is_f & (st > 0), is_bi, is_w],
+                      [(0 * S + sp) * M + mb, (1 * S + sp) * M + mb, f_in, (0 * S + sp) * M + mb,
+                       (1 * S + sp) * M + mb], -1)
+    need2 = np.where(is_bi & (st < S - 1), b_in, -1)
+    for need in (need1, need2):
+        want = need >= 0
+        where = at[need[want]]
+        r = rows[want]
+        if ((where < 0) | (where >= r) | (dev[np.maximum(where, 0)] != dev[r])).any():
+            return False
+    return True

@@ -6,8 +6,10 @@ spends waiting for gradients. Both generators work for any m.
 
 from __future__ import annotations
 
-from stagewise.schedules.actions import STEP, Action, F, I, Schedule, ScheduleError, W
-from stagewise.schedules.list_scheduler import Choice, DeviceState, list_schedule
+import numpy as np
+
+from stagewise.schedules.actions import Schedule, ScheduleError
+from stagewise.schedules.list_scheduler import BWD, FWD, NONE, WGT, Ready, list_schedule, schedule_from_listed
 from stagewise.schedules.placement import check_args, plain, v_shape
 
 
@@ -21,15 +23,14 @@ def zb_h1(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
     if chunks != 1:
         raise ScheduleError(f"zb-h1: holds one stage per device, so chunks must be 1 (got {chunks}); use 'zbv' for two")
     P = devices
+    room = P - np.arange(P)
+    zeros = np.zeros(P, dtype=np.int64)
 
-    def policy(st: DeviceState) -> Choice | None:
-        if st.forwards and st.inflight_until_input_grad < P - st.device and st.inflight < P:
-            return (F, *st.forwards[0])
-        if st.backwards:
-            return (I, *st.backwards[0])
-        if st.weights:
-            return (W, *st.weights[0])
-        return None
+    def policy(r: Ready) -> tuple[np.ndarray, np.ndarray]:
+        f = r.f[0] & (r.inflight_i < room) & (r.inflight < P)
+        i = r.b[0] & ~f
+        w = r.w[0] & ~f & ~i
+        return NONE + (FWD - NONE) * f + (BWD - NONE) * i + (WGT - NONE) * w, zeros
 
     return _build("zb-h1", plain(P), P, microbatches, policy)
 
@@ -47,28 +48,23 @@ def zbv(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
     # A micro-batch is admitted on a device by its first chunk there and then owns two
     # activation slots on it; admitting only while 2P slots suffice means every admitted
     # micro-batch can always finish, so no device ever waits for memory it cannot get.
-    committed = [0] * P
+    committed = np.zeros(P, dtype=np.int64)
 
-    def policy(st: DeviceState) -> Choice | None:
-        d = st.device
-        if st.backwards:  # the deeper chunk's gradient first: it unblocks the way back
-            return (I, *max(st.backwards))
-        later = [sn for sn in st.forwards if sn[0] >= P]
-        if later:
-            return (F, *later[0])
-        if st.forwards and committed[d] + 2 <= 2 * P:
-            committed[d] += 2
-            return (F, *st.forwards[0])
-        if st.weights:
-            committed[d] -= 1
-            return (W, *min(st.weights))
-        return None
+    def policy(r: Ready) -> tuple[np.ndarray, np.ndarray]:
+        i = r.b[0] | r.b[1]  # the deeper chunk's gradient first: it unblocks the way back
+        f_late = r.f[1] & ~i
+        f_first = r.f[0] & ~i & ~f_late & (committed + 2 <= 2 * P)
+        w = (r.w[0] | r.w[1]) & ~i & ~f_late & ~f_first
+        # the cases exclude each other, so their codes add up
+        kind = NONE + (BWD - NONE) * i + (FWD - NONE) * (f_late | f_first) + (WGT - NONE) * w
+        chunk = ((i & r.b[1]) | f_late | (w & ~r.w[0])).astype(np.int64)
+        committed[f_first] += 2
+        committed[w] -= 1
+        return kind, chunk
 
     return _build("zbv", v_shape(P), P, microbatches, policy)
 
 
 def _build(name: str, placement: tuple[int, ...], P: int, m: int, policy) -> Schedule:
-    lists = list_schedule(placement, P, m, True, policy, costs=(1.0, 2.0, 1.0, 1.0))
-    for d in range(P):
-        lists[d].append(Action(STEP, d, -1, 1))
-    return Schedule(name, P, m, placement, tuple(tuple(a) for a in lists), split_backward=True)
+    listed = list_schedule(placement, P, m, True, policy, costs=(1.0, 2.0, 1.0, 1.0))
+    return schedule_from_listed(name, P, m, placement, listed, split_backward=True)
