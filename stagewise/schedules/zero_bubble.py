@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.schedules.actions import Schedule, ScheduleError
+from stagewise.schedules.actions import STEP, F, I, Schedule, ScheduleError, W
 from stagewise.schedules.list_scheduler import BWD, FWD, NONE, WGT, Ready, list_schedule, schedule_from_listed
 from stagewise.schedules.placement import check_args, plain, v_shape
+from stagewise.schedules.programs import OP_CODE, Programs
 
 
 def zb_h1(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
@@ -36,33 +37,49 @@ def zb_h1(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
 
 
 def zbv(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
-    """ZB-V: two chunks per device in a V (device d holds stages d and 2P-1-d).
+    """ZB-V (Qi et al. 2024, section 6): two chunks per device in a V (device d holds stages d and 2P-1-d).
 
-    Each device holds at most 2P chunk activations, i.e. P whole-stage micro-batches,
-    1F1B's peak; with F = I = W the bubble nearly vanishes once m >= 2P.
+    The paper's handcrafted order. Device d warms up with 2(P-d)-1 forwards of its first
+    chunk, then d pairs (second-chunk F, first-chunk F), then P-d rounds of second-chunk
+    F, I, W. In the steady state each round is F, I, W on the first chunk and the same on
+    the second, so each I is followed by its W. The cool-down runs the remaining I's
+    (paired, then each first-chunk I with a W), then the deferred W's.
+    The order is written for n = max(m, 2P-1) micro-batches and the actions of micro-batches
+    past m are dropped, so any m works. A device holds at most 2P chunk activations (P
+    whole-stage micro-batches, 1F1B's peak), and with F = I = W the bubble nearly vanishes
+    once m >= 2P. It is also the order `torch.distributed.pipelining` runs.
     """
     check_args("zbv", devices, microbatches, chunks)
     if chunks != 2:
         raise ScheduleError(f"zbv: places exactly two chunks per device in a V, so chunks must be 2 (got {chunks})")
-    P = devices
-    # A micro-batch is admitted on a device by its first chunk there and then owns two
-    # activation slots on it; admitting only while 2P slots suffice means every admitted
-    # micro-batch can always finish, so no device ever waits for memory it cannot get.
-    committed = np.zeros(P, dtype=np.int64)
-
-    def policy(r: Ready) -> tuple[np.ndarray, np.ndarray]:
-        i = r.b[0] | r.b[1]  # the deeper chunk's gradient first: it unblocks the way back
-        f_late = r.f[1] & ~i
-        f_first = r.f[0] & ~i & ~f_late & (committed + 2 <= 2 * P)
-        w = (r.w[0] | r.w[1]) & ~i & ~f_late & ~f_first
-        # the cases exclude each other, so their codes add up
-        kind = NONE + (BWD - NONE) * i + (FWD - NONE) * (f_late | f_first) + (WGT - NONE) * w
-        chunk = ((i & r.b[1]) | f_late | (w & ~r.w[0])).astype(np.int64)
-        committed[f_first] += 2
-        committed[w] -= 1
-        return kind, chunk
-
-    return _build("zbv", v_shape(P), P, microbatches, policy)
+    P, m = devices, microbatches
+    n = max(m, 2 * P - 1)
+    # categories: 0 F chunk 0, 1 F chunk 1, 2 I chunk 0, 3 I chunk 1, 4 W chunk 0, 5 W chunk 1
+    F0, F1, I0, I1, W0, W1 = range(6)
+    op_of = np.array([OP_CODE[F], OP_CODE[F], OP_CODE[I], OP_CODE[I], OP_CODE[W], OP_CODE[W]])
+    chunk_of = np.array([0, 1, 0, 1, 0, 1])
+    rows = []
+    for d in range(P):
+        both_forward = n - 2 * P + d + 1  # steady rounds that still start a first-chunk forward
+        parts = [
+            np.full(2 * (P - d) - 1, F0), np.tile([F1, F0], d), np.tile([F1, I1, W1], P - d),
+            np.tile([F0, I0, W0, F1, I1, W1], both_forward), np.tile([I0, W0, F1, I1, W1], P - d - 1),
+            np.tile([I0, I1], d), np.tile([I0, W0], P - d), np.full(d, W1), np.full(d, W0),
+        ]
+        cat = np.concatenate(parts)
+        # every category runs its micro-batches in order: the index is the count so far
+        onehot = cat[:, None] == np.arange(6)[None, :]
+        mb = (np.cumsum(onehot, axis=0) - 1)[np.arange(len(cat)), cat]
+        keep = mb < m
+        cat, mb = cat[keep], mb[keep]
+        stage = np.where(chunk_of[cat] == 0, d, 2 * P - 1 - d)
+        rows.append((np.full(len(cat), d), op_of[cat], stage, mb))
+    dev, op, stage, mb = (np.concatenate(c) for c in zip(*rows))
+    d = np.arange(P)
+    version = np.r_[np.zeros(len(dev), dtype=np.int64), np.ones(P, dtype=np.int64)]  # the step creates 1
+    progs = Programs.from_rows(P, np.r_[dev, d], np.r_[op, np.full(P, OP_CODE[STEP])], np.r_[stage, d],
+                               np.r_[mb, np.full(P, -1)], version)
+    return Schedule("zbv", P, m, v_shape(P), progs, split_backward=True)
 
 
 def _build(name: str, placement: tuple[int, ...], P: int, m: int, policy) -> Schedule:
