@@ -93,6 +93,7 @@ def _partition(args: argparse.Namespace) -> int:
     import torch
 
     from stagewise.models import config, gpt2_layers
+    from stagewise.models.gpt2 import lm_loss
     from stagewise.partition import PartitionTable, resolve_balance
     from stagewise.partition.profile import describe_layers, profile_layers
 
@@ -104,7 +105,7 @@ def _partition(args: argparse.Namespace) -> int:
         layers = gpt2_layers(cfg)
         per_micro = max(1, args.batch_size // args.microbatches)
         ids = torch.randint(0, cfg.vocab_size, (per_micro, min(args.seq_len, cfg.n_positions)))
-        profiles = profile_layers(layers, ids)
+        profiles = profile_layers(layers, ids, loss_fn=lm_loss, labels=ids)  # the head measured with its loss
     else:  # names and parameter counts only: build on the meta device, no memory, no time
         profiles = describe_layers(gpt2_layers(cfg, device="meta"))
     limit = args.memory_limit * 2**30 if args.memory_limit else None

@@ -141,8 +141,9 @@ class Pipeline:
         measured = None
         if self.local or self.rank == 0:  # one rank measures, so that every rank cuts the model the same way
             micro = scatter(sample[0], self.microbatches)[0][0]
+            labels = scatter(sample[1], self.microbatches)[0][0] if self.loss_fn is not None else None
             device = torch.device("cuda", torch.cuda.current_device()) if self._uses_cuda() else torch.device("cpu")
-            measured = profile_layers(layer_list, micro, device=device)
+            measured = profile_layers(layer_list, micro, device=device, loss_fn=self.loss_fn, labels=labels)
         if not self.local and self.world > 1:
             box = [measured]
             launch.dist.broadcast_object_list(box, src=0)

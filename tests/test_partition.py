@@ -489,3 +489,36 @@ def test_partition_table_text_and_json():
     assert plain.to_dict()["total_params"] is None
     with pytest.raises(ValueError, match=r"balance \[7, 6\] covers 13 layers but the model has 14"):
         PartitionTable.build([7, 6], GPT2)
+
+
+def test_profile_measures_the_input_gradient_and_the_loss_with_the_last_layer():
+    torch.manual_seed(0)
+    layers = [nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50)]
+    tokens = torch.randint(0, 50, (4, 8))
+    labels = torch.randint(0, 50, (4, 8))
+
+    def loss(out, y):
+        return nn.functional.cross_entropy(out.reshape(-1, 50), y.reshape(-1))
+
+    plain = profile_layers(layers, tokens, repeats=2)
+    with_loss = profile_layers(layers, tokens, repeats=2, loss_fn=loss, labels=labels)
+    assert plain[0].input_grad == 0.0  # token ids need no gradient
+    for p in plain[1:] + with_loss[1:]:
+        assert p.input_grad is not None and 0.0 < p.input_grad <= p.backward
+    # the loss keeps its own tensors for the backward (log-softmax of the logits)
+    assert with_loss[-1].saved_bytes > plain[-1].saved_bytes
+    assert with_loss[-1].output_bytes == 4  # a float32 scalar
+    assert [p.params for p in with_loss] == [p.params for p in plain]
+
+
+def test_auto_models_the_input_and_weight_gradient_pieces_of_split_schedules():
+    from stagewise.partition.methods import Planner
+
+    layers = [LayerProfile(i, "L", forward=1.0, backward=2.0, input_grad=1.5) for i in range(8)]
+    plan = Planner(layers, build("zbv", 2, 4))
+    costs = plan.costs([2, 2, 2, 2]).table(4)
+    assert costs["I"] == [0.0, 3.0, 3.0, 3.0]  # the first stage's input needs no gradient: all of it is W
+    assert costs["W"] == [4.0, 1.0, 1.0, 1.0]
+    unmeasured = [LayerProfile(i, "L", forward=1.0, backward=2.0) for i in range(8)]
+    assert Planner(unmeasured, build("zbv", 2, 4)).costs([2, 2, 2, 2]).table(4)["I"] == [2.0] * 4
+    assert Planner(layers, build("1f1b", 2, 4)).costs([4, 4]).i is None  # unsplit backward

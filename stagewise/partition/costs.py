@@ -27,6 +27,9 @@ class LayerProfile:
     output_bytes: int = 0  # bytes of the output: what crosses a stage boundary after this layer
     saved_bytes: int = 0  # bytes autograd keeps for the backward (parameters excluded)
     shared: Mapping[int, int] = field(default_factory=dict)
+    # seconds of the backward for the input gradient alone (the I of split schedules; W is the
+    # rest); 0 when the layer's input needs no gradient, None when not measured
+    input_grad: float | None = None
 
     @property
     def time(self) -> float:
@@ -36,7 +39,8 @@ class LayerProfile:
     def to_dict(self) -> dict:
         return {"index": self.index, "name": self.name, "forward": self.forward, "backward": self.backward,
                 "params": self.params, "param_bytes": self.param_bytes, "output_bytes": self.output_bytes,
-                "saved_bytes": self.saved_bytes, "shared": {str(k): v for k, v in self.shared.items()}}
+                "saved_bytes": self.saved_bytes, "shared": {str(k): v for k, v in self.shared.items()},
+                "input_grad": self.input_grad}
 
 
 class ParamCounter:

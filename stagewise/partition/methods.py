@@ -321,6 +321,9 @@ class Planner:
         self.latency, self.bandwidth = float(latency), float(bandwidth)
         self.forward = ExactSums([x.forward for x in self.layers])
         self.backward = ExactSums([x.backward for x in self.layers])
+        # the I/W split of zero-bubble schedules, when the profile measured it
+        measured = schedule.split_backward and all(x.input_grad is not None for x in self.layers)
+        self.input_grad = ExactSums([x.input_grad or 0.0 for x in self.layers]) if measured else None
         self.footprint = Footprint(schedule, [x.params for x in self.layers], [x.saved_bytes for x in self.layers],
                                    bytes_per_param=bytes_per_param, stash_bytes_per_param=stash_bytes_per_param,
                                    shared=[x.shared for x in self.layers])
@@ -340,7 +343,13 @@ class Planner:
     def costs(self, balance: Sequence[int]) -> Costs:
         spans = ranges(balance)
         sent = [float(self.layers[hi - 1].output_bytes) for _, hi in spans[:-1]]
-        return Costs(f=[self.forward(*r) for r in spans], b=[self.backward(*r) for r in spans],
+        b = [self.backward(*r) for r in spans]
+        i = None
+        if self.input_grad is not None:
+            # The first stage's input needs no gradient, so its I is empty and W runs the whole
+            # backward (as the runtime does); elsewhere I is the layers' input-gradient time.
+            i = [0.0 if lo == 0 else min(self.input_grad(lo, hi), b[k]) for k, (lo, hi) in enumerate(spans)]
+        return Costs(f=[self.forward(*r) for r in spans], b=b, i=i,
                      latency=self.latency, bytes=sent or 0.0, bandwidth=self.bandwidth)
 
     def makespan(self, balance: Sequence[int]) -> float:

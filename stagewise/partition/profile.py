@@ -92,18 +92,23 @@ def _sync(device: torch.device) -> None:
 
 
 def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: Any,
-                   device: torch.device | str | None = None, repeats: int = 3) -> list[LayerProfile]:
+                   device: torch.device | str | None = None, repeats: int = 3,
+                   loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, labels: Any = None
+                   ) -> list[LayerProfile]:
     """Run every layer on the previous layer's output and measure it, as a pipeline stage would run it.
 
     `sample_input` is one micro-batch for the first layer: a tensor, or a tuple, list or dict
     of tensors (passed as the single argument, as nn.Sequential chains layers). Each layer's
     input is cut from the previous layer's graph, so its backward time covers that layer
-    alone (input gradient included, as for a stage that receives its input from another).
+    alone (input gradient included, as for a stage that receives its input from another);
+    `input_grad` times the input gradient alone (what a split schedule's I computes).
     Times are the median of `repeats` runs after one warm-up, in seconds. Saved-activation
     bytes count, with `saved_tensors_hooks`, every storage autograd keeps for the backward
     once, parameters' storages excluded. Tied parameters (one nn.Parameter in two layers, or
     equal `stagewise_tie` keys) count once, at their first layer; see `LayerProfile.shared`.
 
+    With `loss_fn`, the last layer is measured together with `loss_fn(output, labels)`, as the
+    last stage runs it (a large-vocabulary cross-entropy is a good part of that stage).
     With `device` the layers are moved there in place (`module.to`) and so is the input.
     Parameters' `.grad` and the random number generators are left as they were.
     """
@@ -115,6 +120,8 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
         for m in mods:
             m.to(dev)
         sample_input = _map(sample_input, lambda t: t.to(dev))
+        if labels is not None:
+            labels = _map(labels, lambda t: t.to(dev))
     else:
         first = next((p for m in mods for p in m.parameters()), None)
         dev = first.device if first is not None else next(
@@ -128,12 +135,15 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
             x = sample_input
             for i, m in enumerate(mods):
                 inp = x if i == 0 else _map(x, _leaf)
-                x, forward, backward, saved = _measure(m, inp, dev, repeats)
+                run = _WithLoss(m, loss_fn, labels) if loss_fn is not None and i == len(mods) - 1 else m
+                x, forward, backward, saved = _measure(run, inp, dev, repeats)
                 params, param_bytes, shared = counts[i]
+                backward_s = statistics.median(backward)
                 profiles.append(LayerProfile(
                     index=i, name=type(m).__name__, forward=statistics.median(forward),
-                    backward=statistics.median(backward), params=params, param_bytes=param_bytes,
-                    output_bytes=_nbytes(x), saved_bytes=saved, shared=shared))
+                    backward=backward_s, params=params, param_bytes=param_bytes,
+                    output_bytes=_nbytes(x), saved_bytes=saved, shared=shared,
+                    input_grad=min(_measure_input_grad(run, inp, dev, repeats), backward_s)))
     finally:
         for p, g in grads:
             p.grad = g
@@ -187,6 +197,37 @@ def _measure(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> tuple[A
             forward.append(t1 - t0)
             backward.append(t3 - t2)
     return out, forward, backward, counter.total
+
+
+class _WithLoss(nn.Module):
+    """A layer followed by the loss, to measure the last stage as it runs."""
+
+    def __init__(self, layer: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], labels: Any):
+        super().__init__()
+        self.layer, self.loss_fn, self.labels = layer, loss_fn, labels
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.loss_fn(self.layer(x), self.labels)
+
+
+def _measure_input_grad(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> float:
+    """Median seconds of the backward to the layer's inputs alone (no weight gradients); 0 without such inputs."""
+    inputs = [t for t in _tensors(inp) if t.requires_grad]
+    if not inputs:
+        return 0.0
+    times = []
+    for _ in range(repeats):
+        out = m(inp)
+        roots = [t for t in _tensors(out) if t.requires_grad]
+        if not roots:
+            return 0.0
+        seeds = [torch.ones_like(t) for t in roots]
+        _sync(dev)
+        t0 = time.perf_counter()
+        torch.autograd.grad(roots, inputs, seeds, allow_unused=True)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def describe_layers(layers: nn.Sequential | Sequence[nn.Module]) -> list[LayerProfile]:
