@@ -16,6 +16,7 @@ Everything works on columns (`Programs`), in two passes:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,7 +164,7 @@ def _asap(schedule: Schedule, c: Compiled) -> tuple[np.ndarray, np.ndarray]:
     t = 0.0
     active = pos < stop
     recent = 0  # actions started over the last _WINDOW steps
-    for step in range(1 << 62):
+    for step in itertools.count():
         if not active.any():
             break
         if step and step % _WINDOW == 0:

@@ -16,8 +16,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule
-from stagewise.schedules.engine import compile_schedule, unit_execution
+from stagewise.schedules.actions import COMPUTE_OPS, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule
+from stagewise.schedules.engine import Compiled, compile_schedule, unit_execution
 from stagewise.schedules.programs import OP_CODE, Programs
 
 
@@ -65,11 +65,9 @@ def lower(schedule: Schedule) -> Schedule:
     return lowered
 
 
-def _relabel(c, out: Programs):
+def _relabel(c: Compiled, out: Programs) -> Compiled:
     """The same compiled dependencies, on the lowered programs (compute rows keep their order)."""
-    from stagewise.schedules.engine import Compiled
-
-    mask = np.isin(out.op, np.array([OP_CODE[k] for k in (F, B, I, "W", "STEP")]))
+    mask = np.isin(out.op, np.array([OP_CODE[k] for k in COMPUTE_OPS]))
     return Compiled(out.select(mask), c.device, c.unit_cost, c.dep1, c.dep2, c.key1, c.key2,
                     c.cross1, c.cross2, c.S, c.K)
 
