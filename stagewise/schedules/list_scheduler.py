@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import STEP, B, F, I, Schedule, ScheduleError, W
+from stagewise.schedules.actions import B, F, I, Schedule, ScheduleError, W
 from stagewise.schedules.programs import OP_CODE, Programs
 
 # What a policy returns per device: NONE, or the kind of action and the chunk it is for.
@@ -167,12 +167,6 @@ def schedule_from_listed(name: str, P: int, m: int, placement: tuple[int, ...], 
 
     The run's start times go along as the unit-cost execution `validate` checks and reuses.
     """
-    d = np.arange(P, dtype=np.int64)
-    dev = np.r_[listed.device, d]
-    op = np.r_[listed.op, np.full(P, OP_CODE[STEP])]
-    stage = np.r_[listed.stage, d]
-    mb = np.r_[listed.microbatch, np.full(P, -1)]
-    version = np.r_[np.zeros(len(listed.device), dtype=np.int64), np.ones(P, dtype=np.int64)]
-    start = np.r_[listed.start, listed.device_free]
-    progs = Programs.from_rows(P, dev, op, stage, mb, version, start=start)
+    progs = Programs.flushed(P, listed.device, listed.op, listed.stage, listed.microbatch,
+                             start=listed.start, device_free=listed.device_free)
     return Schedule(name, P, m, placement, progs, split_backward=split_backward)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from stagewise.schedules.actions import OPS, Action
+from stagewise.schedules.actions import OPS, STEP, Action
 
 OP_CODE = {op: k for k, op in enumerate(OPS)}
 UNKNOWN = -1
@@ -84,6 +84,20 @@ class Programs(Sequence):
                    (zeros - 1 if peer is None else np.asarray(peer))[idx], offsets,
                    None if start is None else np.asarray(start, dtype=np.float64)[idx],
                    None if order is None else np.asarray(order, dtype=np.int64)[idx])
+
+    @classmethod
+    def flushed(cls, num_devices: int, device: np.ndarray, op: np.ndarray, stage: np.ndarray,
+                microbatch: np.ndarray, start: np.ndarray | None = None,
+                device_free: np.ndarray | None = None) -> Programs:
+        """A synchronous schedule's rows (versions 0), each device ending with the optimizer step
+        that creates version 1. `start` (unit-cost start times) needs `device_free`, when each
+        device finished: that is where its step starts."""
+        d = np.arange(num_devices, dtype=np.int64)
+        n = len(device)
+        version = np.r_[np.zeros(n, dtype=np.int64), np.ones(num_devices, dtype=np.int64)]
+        return cls.from_rows(num_devices, np.r_[device, d], np.r_[op, np.full(num_devices, OP_CODE[STEP])],
+                             np.r_[stage, d], np.r_[microbatch, np.full(num_devices, -1)], version,
+                             start=None if start is None else np.r_[start, device_free])
 
     # -- the Sequence of per-device tuples ---------------------------------------------------------
     def __len__(self) -> int:

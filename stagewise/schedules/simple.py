@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.schedules.actions import STEP, B, F, Schedule, ScheduleError
+from stagewise.schedules.actions import B, F, Schedule, ScheduleError
 from stagewise.schedules.placement import check_args, plain
 from stagewise.schedules.programs import OP_CODE, Programs
 
-_F, _B, _STEP = OP_CODE[F], OP_CODE[B], OP_CODE[STEP]
-
-
-def programs_from_orders(orders: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Programs:
-    """Programs from per-device (op codes, stages, micro-batches), versions 0."""
-    dev = np.concatenate([np.full(len(o[0]), d, dtype=np.int64) for d, o in enumerate(orders)])
-    op, st, mb = (np.concatenate([np.asarray(o[k], dtype=np.int64) for o in orders]) for k in range(3))
-    return Programs.from_rows(len(orders), dev, op, st, mb)
+_F, _B = OP_CODE[F], OP_CODE[B]
 
 
 def _finish(name: str, devices: int, m: int, orders: list[tuple[np.ndarray, np.ndarray]]) -> Schedule:
     """Per-device (op codes, micro-batches) of one stage each, then the step (creating version 1)."""
-    full = []
-    for d, (ops, mbs) in enumerate(orders):
-        n = len(ops)
-        full.append((np.r_[ops, _STEP], np.full(n + 1, d), np.r_[mbs, -1]))
-    progs = programs_from_orders(full)
-    step = progs.op == _STEP
-    progs.version[step] = 1
-    return Schedule(name, devices, m, plain(devices), progs)
+    dev = np.concatenate([np.full(len(ops), d, dtype=np.int64) for d, (ops, _) in enumerate(orders)])
+    op = np.concatenate([np.asarray(ops, dtype=np.int64) for ops, _ in orders])
+    mb = np.concatenate([np.asarray(mbs, dtype=np.int64) for _, mbs in orders])
+    return Schedule(name, devices, m, plain(devices), Programs.flushed(devices, dev, op, dev, mb))
 
 
 def naive(devices: int, microbatches: int, chunks: int = 1) -> Schedule:

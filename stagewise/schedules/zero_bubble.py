@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.schedules.actions import STEP, F, I, Schedule, ScheduleError, W
+from stagewise.schedules.actions import F, I, Schedule, ScheduleError, W
 from stagewise.schedules.list_scheduler import BWD, FWD, NONE, WGT, Ready, list_schedule, schedule_from_listed
 from stagewise.schedules.placement import check_args, plain, v_shape
 from stagewise.schedules.programs import OP_CODE, Programs
@@ -75,11 +75,7 @@ def zbv(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
         stage = np.where(chunk_of[cat] == 0, d, 2 * P - 1 - d)
         rows.append((np.full(len(cat), d), op_of[cat], stage, mb))
     dev, op, stage, mb = (np.concatenate(c) for c in zip(*rows))
-    d = np.arange(P)
-    version = np.r_[np.zeros(len(dev), dtype=np.int64), np.ones(P, dtype=np.int64)]  # the step creates 1
-    progs = Programs.from_rows(P, np.r_[dev, d], np.r_[op, np.full(P, OP_CODE[STEP])], np.r_[stage, d],
-                               np.r_[mb, np.full(P, -1)], version)
-    return Schedule("zbv", P, m, v_shape(P), progs, split_backward=True)
+    return Schedule("zbv", P, m, v_shape(P), Programs.flushed(P, dev, op, stage, mb), split_backward=True)
 
 
 def _build(name: str, placement: tuple[int, ...], P: int, m: int, policy) -> Schedule:
