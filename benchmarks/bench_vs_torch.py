@@ -22,8 +22,11 @@ Checks and measurements:
 * The first step of every pipeline runs from the initial weights: its loss is printed for both
   libraries and the single-process model and must agree within 1e-5 (relative, float32).
 * Timing alternates the libraries (A B A B, the order swapped every round) over `--repeats` rounds;
-  each timed block is `--steps` consecutive training steps followed by a barrier, timed on rank 0,
-  so a step is the block time / steps with every rank done. Tokens/s is median [min-max] over
+  each timed block is `--block-warmup` untimed steps, then `--steps` consecutive training steps
+  followed by a barrier, timed on rank 0, so a step is the block time / steps with every rank done.
+  The untimed steps measure the steady state a training run lives in: the first step after
+  switching pipelines re-touches memory the other pipeline used and was up to 1.7x slower, for
+  either library, which no training run pays. Tokens/s is median [min-max] over
   rounds; the stagewise/torch ratio is taken within each round, and best/best is the ratio of the
   fastest rounds (robust to a slow round on a shared machine). The single-process baseline (rank 0,
   1 thread, nn.Sequential + Adam, the other ranks idle in a barrier) runs `--repeats` steps before the
@@ -35,7 +38,9 @@ Checks and measurements:
   the simulated timeline swept with each (stage, micro-batch)'s measured bytes.
 * Unless `--no-auto`, stagewise also runs each schedule with `partition="auto"` (it measures the
   layers on `sample=`); the best of those per (P, m) is compared with torch's best schedule on the
-  even split.
+  even split and with torch's same schedule on the even split (ratios within each round, then the
+  median). P ranks of one thread on C cores can at most reach min(P, C) x the single process: that
+  bound is printed next to them.
 
 Output: the tables, JSON lines (`--out`, one line per round and per summary) and a PNG chart of
 tokens/s per configuration (`--png`).
@@ -44,13 +49,15 @@ Run (about 6 minutes with the defaults on two cores; P=4 runs 4 processes on 2 c
 slower and noisier and runs fewer configurations by default):
 
     PYTHONPATH=. python benchmarks/bench_vs_torch.py [--stages 2 4] [--schedules gpipe 1f1b interleaved zbv]
-        [--microbatches 4 8] [--p4-microbatches 8] [--steps 2 --repeats 3 --warmup 2] [--no-auto]
+        [--microbatches 4 8] [--p4-microbatches 8] [--steps 2 --repeats 3 --warmup 2 --block-warmup 1]
+        [--no-auto]
     stagewise bench [same options]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -75,6 +82,7 @@ class Settings:
     steps: int
     repeats: int
     warmup: int
+    block_warmup: int
     batch: int
     seq_len: int
     n_layer: int
@@ -130,10 +138,16 @@ class TorchPipe:
         return float(sum(x.item() for x in losses) / len(losses)) if losses else None
 
 
-def _block(fn: Any, n: int) -> tuple[float, list[float]]:
-    """n consecutive steps then a barrier: (seconds per step, each step's own seconds on this rank)."""
+def _block(fn: Any, n: int, warm: int) -> tuple[float, list[float], list[float]]:
+    """`warm` untimed steps, then n consecutive steps and a barrier: (seconds per step, each timed step's
+    own seconds on this rank, each untimed step's seconds)."""
     import torch.distributed as dist
 
+    warm_times = []
+    for _ in range(warm):
+        t = time.perf_counter()
+        fn()
+        warm_times.append(time.perf_counter() - t)
     dist.barrier()
     t0 = time.perf_counter()
     times = []
@@ -142,10 +156,12 @@ def _block(fn: Any, n: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t)
     dist.barrier()
-    return (time.perf_counter() - t0) / n, times
+    return (time.perf_counter() - t0) / n, times, warm_times
 
 
 def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
+    import gc
+
     import torch
     import torch.distributed as dist
     from _common import SingleProcess, activation_peaks, analyse_with_sim, build_layers, lm_loss, make_batch, timed
@@ -164,9 +180,24 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
     def adam(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=s.lr)
 
-    pipes: dict[tuple[str, str], Any] = {}  # (config name, library) -> object with train_step
+    # The single-process baseline first: timed between the rounds, the block right after it was often much
+    # slower, whichever library it was.
+    first: dict[str, dict[str, float]] = {}
+    single_s: list[float] = []
+    records: list[dict[str, Any]] = []
+    if rank == 0:
+        single = SingleProcess(s)
+        first["single"] = {"single": single.step(batch)}
+        single_s = timed(lambda: single.step(batch), s.repeats)
+        records += [{"config": "single", "library": "single", "round": r, "step_s": t} for r, t in enumerate(single_s)]
+        del single
+    dist.barrier()
+
     info: dict[str, dict[str, Any]] = {}
     for sc, m in s.configs:
+        # One configuration at a time, its pipelines alternating (stagewise even, torch even, stagewise auto),
+        # then freed: a process holds what one training run holds, and the ratios compare neighbouring blocks.
+        pipes: dict[tuple[str, str], Any] = {}  # (config name, library) -> object with train_step
         name = f"{sc} m={m}"
         num_stages = build(sc, world, m).num_stages
         balance = resolve_balance("uniform", s.n_layer + 2, num_stages)
@@ -179,52 +210,33 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
             pipes[(name, "torch")] = TorchPipe(build_layers(s), balance, sw.schedule.placement, sc, m, rank,
                                                torch_group, s.lr, lm_loss)
         info[name]["torch"] = why or TORCH_SCHEDULES[sc]
-    if s.auto:
-        for sc, m in s.configs:
-            name = f"{sc} m={m} auto"
+        if s.auto:
             t0 = time.perf_counter()
-            sw = Pipeline(build_layers(s), lm_loss, schedule=sc, microbatches=m, partition="auto", sample=batch,
-                          optimizer=adam, timeout=s.timeout, show_partition=False)
-            pipes[(name, "stagewise")] = sw
-            info[name] = {"schedule": sc, "microbatches": m, "partition": "auto", "balance": list(sw.balance),
-                          "build_s": time.perf_counter() - t0, "torch": None}
-    single = SingleProcess(s) if rank == 0 else None
-
-    # First step from the initial weights: the losses must agree. Then the single-process baseline, timed here
-    # for all rounds: within the rounds, the block right after it was often much slower, whichever library.
-    first: dict[str, dict[str, float]] = {}
-    single_s: list[float] = []
-    if single is not None:
-        first["single"] = {"single": single.step(batch)}
-        single_s = timed(lambda: single.step(batch), s.repeats)
-    dist.barrier()
-    for (name, lib), pipe in pipes.items():
-        if lib == "stagewise":
-            value = float(pipe.train_step(batch))
-        else:
-            got = pipe.train_step(batch)
-            buf = torch.tensor([got if got is not None else 0.0], dtype=torch.float64)
-            dist.broadcast(buf, src=pipes[(name, "stagewise")].schedule.placement[-1])
-            value = float(buf[0])
-        first.setdefault(name, {})[lib] = value
-    for (_name, _lib), pipe in pipes.items():
-        for _ in range(max(0, s.warmup - 1)):
-            pipe.train_step(batch)
-
-    records: list[dict[str, Any]] = []
-    names = list(info)
-    for r in range(s.repeats):
-        if rank == 0:
-            records.append({"config": "single", "library": "single", "round": r, "step_s": single_s[r]})
-        for name in names:
-            libs = [lib for lib in ("stagewise", "torch") if (name, lib) in pipes]
-            if r % 2:
-                libs.reverse()
-            for lib in libs:
-                pipe = pipes[(name, lib)]
-                step_s, times = _block(lambda p=pipe: p.train_step(batch), s.steps)
-                rec: dict[str, Any] = {"config": name, "library": lib, "round": r, "step_s": step_s,
-                                       "step_times_s": times, **info[name]}
+            auto = Pipeline(build_layers(s), lm_loss, schedule=sc, microbatches=m, partition="auto", sample=batch,
+                            optimizer=adam, timeout=s.timeout, show_partition=False)
+            pipes[(name + " auto", "stagewise")] = auto
+            info[name + " auto"] = {"schedule": sc, "microbatches": m, "partition": "auto",
+                                    "balance": list(auto.balance), "build_s": time.perf_counter() - t0, "torch": None}
+        # The first step runs from the initial weights: the losses must agree.
+        for (key, lib), pipe in pipes.items():
+            if lib == "stagewise":
+                value = float(pipe.train_step(batch))
+            else:
+                got = pipe.train_step(batch)
+                buf = torch.tensor([got if got is not None else 0.0], dtype=torch.float64)
+                dist.broadcast(buf, src=sw.schedule.placement[-1])
+                value = float(buf[0])
+            first.setdefault(key, {})[lib] = value
+        for pipe in pipes.values():
+            for _ in range(max(0, s.warmup - 1)):
+                pipe.train_step(batch)
+        order = list(pipes)
+        for r in range(s.repeats):
+            for key, lib in (order if r % 2 == 0 else order[::-1]):
+                pipe = pipes[(key, lib)]
+                step_s, times, warm = _block(lambda p=pipe: p.train_step(batch), s.steps, s.block_warmup)
+                rec: dict[str, Any] = {"config": key, "library": lib, "round": r, "step_s": step_s,
+                                       "step_times_s": times, "untimed_step_times_s": warm, **info[key]}
                 if lib == "stagewise":
                     trace = pipe.last_trace()  # a collective: every rank calls it
                     if rank == 0:
@@ -233,6 +245,15 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
                         rec.update(activation_peaks(trace, pipe.schedule, sim))
                 if rank == 0:
                     records.append(rec)
+        for pipe in pipes.values():
+            close = getattr(pipe, "close", None)
+            if close is not None:
+                close()
+        del pipes, sw, pipe
+        if s.auto:
+            del auto
+        gc.collect()
+        dist.barrier()
     if rank != 0:
         return None
     return {"records": records, "first_loss": first, "info": info}
@@ -330,9 +351,13 @@ def print_tables(P: int, result: dict[str, Any], summaries: list[dict[str, Any]]
         goals["efficiency"].append((name, med(x["measured_over_ideal"])))
     autos = [n for n, inf in result["info"].items() if inf["partition"] == "auto"]
     if autos:
-        print("\nstagewise partition=auto (best schedule per m) vs torch on the even split (best schedule per m)")
+        cores = os.cpu_count() or 1
+        bound = min(P, cores) * med(single["tokens_per_s"])
+        print(f"\nstagewise partition=auto (best schedule per m) vs torch on the even split (best schedule per m, and "
+              f"the same schedule); ratios within each round, median [min-max]. Bound: {min(P, cores)} of {cores} "
+              f"cores x the single process = {bound:.0f} tokens/s")
         print(f"{'m':<3} {'best stagewise auto':<24} {'balance':<20} {'tok/s':<19} {'best torch even':<17} "
-              f"{'tok/s':<19} {'ratio':<7} {'vs torch same schedule':<22}")
+              f"{'tok/s':<19} {'ratio':<21} {'vs torch same schedule':<22}")
         best_ratios = []
         for m in sorted({result["info"][n]["microbatches"] for n in autos}):
             mine = [n for n in autos if result["info"][n]["microbatches"] == m]
@@ -343,13 +368,15 @@ def print_tables(P: int, result: dict[str, Any], summaries: list[dict[str, Any]]
             a = max(mine, key=lambda n: med(get[(n, "stagewise")]["tokens_per_s"]))
             t = max(theirs, key=lambda n: med(get[(n, "torch")]["tokens_per_s"]))
             xa, xt = get[(a, "stagewise")], get[(t, "torch")]
-            ratio = med(xa["tokens_per_s"]) / med(xt["tokens_per_s"])
+            ratios = [ts / sa for ts, sa in zip(xt["step_s"], xa["step_s"])]
+            ratio = med(ratios)
             same = get.get((a.removesuffix(" auto"), "torch"))
-            same_ratio = f"{med(xa['tokens_per_s']) / med(same['tokens_per_s']):.3f}" if same else "-"
+            same_ratios = [ts / sa for ts, sa in zip(same["step_s"], xa["step_s"])] if same else []
             print(f"{m:<3} {a:<24} {str(result['info'][a]['balance']).replace(' ', ''):<20} "
                   f"{spread(xa['tokens_per_s'], '.0f'):<19} {t:<17} {spread(xt['tokens_per_s'], '.0f'):<19} "
-                  f"{ratio:<7.3f} {same_ratio:<22}")
-            best_ratios.append((m, a, t, ratio))
+                  f"{spread(ratios, '.3f'):<21} {spread(same_ratios, '.3f') if same else '-':<22}")
+            best_ratios.append((m, a, t, ratio, med(same_ratios) if same else None,
+                                med(xa["tokens_per_s"]) / bound))
         goals["auto"] = best_ratios
     return goals
 
@@ -410,6 +437,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (alternating the libraries)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per pipeline, the loss check included")
+    parser.add_argument("--block-warmup", type=int, default=1,
+                        help="untimed steps before every timed block (the first step after switching pipelines is "
+                             "slow for either library)")
     parser.add_argument("--no-auto", dest="auto", action="store_false", help="skip stagewise partition=auto")
     parser.add_argument("--tie", action="store_true", help="tie embedding and head (stagewise only; no torch)")
     from _common import add_model_args
@@ -426,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
         parser.error("--steps, --repeats and --warmup must be >= 1 (the first step checks the loss)")
+    if args.block_warmup < 0:
+        parser.error("--block-warmup must be >= 0")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import bench_meta, write_jsonl
 
@@ -438,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     for P in args.stages:
         ms = args.microbatches if P < 4 else args.p4_microbatches
         s = Settings(tuple((sc, m) for sc in args.schedules for m in ms), args.auto, not args.tie, args.steps,
-                     args.repeats, args.warmup, args.batch, args.seq_len, args.n_layer, args.n_embd, args.n_head,
-                     args.vocab, args.lr, args.seed, args.tie, args.timeout)
+                     args.repeats, args.warmup, args.block_warmup, args.batch, args.seq_len, args.n_layer,
+                     args.n_embd, args.n_head, args.vocab, args.lr, args.seed, args.tie, args.timeout)
         t0 = time.perf_counter()
         result = spawn(worker, P, args=(s,), timeout=args.timeout, threads=1)[0]
         summaries = summarise(result["records"], s.batch * s.seq_len)
@@ -473,9 +505,11 @@ def main(argv: list[str] | None = None) -> int:
               f"highest measured/ideal {worst[1]:.3f} ({worst[0]})")
         if g["auto"]:
             target = 1.1 if P == 2 else 1.3
-            for m, a, t, ratio in g["auto"]:
-                print(f"P={P} m={m} auto (best: {a}) vs torch even (best: {t}): {ratio:.4f}x, goal {target}x "
-                      f"{'reached' if ratio >= target else 'not reached'}")
+            for m, a, t, ratio, same, of_bound in g["auto"]:
+                same_txt = f"; vs torch's {a.split()[0]} on the even split {same:.3f}x" if same is not None else ""
+                print(f"P={P} m={m} auto (best: {a}) vs torch even (best: {t}): {ratio:.3f}x, goal {target}x "
+                      f"{'reached' if ratio >= target else 'not reached'}{same_txt}; stagewise at {of_bound:.0%} of "
+                      "the cores' bound")
     draw_chart(all_summaries, args.png)
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; appended to {args.out}; chart {args.png}")
     if failures:

@@ -293,6 +293,13 @@ class Pipeline:
             self._guard(lambda: launch.dist.broadcast(per_step, src=last), f"broadcasting the losses from rank {last}")
         return per_step.tolist()
 
+    def close(self) -> None:
+        """Stop this pipeline's failure watchdog thread (one per multi-process pipeline); idempotent. Call it
+        when a process builds many pipelines in turn; the process group stays for the caller to destroy."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
     def last_trace(self) -> Timeline:
         """The measured timeline of the last step, every device's events (seconds; same clock on one
         machine). With several processes this is a collective: call it on every rank."""

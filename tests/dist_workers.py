@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import torch
@@ -36,6 +37,8 @@ def parity(rank: int, world: int, microbatches: list[int], steps: int, local: bo
                 pipe.train_step(batch)
             errs["weight"] = max(rel(p.detach(), ref_weights[n]) for n, p in pipe.named_parameters())
             errs["params"] = len(pipe.named_parameters())
+            pipe.close()  # 30 pipelines in one process: no watchdog thread may outlive its pipeline
+            errs["watchdogs"] = sum(t.name == "stagewise-watchdog" and t.is_alive() for t in threading.enumerate())
             out[(name, m)] = errs
     return out
 

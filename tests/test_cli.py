@@ -71,3 +71,21 @@ def test_train_writes_its_run_folder_and_learns(tmp_path):
     meta = json.loads((run / "checkpoint" / "meta.json").read_text())
     assert sum(meta["balance"]) == 6 and (run / "checkpoint" / "stage-000.pt").exists()
     assert (run / "checkpoint" / "stage-001.pt").exists()
+
+
+def test_bench_against_torch_on_a_tiny_model(tmp_path):
+    """`stagewise bench` end to end on a tiny GPT: both libraries run, losses agree, every output is written."""
+    out_file, png = tmp_path / "vs.jsonl", tmp_path / "vs.png"
+    out = stagewise("bench", "--stages", "2", "--schedules", "1f1b", "zbv", "--microbatches", "2", "--steps", "1",
+                    "--repeats", "2", "--warmup", "1", "--batch", "4", "--seq-len", "8", "--n-layer", "2",
+                    "--n-embd", "32", "--n-head", "2", "--vocab", "64", "--timeout", "240",
+                    "--out", str(out_file), "--png", str(png), timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "first-step losses agree" in out.stdout
+    assert "P=2 m=2 auto" in out.stdout and "cores' bound" in out.stdout
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    rounds = [r for r in rows if r.get("kind") == "round" and r["library"] != "single"]
+    assert {(r["config"], r["library"]) for r in rounds} >= {("1f1b m=2", "stagewise"), ("1f1b m=2", "torch"),
+                                                             ("zbv m=2", "torch"), ("zbv m=2 auto", "stagewise")}
+    assert all(len(r["untimed_step_times_s"]) == 1 and len(r["step_times_s"]) == 1 for r in rounds)
+    assert png.stat().st_size > 0

@@ -22,6 +22,7 @@ def _check(results: list[dict], steps: int) -> None:
             assert errs["loss"] <= TOL, (name, m, errs)
             assert errs["grad"] <= TOL, (name, m, errs)
             assert errs["weight"] <= TOL, (name, m, errs)
+            assert errs["watchdogs"] == 0, (name, m, errs)
     # every parameter is held by exactly one rank
     for key in results[0]:
         assert sum(r[key]["params"] for r in results) == len(list(torch.nn.Sequential(*make_layers()).parameters()))

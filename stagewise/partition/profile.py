@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -92,7 +91,7 @@ def _sync(device: torch.device) -> None:
 
 
 def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: Any,
-                   device: torch.device | str | None = None, repeats: int = 3,
+                   device: torch.device | str | None = None, repeats: int = 5,
                    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, labels: Any = None
                    ) -> list[LayerProfile]:
     """Run every layer on the previous layer's output and measure it, as a pipeline stage would run it.
@@ -102,7 +101,8 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
     input is cut from the previous layer's graph, so its backward time covers that layer
     alone (input gradient included, as for a stage that receives its input from another);
     `input_grad` times the input gradient alone (what a split schedule's I computes).
-    Times are the median of `repeats` runs after one warm-up, in seconds. Saved-activation
+    Times are the fastest of `repeats` runs after one warm-up, in seconds: other work on a shared
+    machine only ever adds time, so the minimum is the steadiest estimate of what a layer costs. Saved-activation
     bytes count, with `saved_tensors_hooks`, every storage autograd keeps for the backward
     once, parameters' storages excluded. Tied parameters (one nn.Parameter in two layers, or
     equal `stagewise_tie` keys) count once, at their first layer; see `LayerProfile.shared`.
@@ -138,9 +138,9 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
                 run = _WithLoss(m, loss_fn, labels) if loss_fn is not None and i == len(mods) - 1 else m
                 x, forward, backward, saved = _measure(run, inp, dev, repeats)
                 params, param_bytes, shared = counts[i]
-                backward_s = statistics.median(backward)
+                backward_s = min(backward)
                 profiles.append(LayerProfile(
-                    index=i, name=type(m).__name__, forward=statistics.median(forward),
+                    index=i, name=type(m).__name__, forward=min(forward),
                     backward=backward_s, params=params, param_bytes=param_bytes,
                     output_bytes=_nbytes(x), saved_bytes=saved, shared=shared,
                     input_grad=min(_measure_input_grad(run, inp, dev, repeats), backward_s)))
@@ -211,7 +211,7 @@ class _WithLoss(nn.Module):
 
 
 def _measure_input_grad(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> float:
-    """Median seconds of the backward to the layer's inputs alone (no weight gradients); 0 without such inputs."""
+    """Fewest seconds of the backward to the layer's inputs alone (no weight gradients); 0 without such inputs."""
     inputs = [t for t in _tensors(inp) if t.requires_grad]
     if not inputs:
         return 0.0
@@ -227,7 +227,7 @@ def _measure_input_grad(m: nn.Module, inp: Any, dev: torch.device, repeats: int)
         torch.autograd.grad(roots, inputs, seeds, allow_unused=True)
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def describe_layers(layers: nn.Sequential | Sequence[nn.Module]) -> list[LayerProfile]:
