@@ -185,3 +185,42 @@ def test_checkpoint_round_trip(tmp_path):
     c = Pipeline(make_layers(), loss_fn, microbatches=2, local_devices=2, partition=[2, 7], show_partition=False)
     with pytest.raises(ValueError, match="written with balance"):
         c.load_checkpoint(tmp_path / "ckpt")
+
+
+def test_split_backward_frees_every_saved_tensor():
+    """I keeps the graph for W (retain_graph); nodes W does not run again must still free what they saved.
+
+    exp and softmax save their own output: kept by the saved-bytes hook as itself, it pointed back at
+    its node, a cycle no collector breaks, and every micro-batch of zb-h1/zbv leaked its activations."""
+    import gc
+    import weakref
+
+    from stagewise.runtime.stage import Stage
+
+    outputs = []
+
+    class SavesOutput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            s = torch.softmax(torch.exp(x.tanh()), dim=-1)
+            outputs.append(weakref.ref(s))
+            return s @ self.lin(x)
+
+    stage = Stage(1, [SavesOutput(), SavesOutput()], 1)
+    for split in (True, False):
+        outputs.clear()
+        for _ in range(3):
+            out, pending = stage.forward(torch.randn(4, 6, 6, requires_grad=True), first=False)
+            pending.roots = [out]
+            if split:
+                stage.backward_input(pending, [torch.ones_like(out)])
+                stage.backward_weight(pending)
+            else:
+                stage.backward(pending, [torch.ones_like(out)])
+            del out, pending
+        gc.collect()
+        assert len(outputs) == 6 and all(r() is None for r in outputs), f"split={split}: saved outputs outlived W"
+        assert stage.held_bytes == 0

@@ -164,7 +164,10 @@ class SavedBytes:
         if ptr not in self.params and ptr not in self.seen:
             self.seen.add(ptr)
             self.total += t.untyped_storage().nbytes()
-        return t
+        # Detached: a saved output returned as itself would point back (grad_fn) at the node saving it, a
+        # C++/Python cycle no collector breaks; a graph kept by retain_graph (the split backward's I, whose
+        # nodes W does not run again) would then leak its saved tensors every micro-batch.
+        return t.detach()
 
     def hooks(self) -> saved_tensors_hooks:
         return saved_tensors_hooks(self._pack, lambda t: t)
