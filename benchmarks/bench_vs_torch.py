@@ -45,7 +45,7 @@ Checks and measurements:
 Output: the tables, JSON lines (`--out`, one line per round and per summary) and a PNG chart of
 tokens/s per configuration (`--png`).
 
-Run (about 6 minutes with the defaults on two cores; P=4 runs 4 processes on 2 cores, so it is
+Run (about 8 minutes with the defaults on two cores; P=4 runs 4 processes on 2 cores, so it is
 slower and noisier and runs fewer configurations by default):
 
     PYTHONPATH=. python benchmarks/bench_vs_torch.py [--stages 2 4] [--schedules gpipe 1f1b interleaved zbv]
