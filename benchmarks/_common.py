@@ -49,9 +49,13 @@ def make_batch(s: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SingleProcess:
-    """The baseline: plain nn.Sequential forward, backward and Adam step in this process."""
+    """The baseline: plain nn.Sequential forward, backward and Adam step in this process, under the same
+    malloc settings a stagewise `Pipeline` sets on CPU (`keep_freed_host_memory`), so that they compare fairly."""
 
     def __init__(self, s: Any):
+        from stagewise.runtime.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
         self.model = nn.Sequential(*build_layers(s))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr)
 

@@ -19,6 +19,8 @@ ties it for stagewise only and skips torch).
 
 Checks and measurements:
 
+* Every process runs under the malloc settings a stagewise `Pipeline` sets on CPU (process-wide, see
+  `stagewise.runtime.host_memory`): torch's pipeline and the single process too, so they compare fairly.
 * The first step of every pipeline runs from the initial weights: its loss is printed for both
   libraries and the single-process model and must agree within 1e-5 (relative, float32).
 * Timing alternates the libraries (A B A B, the order swapped every round) over `--repeats` rounds;

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +228,45 @@ def test_split_backward_frees_every_saved_tensor():
         gc.collect()
         assert len(outputs) == 6 and all(r() is None for r in outputs), f"split={split}: saved outputs outlived W"
         assert stage.held_bytes == 0
+
+
+_FAULTS = """
+import resource, sys, torch
+from stagewise.runtime.host_memory import keep_freed_host_memory
+print(keep_freed_host_memory() if sys.argv[1] == "keep" else "untouched")
+def cycle():
+    ts = [torch.ones(2 * 2**20) for _ in range(3)]  # 3 x 8 MiB, every page touched
+    del ts
+for _ in range(3):
+    cycle()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_keep_freed_host_memory_stops_page_faults_of_repeated_activations():
+    """Freed 8 MiB blocks went back to the kernel (heap trim) and faulted in again each cycle; kept, they do not."""
+    runs = {}
+    for mode in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert out.returncode == 0, out.stderr[-2000:]
+        applied, faults = out.stdout.split()
+        runs[mode] = (applied, int(faults))
+    assert runs["keep"][0] == "True", runs
+    assert runs["keep"][1] <= 200, runs  # 10 cycles of 24 MiB would be 61,440 page faults without reuse
+
+
+def test_pipeline_sets_host_memory_only_when_asked(monkeypatch):
+    import stagewise.pipeline as pl
+
+    calls = []
+    monkeypatch.setattr(pl, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    off = Pipeline(make_layers(), loss_fn, schedule="1f1b", microbatches=2, local_devices=2, keep_host_memory=False,
+                   show_partition=False)
+    assert not calls and not off.keeps_host_memory
+    on = Pipeline(make_layers(), loss_fn, schedule="1f1b", microbatches=2, local_devices=2, show_partition=False)
+    assert calls == [1] and on.keeps_host_memory
