@@ -19,12 +19,10 @@ __all__ = ["keep_freed_host_memory"]
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks up to this size come from the heap
 TRIM_THRESHOLD = 2**31 - 1  # an int on the C side: the largest, never give the heap top back
-TOP_PAD = 64 * 2**20  # grow the heap in 64 MiB steps
 
 _applied: bool | None = None
 
@@ -46,5 +44,5 @@ def keep_freed_host_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-                                                   (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
+                                                   (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     return _applied
