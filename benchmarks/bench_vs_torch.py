@@ -390,7 +390,7 @@ def draw_chart(all_summaries: dict[int, list[dict[str, Any]]], path: Path) -> No
     import matplotlib.pyplot as plt
 
     labels, sw, th, auto = [], [], [], []
-    baselines = []  # (first bar, last bar, single-process tokens/s) per P
+    baselines = []  # (P, first bar, last bar, single-process tokens/s) per P
     for P, summaries in all_summaries.items():
         get = {(x["config"], x["library"]): x for x in summaries}
         first = len(labels)
@@ -404,7 +404,8 @@ def draw_chart(all_summaries: dict[int, list[dict[str, Any]]], path: Path) -> No
             a = get.get((x["config"] + " auto", "stagewise"))
             auto.append(a["tokens_per_s"] if a else None)
         if len(labels) > first:
-            baselines.append((first, len(labels) - 1, statistics.median(get[("single", "single")]["tokens_per_s"])))
+            baselines.append((P, first, len(labels) - 1,
+                              statistics.median(get[("single", "single")]["tokens_per_s"])))
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 4.8))
     width = 0.27
     for k, (series, name, color) in enumerate(((sw, "stagewise (even split)", "tab:blue"),
@@ -417,9 +418,12 @@ def draw_chart(all_summaries: dict[int, list[dict[str, Any]]], path: Path) -> No
         mids = [statistics.median(v) for v in vals]
         err = [[m - min(v) for m, v in zip(mids, vals)], [max(v) - m for m, v in zip(mids, vals)]]
         ax.bar(xs, mids, width, yerr=err, capsize=2, label=name, color=color)
-    for k, (lo, hi, value) in enumerate(baselines):
+    cores = os.cpu_count() or 1
+    for k, (P, lo, hi, value) in enumerate(baselines):
         ax.hlines(value, lo - 0.45, hi + 0.45, colors="gray", linestyles="dashed",
                   label="single process, 1 thread" if k == 0 else None)
+        ax.hlines(min(P, cores) * value, lo - 0.45, hi + 0.45, colors="black", linestyles="dotted",
+                  label=f"bound: min(P, {cores} cores) x single process" if k == 0 else None)
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("tokens/s (median, min-max)")
     ax.set_title("stagewise vs torch.distributed.pipelining, CPU, 1 thread per rank")
