@@ -257,7 +257,9 @@ def test_keep_freed_host_memory_stops_page_faults_of_repeated_activations():
         applied, faults = out.stdout.split()
         runs[mode] = (applied, int(faults))
     assert runs["keep"][0] == "True", runs
-    assert runs["keep"][1] <= 200, runs  # 10 cycles of 24 MiB would be 61,440 page faults without reuse
+    # 10 cycles of 3 x 8 MiB: handed back, every cycle faults its 6,144 pages in again (40,640 in all measured
+    # here); kept, at most a one-time growth of the heap (0 to 2,048 measured), less than one cycle's worth
+    assert runs["keep"][1] < 6144, runs
 
 
 def test_pipeline_sets_host_memory_only_when_asked(monkeypatch):
