@@ -97,6 +97,12 @@ class Settings:
     timeout: float
 
 
+def parallel_ranks(P: int) -> int:
+    """How many of P one-thread ranks can compute at once on this machine: the bound is that many times
+    the single process."""
+    return min(P, os.cpu_count() or 1)
+
+
 def torch_supports(schedule: str, P: int, m: int) -> str | None:
     """Why torch.distributed.pipelining cannot run this configuration, or None."""
     if schedule not in TORCH_SCHEDULES:
@@ -214,11 +220,12 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
         info[name]["torch"] = why or TORCH_SCHEDULES[sc]
         if s.auto:
             t0 = time.perf_counter()
-            auto = Pipeline(build_layers(s), lm_loss, schedule=sc, microbatches=m, partition="auto", sample=batch,
-                            optimizer=adam, timeout=s.timeout, show_partition=False)
-            pipes[(name + " auto", "stagewise")] = auto
-            info[name + " auto"] = {"schedule": sc, "microbatches": m, "partition": "auto",
-                                    "balance": list(auto.balance), "build_s": time.perf_counter() - t0, "torch": None}
+            pipes[(name + " auto", "stagewise")] = Pipeline(
+                build_layers(s), lm_loss, schedule=sc, microbatches=m, partition="auto", sample=batch, optimizer=adam,
+                timeout=s.timeout, show_partition=False)
+            info[name + " auto"] = {"schedule": sc, "microbatches": m, "partition": "auto", "torch": None,
+                                    "balance": list(pipes[(name + " auto", "stagewise")].balance),
+                                    "build_s": time.perf_counter() - t0}
         # The first step runs from the initial weights: the losses must agree.
         for (key, lib), pipe in pipes.items():
             if lib == "stagewise":
@@ -248,12 +255,9 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
                 if rank == 0:
                     records.append(rec)
         for pipe in pipes.values():
-            close = getattr(pipe, "close", None)
-            if close is not None:
-                close()
+            if isinstance(pipe, Pipeline):
+                pipe.close()
         del pipes, sw, pipe
-        if s.auto:
-            del auto
         gc.collect()
         dist.barrier()
     if rank != 0:
@@ -353,11 +357,10 @@ def print_tables(P: int, result: dict[str, Any], summaries: list[dict[str, Any]]
         goals["efficiency"].append((name, med(x["measured_over_ideal"])))
     autos = [n for n, inf in result["info"].items() if inf["partition"] == "auto"]
     if autos:
-        cores = os.cpu_count() or 1
-        bound = min(P, cores) * med(single["tokens_per_s"])
+        bound = parallel_ranks(P) * med(single["tokens_per_s"])
         print(f"\nstagewise partition=auto (best schedule per m) vs torch on the even split (best schedule per m, and "
-              f"the same schedule); ratios within each round, median [min-max]. Bound: {min(P, cores)} of {cores} "
-              f"cores x the single process = {bound:.0f} tokens/s")
+              f"the same schedule); ratios within each round, median [min-max]. Bound: {parallel_ranks(P)} of "
+              f"{os.cpu_count()} cores x the single process = {bound:.0f} tokens/s")
         print(f"{'m':<3} {'best stagewise auto':<24} {'balance':<20} {'tok/s':<19} {'best torch even':<17} "
               f"{'tok/s':<19} {'ratio':<21} {'vs torch same schedule':<22}")
         best_ratios = []
@@ -418,12 +421,11 @@ def draw_chart(all_summaries: dict[int, list[dict[str, Any]]], path: Path) -> No
         mids = [statistics.median(v) for v in vals]
         err = [[m - min(v) for m, v in zip(mids, vals)], [max(v) - m for m, v in zip(mids, vals)]]
         ax.bar(xs, mids, width, yerr=err, capsize=2, label=name, color=color)
-    cores = os.cpu_count() or 1
     for k, (P, lo, hi, value) in enumerate(baselines):
         ax.hlines(value, lo - 0.45, hi + 0.45, colors="gray", linestyles="dashed",
                   label="single process, 1 thread" if k == 0 else None)
-        ax.hlines(min(P, cores) * value, lo - 0.45, hi + 0.45, colors="black", linestyles="dotted",
-                  label=f"bound: min(P, {cores} cores) x single process" if k == 0 else None)
+        ax.hlines(parallel_ranks(P) * value, lo - 0.45, hi + 0.45, colors="black", linestyles="dotted",
+                  label=f"bound: min(P, {os.cpu_count()} cores) x single process" if k == 0 else None)
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("tokens/s (median, min-max)")
     ax.set_title("stagewise vs torch.distributed.pipelining, CPU, 1 thread per rank")
