@@ -28,11 +28,11 @@ from stagewise.partition import (
     by_time,
     by_type,
     inflight_per_stage,
-    methods,
+    memory,
     min_max_balance,
     min_max_partition,
     min_sum_partition,
-    resolve,
+    planner,
     resolve_balance,
     uniform,
 )
@@ -180,7 +180,7 @@ def test_by_type_reproduces_the_seed_and_deepspeed():
     assert by_type(GPT2, "GPT2Block", 2) == [7, 7]
     assert by_type(GPT2, "gpt2block", 4) == [4, 3, 3, 4]  # case-insensitive
     assert by_type(GPT2, "Block$", 12) == [2] + [1] * 10 + [2]
-    assert resolve("type:GPT2Block", 14, 4, names=GPT2) == [4, 3, 3, 4]
+    assert resolve_balance("type:GPT2Block", 14, 4, names=GPT2) == [4, 3, 3, 4]
     rng = random.Random(4)
     compared = 0
     for _ in range(300):
@@ -207,7 +207,7 @@ def test_by_type_errors():
     with pytest.raises(PartitionError, match="type:Post matches 1 layers but there are 2 stages"):
         by_type(GPT2, "Post", 2)
     with pytest.raises(PartitionError, match=r"type:\( is not a valid regular expression"):
-        resolve("type:(", 14, 4, names=GPT2)
+        resolve_balance("type:(", 14, 4, names=GPT2)
     with pytest.raises(PartitionError, match="cannot cut 14 layers into 15 stages"):
         by_type(GPT2, "Block", 15)
 
@@ -223,7 +223,7 @@ def test_by_parameters_balances_gpt2():
         return max(sum(params[lo:hi]) for lo, hi in ranges(b))
 
     assert worst(balance) < 0.75 * worst(uniform(14, 4))
-    assert resolve("parameters", 14, 4, params=params) == balance
+    assert resolve_balance("parameters", 14, 4, params=params) == balance
     # Tied: the head's weight is counted at the embedding; a stage holding the head still keeps a copy.
     tied = [EMBED] + [BLOCK] * 12 + [LN_F]
     shared = [{0: WTE}] + [{}] * 12 + [{0: WTE}]
@@ -238,7 +238,7 @@ def test_by_time_and_communication():
     # A cut after layer 1 is expensive: with communication charged to both sides, it moves.
     assert by_time([1.0] * 4, 2) == [2, 2]
     assert by_time([1.0] * 4, 2, comm_times=[0.0, 5.0, 0.0, 0.0]) == [3, 1]
-    assert resolve("time", 4, 2, times=[1.0] * 4) == [2, 2]
+    assert resolve_balance("time", 4, 2, times=[1.0] * 4) == [2, 2]
 
 
 # ---- memory ----
@@ -277,7 +277,7 @@ def test_by_memory_is_optimal_and_respects_the_limit():
     peaks = {tuple(b): max(fp.devices(b)) for b in compositions(14, 4)}
     assert max(fp.devices(balance)) == min(peaks.values())
     assert max(fp.devices(balance)) < max(fp.devices(uniform(14, 4)))
-    assert resolve("memory", 14, 4, layers=layers, schedule=sc) == balance
+    assert resolve_balance("memory", 14, 4, layers=layers, schedule=sc) == balance
     limit = min(peaks.values()) * 1.01
     assert max(fp.devices(by_memory(params, acts, sc, shared=shared, limit=limit))) <= limit
     with pytest.raises(PartitionError, match=r"no partition of 14 layers into 4 stages fits the memory limit of "
@@ -295,7 +295,7 @@ def test_by_memory_is_optimal_and_respects_the_limit():
 
 
 def test_by_memory_local_search_with_several_stages_per_device(monkeypatch):
-    monkeypatch.setattr(methods, "ENUMERATE_MEMORY", 0)
+    monkeypatch.setattr(memory, "ENUMERATE_MEMORY", 0)
     layers = gpt2_profiles()
     params, acts, shared = [x.params for x in layers], [x.saved_bytes for x in layers], [x.shared for x in layers]
     for name in ("interleaved", "zbv"):
@@ -322,7 +322,7 @@ def test_asynchronous_schedules_pay_for_stashed_weights():
 @pytest.mark.parametrize("name,devices", [("1f1b", 4), ("gpipe", 4), ("interleaved", 2), ("zbv", 2), ("zb-h1", 4)])
 def test_auto_is_no_worse_than_uniform(name: str, devices: int, search: str, monkeypatch):
     if search == "heuristic":
-        monkeypatch.setattr(methods, "ENUMERATE_STEPS", 0)
+        monkeypatch.setattr(planner, "ENUMERATE_STEPS", 0)
     sc = build(name, devices, 8)
     for seed in range(2):
         layers = gpt2_profiles(random.Random(seed))
@@ -332,7 +332,8 @@ def test_auto_is_no_worse_than_uniform(name: str, devices: int, search: str, mon
         assert plan.makespan(balance) <= plan.makespan(by_type(GPT2, "GPT2Block", sc.num_stages))
         best = min(plan.makespan(b) for b in compositions(14, 4))
         assert plan.makespan(balance) <= best * (1 + 1e-9 if search == "enumerate" else 1.02)
-    assert resolve("auto", 14, sc.num_stages, layers=layers, schedule=sc, latency=2e-5, bandwidth=25e9) == balance
+    got = resolve_balance("auto", 14, sc.num_stages, layers=layers, schedule=sc, latency=2e-5, bandwidth=25e9)
+    assert got == balance
 
 
 def test_auto_finds_the_best_balance_on_a_small_case():
@@ -348,13 +349,13 @@ def test_auto_finds_the_best_balance_on_a_small_case():
 @pytest.mark.parametrize("name,devices", [("1f1b", 4), ("interleaved", 2), ("zbv", 2)])
 def test_auto_respects_the_memory_limit(name: str, devices: int, search: str, monkeypatch):
     if search == "heuristic":
-        monkeypatch.setattr(methods, "ENUMERATE_STEPS", 0)
-        monkeypatch.setattr(methods, "ENUMERATE_MEMORY", 0)
+        monkeypatch.setattr(planner, "ENUMERATE_STEPS", 0)
+        monkeypatch.setattr(memory, "ENUMERATE_MEMORY", 0)
     layers = gpt2_profiles()
     sc = build(name, devices, 8)
     plan = Planner(layers, sc)
     fast = auto(layers, sc)
-    least = resolve("memory", 14, sc.num_stages, layers=layers, schedule=sc)
+    least = resolve_balance("memory", 14, sc.num_stages, layers=layers, schedule=sc)
     low, high = max(plan.footprint.devices(least)), max(plan.footprint.devices(fast))
     assert low < high
     limit = (low + high) / 2
@@ -458,7 +459,7 @@ def test_profile_layers_measures_a_small_sequential():
     assert table.stages[0].params == table.total_params == 544
     assert [r.params for r in PartitionTable.from_profiles([2, 3], profiles).stages] == [272, 544]
     # Every cut leaves 544 on one side (the copy); ties go to the lexicographically largest balance.
-    assert resolve("parameters", 5, 2, layers=profiles) == [4, 1]
+    assert resolve_balance("parameters", 5, 2, layers=profiles) == [4, 1]
 
 
 # ---- table ----
@@ -512,7 +513,7 @@ def test_profile_measures_the_input_gradient_and_the_loss_with_the_last_layer():
 
 
 def test_auto_models_the_input_and_weight_gradient_pieces_of_split_schedules():
-    from stagewise.partition.methods import Planner
+    from stagewise.partition.planner import Planner
 
     layers = [LayerProfile(i, "L", forward=1.0, backward=2.0, input_grad=1.5) for i in range(8)]
     plan = Planner(layers, build("zbv", 2, 4))

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stagewise.schedules import SCHEDULES, Costs, ScheduleError, build, lower, simulate, validate
-from stagewise.schedules.actions import Action, Schedule
-from stagewise.schedules.engine import _timed_scalar, compile_schedule, timed_execution, unit_execution
+from stagewise.schedules.actions import Action
+from stagewise.schedules.execution import _timed_scalar, compile_schedule, timed_execution, unit_execution
 from stagewise.schedules.programs import Programs
+from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.validate import _check_structure, _communication_ok, _structure_ok, check_communication
 
 NAMES = sorted(SCHEDULES)
@@ -90,7 +91,7 @@ def test_one_row_at_a_time_and_level_by_level_agree(name, P, m):
     c = compile_schedule(sc)
     cost = np.linspace(0.5, 2.0, c.n)
     start, end = timed_execution(sc, cost, np.full(max(sc.num_stages - 1, 0), 0.25))
-    from stagewise.schedules.engine import _levels
+    from stagewise.schedules.execution import _levels
     order, _ = _levels(c, unit_execution(sc)[0])
     prev = np.arange(-1, c.n - 1)
     offs = c.programs.offsets[:-1]
@@ -105,7 +106,7 @@ def test_one_row_at_a_time_and_level_by_level_agree(name, P, m):
 
 def test_a_wrong_unit_run_from_a_generator_is_not_trusted():
     sc = build("zbv", 3, 6)
-    progs = sc.programs
+    progs = sc.actions
     bogus = Programs(progs.op, progs.stage, progs.microbatch, progs.version, progs.peer, progs.offsets,
                      start=np.zeros(progs.num_actions))  # everything at time 0: impossible
     forged = replace(sc, actions=bogus)
@@ -166,7 +167,7 @@ def test_fast_structure_check_agrees_with_the_exact_one(name, P, m, seed):
 def test_order_keys_never_prove_a_program_that_deadlocks(name, P, m, seed):
     low = lower(_build(name, P, m))
     assert _communication_ok(low)
-    progs = low.programs
+    progs = low.actions
     rng = np.random.default_rng(seed)
     for _ in range(6):  # move rows around on one device, their order keys with them
         d = int(rng.integers(P))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from stagewise.partition.costs import LayerProfile, ParamCounter, Shared, format_bytes, format_count, format_seconds
-from stagewise.partition.methods import Planner
+from stagewise.partition.planner import Planner
 from stagewise.partition.solver import check_balance, ranges
 from stagewise.schedules import Schedule
 

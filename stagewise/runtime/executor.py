@@ -12,19 +12,8 @@ from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.stage import Pending, Stage
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
 from stagewise.runtime.tree import describe, flatten
-from stagewise.schedules.actions import (
-    RECV_B,
-    RECV_F,
-    SEND_B,
-    SEND_F,
-    STEP,
-    Action,
-    B,
-    F,
-    I,
-    Schedule,
-    W,
-)
+from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, B, F, I, W
+from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event
 
 LossFn = Callable[[Any, Any], torch.Tensor]

@@ -15,15 +15,15 @@ from stagewise.schedules.actions import (
     B,
     F,
     I,
-    Schedule,
     ScheduleError,
     W,
 )
 from stagewise.schedules.asynchronous import pipedream, two_bw
+from stagewise.schedules.flushing import gpipe, naive, one_f_one_b
 from stagewise.schedules.interleaved import interleaved
 from stagewise.schedules.lowering import lower
-from stagewise.schedules.registry import SCHEDULES, SYNCHRONOUS, build
-from stagewise.schedules.simple import gpipe, naive, one_f_one_b
+from stagewise.schedules.registry import SCHEDULES, SYNCHRONOUS, ScheduleInfo, build
+from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.simulate import Costs, Simulation, simulate
 from stagewise.schedules.timeline import Event, Timeline
 from stagewise.schedules.validate import validate
@@ -31,7 +31,7 @@ from stagewise.schedules.zero_bubble import zb_h1, zbv
 
 __all__ = [
     "B", "COMM_OPS", "COMPUTE_OPS", "F", "I", "RECV_B", "RECV_F", "SEND_B", "SEND_F", "STEP", "W",
-    "Action", "Costs", "Event", "SCHEDULES", "SYNCHRONOUS", "Schedule", "ScheduleError", "Simulation",
+    "Action", "Costs", "Event", "SCHEDULES", "SYNCHRONOUS", "Schedule", "ScheduleError", "ScheduleInfo", "Simulation",
     "Timeline", "build", "gpipe", "interleaved", "lower", "naive", "one_f_one_b", "pipedream",
     "simulate", "two_bw", "validate", "zb_h1", "zbv",
 ]

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
-
-if TYPE_CHECKING:
-    from stagewise.schedules.programs import Programs
+from typing import NamedTuple
 
 # Compute ops.
 F = "F"  # forward of one (stage, micro-batch)
@@ -55,61 +50,3 @@ class Action(NamedTuple):
 
 class ScheduleError(ValueError):
     """A schedule is impossible to build or is not a valid pipeline schedule."""
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """An ordered list of actions for each device, plus where every stage lives.
-
-    `placement[s]` is the device that holds stage `s`; `actions[d]` is device `d`'s program
-    (given as per-device sequences of `Action`, it is stored as `Programs` columns).
-    `lowered` is True once `lower()` has added the communication actions.
-    """
-
-    name: str
-    num_devices: int
-    microbatches: int
-    placement: tuple[int, ...]
-    actions: Programs | Sequence[Sequence[Action]]
-    split_backward: bool = False  # backward is I + W rather than B
-    asynchronous: bool = False  # several weight versions, no flush
-    lowered: bool = False
-    per_batch: int = 0  # micro-batches per optimizer batch when several batches run unflushed (0: all)
-
-    def __post_init__(self) -> None:
-        from stagewise.schedules.programs import Programs
-
-        if not isinstance(self.actions, Programs):
-            object.__setattr__(self, "actions", Programs.from_lists(self.actions))
-        object.__setattr__(self, "placement", tuple(self.placement))
-
-    @property
-    def programs(self) -> Programs:
-        """The actions as columns (the same object as `actions`)."""
-        return self.actions  # type: ignore[return-value]
-
-    @property
-    def batch_microbatches(self) -> int:
-        """Micro-batches in one batch (one optimizer step for the synchronous schedules)."""
-        return self.per_batch or self.microbatches
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.placement)
-
-    @property
-    def chunks(self) -> int:
-        """Stages per device (virtual stages)."""
-        return self.num_stages // self.num_devices
-
-    def stages_of(self, device: int) -> list[int]:
-        return [s for s, d in enumerate(self.placement) if d == device]
-
-    def compute_actions(self, device: int) -> list[Action]:
-        return [a for a in self.actions[device] if a.op in COMPUTE_OPS]
-
-    def describe(self) -> str:
-        return (
-            f"{self.name}: {self.num_devices} devices, {self.num_stages} stages, "
-            f"{self.microbatches} micro-batches"
-        )

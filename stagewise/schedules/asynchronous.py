@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.schedules.actions import STEP, B, F, Schedule, ScheduleError
+from stagewise.schedules.actions import STEP, B, F, ScheduleError
+from stagewise.schedules.flushing import one_f_one_b_order
 from stagewise.schedules.placement import check_args, plain
 from stagewise.schedules.programs import OP_CODE, Programs
-from stagewise.schedules.simple import one_f_one_b_order
+from stagewise.schedules.schedule import Schedule
 
 
 def pipedream(devices: int, microbatches: int, chunks: int = 1, *, batches: int = 1,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.schedules.actions import Schedule, ScheduleError
+from stagewise.schedules.actions import ScheduleError
 from stagewise.schedules.list_scheduler import BWD, FWD, NONE, Ready, list_schedule, schedule_from_listed
 from stagewise.schedules.placement import check_args, round_robin
+from stagewise.schedules.schedule import Schedule
 
 
 def interleaved(devices: int, microbatches: int, chunks: int = 2) -> Schedule:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import B, F, I, Schedule, ScheduleError, W
+from stagewise.schedules.actions import B, F, I, ScheduleError, W
 from stagewise.schedules.programs import OP_CODE, Programs
+from stagewise.schedules.schedule import Schedule
 
 # What a policy returns per device: NONE, or the kind of action and the chunk it is for.
 NONE, FWD, BWD, WGT = -1, 0, 1, 2

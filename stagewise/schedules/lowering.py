@@ -16,9 +16,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from stagewise.schedules.actions import COMPUTE_OPS, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule
-from stagewise.schedules.engine import Compiled, compile_schedule, unit_execution
+from stagewise.schedules.actions import COMPUTE_OPS, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I
+from stagewise.schedules.execution import Compiled, compile_schedule, unit_execution
 from stagewise.schedules.programs import OP_CODE, Programs
+from stagewise.schedules.schedule import Schedule
 
 
 def lower(schedule: Schedule) -> Schedule:
@@ -60,8 +61,8 @@ def lower(schedule: Schedule) -> Schedule:
     out = Programs.from_rows(P, device, ops, stage, mb, version, peer, start=times, order=keys, sort=keys)
     lowered = replace(schedule, actions=out, lowered=True)
     # The compute rows and their unit execution are those of `schedule`: share them.
-    lowered.programs.cached("compiled", lambda: _relabel(c, out))
-    lowered.programs.cached("unit", lambda: (start, end))
+    lowered.actions.cached("compiled", lambda: _relabel(c, out))
+    lowered.actions.cached("unit", lambda: (start, end))
     return lowered
 
 

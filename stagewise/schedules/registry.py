@@ -1,24 +1,38 @@
-"""Every schedule by name, with a one-line description."""
+"""Every schedule by name: its generator, a one-line summary, its default chunks, whether it is asynchronous.
+
+This is the one place a schedule's name is written down; the CLI's help, `Pipeline`'s
+docstring and `stagewise simulate --list` read it from here.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stagewise.schedules.actions import Schedule, ScheduleError
+from stagewise.schedules.actions import ScheduleError
 from stagewise.schedules.asynchronous import pipedream, two_bw
+from stagewise.schedules.flushing import gpipe, naive, one_f_one_b
 from stagewise.schedules.interleaved import interleaved
-from stagewise.schedules.simple import gpipe, naive, one_f_one_b
+from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.zero_bubble import zb_h1, zbv
 
 
 @dataclass(frozen=True)
 class ScheduleInfo:
+    """A registered schedule: `generator(devices, microbatches, chunks, **options) -> Schedule`."""
+
     name: str
     generator: Callable[..., Schedule]
     summary: str
     default_chunks: int = 1
     asynchronous: bool = False
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The keyword options the generator takes beyond (devices, microbatches, chunks)."""
+        params = list(inspect.signature(self.generator).parameters.values())[3:]
+        return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 SCHEDULES: dict[str, ScheduleInfo] = {
@@ -40,13 +54,29 @@ SCHEDULES: dict[str, ScheduleInfo] = {
 SYNCHRONOUS = tuple(n for n, i in SCHEDULES.items() if not i.asynchronous)
 
 
+def names(asynchronous: bool | None = None) -> str:
+    """The registered names as one comma-separated string (all, or only the (a)synchronous ones)."""
+    return ", ".join(n for n, i in SCHEDULES.items() if asynchronous is None or i.asynchronous == asynchronous)
+
+
+def info(name: str) -> ScheduleInfo:
+    """The registry entry of `name`; ScheduleError naming the choices when there is none."""
+    found = SCHEDULES.get(name)
+    if found is None:
+        raise ScheduleError(f"unknown schedule {name!r}; choose one of: {names()}")
+    return found
+
+
 def build(name: str, devices: int, microbatches: int, chunks: int | None = None, **options) -> Schedule:
     """Generate schedule `name` for `devices` devices and `microbatches` micro-batches.
 
-    `chunks` defaults to the schedule's own (2 for interleaved and zbv, else 1); options
-    such as `batches=` or `vertical_sync=` go to the asynchronous generators.
+    `chunks` defaults to the schedule's own (2 for interleaved and zbv, else 1); `options`
+    (such as `batches=` or `vertical_sync=` of the asynchronous generators) must be ones the
+    generator takes, else a ScheduleError lists those it does take.
     """
-    info = SCHEDULES.get(name)
-    if info is None:
-        raise ScheduleError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
-    return info.generator(devices, microbatches, info.default_chunks if chunks is None else chunks, **options)
+    entry = info(name)
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        takes = ", ".join(entry.options) or "none"
+        raise ScheduleError(f"schedule {name!r} takes no option {', '.join(map(repr, unknown))} (its options: {takes})")
+    return entry.generator(devices, microbatches, entry.default_chunks if chunks is None else chunks, **options)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import OPS, STEP, B, F, I, Schedule, W
-from stagewise.schedules.engine import compile_schedule, timed_execution
+from stagewise.schedules.actions import OPS, STEP, B, F, I, W
+from stagewise.schedules.execution import compile_schedule, timed_execution
 from stagewise.schedules.programs import OP_CODE
+from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event, Timeline
 
 PerStage = float | Sequence[float]

@@ -20,13 +20,13 @@ from stagewise.schedules.actions import (
     B,
     F,
     I,
-    Schedule,
     ScheduleError,
     W,
 )
-from stagewise.schedules.engine import unit_execution
+from stagewise.schedules.execution import unit_execution
 from stagewise.schedules.lowering import lower, message_of
 from stagewise.schedules.programs import OP_CODE
+from stagewise.schedules.schedule import Schedule
 
 
 def validate(schedule: Schedule) -> Schedule:
@@ -228,7 +228,7 @@ _COMPUTE = len(COMPUTE_OPS)  # codes below this are compute ops
 
 def _structure_ok(sc: Schedule) -> bool:
     """The checks of `_check_structure`, over columns: True when all of them pass."""
-    p, P, S, m = sc.programs, sc.num_devices, sc.num_stages, sc.microbatches
+    p, P, S, m = sc.actions, sc.num_devices, sc.num_stages, sc.microbatches
     if len(p) != P or any(not 0 <= d < P for d in sc.placement) or (p.op < 0).any():
         return False
     comp = p.op < _COMPUTE
@@ -288,7 +288,7 @@ def _communication_ok(sc: Schedule) -> bool:
     give an order in which every SEND meets its RECV; without keys (a hand-made lowered
     schedule) the answer is no and the exact check decides.
     """
-    p = sc.programs
+    p = sc.actions
     if p.order is None or len(p.order) != p.num_actions:
         return False
     S, M = sc.num_stages, sc.microbatches

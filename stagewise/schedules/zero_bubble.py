@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.schedules.actions import F, I, Schedule, ScheduleError, W
+from stagewise.schedules.actions import F, I, ScheduleError, W
 from stagewise.schedules.list_scheduler import BWD, FWD, NONE, WGT, Ready, list_schedule, schedule_from_listed
 from stagewise.schedules.placement import check_args, plain, v_shape
 from stagewise.schedules.programs import OP_CODE, Programs
+from stagewise.schedules.schedule import Schedule
 
 
 def zb_h1(devices: int, microbatches: int, chunks: int = 1) -> Schedule:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from stagewise.schedules.actions import B, F, Schedule, ScheduleError
+from stagewise.schedules.actions import B, F, ScheduleError
 from stagewise.schedules.placement import check_args, plain
 from stagewise.schedules.programs import OP_CODE, Programs
+from stagewise.schedules.schedule import Schedule
 
 _F, _B = OP_CODE[F], OP_CODE[B]
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import COMPUTE_OPS, STEP, Action, B, F, I, Schedule, ScheduleError, W
+from stagewise.schedules.actions import COMPUTE_OPS, STEP, Action, B, F, I, ScheduleError, W
 from stagewise.schedules.programs import OP_CODE, Programs
+from stagewise.schedules.schedule import Schedule
 
 # A dependency key: ("F" | "B" | "W", stage, micro-batch), or ("V", stage, version) for a weight version.
 Key = tuple[str, int, int]
@@ -80,11 +81,11 @@ class Compiled:
 
 def compile_schedule(schedule: Schedule) -> Compiled:
     """Dependencies of every compute action (computed once per schedule)."""
-    return schedule.programs.cached("compiled", lambda: _compile(schedule))
+    return schedule.actions.cached("compiled", lambda: _compile(schedule))
 
 
 def _compile(schedule: Schedule) -> Compiled:
-    allp = schedule.programs
+    allp = schedule.actions
     progs = allp.select(np.isin(allp.op, _COMPUTE_CODES)) if allp.num_actions else allp
     S = schedule.num_stages
     placement = np.asarray(schedule.placement, dtype=np.int64)
@@ -128,7 +129,7 @@ def unit_execution(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
 
     Raises ScheduleError naming the first action that can never run.
     """
-    return schedule.programs.cached("unit", lambda: _unit_execution(schedule))
+    return schedule.actions.cached("unit", lambda: _unit_execution(schedule))
 
 
 def _unit_execution(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
@@ -265,7 +266,7 @@ def timed_execution(schedule: Schedule, cost: np.ndarray, delay: np.ndarray | No
     c = compile_schedule(schedule)
     ustart, _ = unit_execution(schedule)
     N = c.n
-    order, bounds = schedule.programs.cached("levels", lambda: _levels(c, ustart))
+    order, bounds = schedule.actions.cached("levels", lambda: _levels(c, ustart))
     prev = np.arange(-1, N - 1, dtype=np.int64)
     offs = c.programs.offsets[:-1]
     prev[offs[offs < N]] = N
