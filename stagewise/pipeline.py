@@ -1,35 +1,37 @@
-"""The user API: `Pipeline`, one process (rank) per pipeline device, torchrun-style."""
+"""The user API: `Pipeline`, one rank per pipeline device (torchrun-style processes, or threads).
+
+`Pipeline` resolves its options and composes the runtime's parts: a World (ranks and how
+they talk), the stages each rank holds, an executor per rank that walks its action list,
+and the training step's parts that run at every STEP action.
+"""
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from stagewise.partition import resolve_balance
-from stagewise.runtime import checkpoint, launch, ties
-from stagewise.runtime.errors import PeerError, PipelineError
-from stagewise.runtime.executor import Executor
-from stagewise.runtime.feed import MicrobatchFeed
+from stagewise.partition import PartitionTable, resolve_balance
+from stagewise.partition.profile import layer_facts
+from stagewise.runtime import checkpoint
+from stagewise.runtime.feed import Microbatches, MicrobatchFeed
 from stagewise.runtime.host_memory import keep_freed_host_memory
-from stagewise.runtime.microbatch import scatter
-from stagewise.runtime.stage import Stage
-from stagewise.runtime.transport import DistTransport, LocalHub, LocalTransport, Transport
-from stagewise.runtime.tree import map_tensors
-from stagewise.runtime.versions import WeightVersions
-from stagewise.schedules import SCHEDULES, Schedule, build, validate
-from stagewise.schedules.timeline import Event, Timeline
-
-LayerSpec = nn.Module | Callable[[], nn.Module]
+from stagewise.runtime.runner import Runner
+from stagewise.runtime.stages import LayerSpec, StageSet, as_layer_list
+from stagewise.runtime.step import NewWeightVersion, OptimizerStep, Step, SyncTiedGrads
+from stagewise.runtime.ties import Ties
+from stagewise.runtime.versions import stashing
+from stagewise.runtime.world import make_world
+from stagewise.schedules import Schedule, ScheduleError, build, validate
+from stagewise.schedules.registry import info, resolve_schedule
+from stagewise.schedules.timeline import Timeline
 
 
 class Pipeline:
-    """Train a model given as a list of layers on a pipeline of devices, under any synchronous schedule.
+    """Train a model given as a list of layers on a pipeline of devices.
 
     Run one process per device (`torchrun --nproc_per_node=P script.py` or
     `stagewise run -n P script.py`); every rank constructs the same `Pipeline` and calls
@@ -40,14 +42,17 @@ class Pipeline:
         layers: an `nn.Sequential`, a list of modules, or zero-argument factories (each rank
             then builds only its own layers; `seed` makes that deterministic).
         loss_fn: `(last stage output, labels) -> scalar`, the mean over that micro-batch.
-        schedule: naive, gpipe, 1f1b, interleaved, zb-h1 or zbv.
-        microbatches: m; a batch of B samples gives micro-batches of B//m or B//m + 1 samples.
+        schedule: a registered name (see `stagewise simulate --list`), or a `Schedule` built by hand
+            for P devices (validated before anything runs).
+        microbatches: m (default 4; taken from the schedule when a `Schedule` is given); a batch of B
+            samples gives micro-batches of B//m or B//m + 1 samples.
         partition: a balance list with one layer count per stage (devices x chunks), or a method:
             "uniform", "parameters", "type:REGEX" (DeepSpeed's), "time", "memory" or "auto" (these three
             measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
         chunks: virtual stages per device (interleaved, zbv); default from the schedule.
-        optimizer: `params -> torch.optim.Optimizer`, built over this rank's parameters.
+        optimizer: `params -> torch.optim.Optimizer`, built over each rank's parameters.
         timeout: seconds any wait on another device may take before every rank stops with an error.
+        vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
         show_partition: print the partition table on rank 0 at start-up (DeepSpeed-style);
             `partition_table()` returns it as data either way.
         keep_host_memory: on CPU, set glibc's malloc (process-wide) to keep freed memory instead of
@@ -58,163 +63,58 @@ class Pipeline:
 
     def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-                 schedule: str = "1f1b", microbatches: int = 4, partition: str | Sequence[int] = "uniform",
-                 chunks: int | None = None,
+                 schedule: str | Schedule = "1f1b", microbatches: int | None = None,
+                 partition: str | Sequence[int] = "uniform", chunks: int | None = None,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
                  local_devices: int | None = None, backend: str | None = None,
                  sample: tuple[Any, Any] | None = None, memory_limit: float | None = None,
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True):
-        info = SCHEDULES.get(schedule)
-        if info is None:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        self.loss_fn, self.timeout, self.microbatches = loss_fn, timeout, microbatches
-        if local_devices is not None:
-            self.rank, self.world, self.local = 0, local_devices, True
-        else:
-            self.rank, self.world = launch.init_from_env(timeout, backend)
-            self.local = False
-        self.schedule_name, self.chunks, self.asynchronous = schedule, chunks, info.asynchronous
-        self.schedule_options = {"vertical_sync": True} if vertical_sync else {}
-        if vertical_sync and schedule != "pipedream":
-            raise ValueError("vertical_sync applies to the 'pipedream' schedule only")
-        self.schedule: Schedule = validate(build(schedule, self.world, microbatches, chunks, **self.schedule_options))
-        layer_list = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
-        self.profiles = self._profiles(layer_list, partition, sample)
+        self.loss_fn, self.timeout = loss_fn, timeout
+        options = {"vertical_sync": True} if vertical_sync else {}
+        if isinstance(schedule, str):
+            info(schedule)  # an unknown name fails here, before any process group is set up
+        self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device)
+        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks, **options)
+        self.microbatches = self.schedule.microbatches
+        self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
+        layer_list = as_layer_list(layers)
+        self.device = self.world.device(self.world.local_ranks[0])
+        self.profiles = self.world.compute_once(lambda: layer_facts(layer_list, partition, sample, self.microbatches,
+                                                                    loss_fn, self.device))
         self.balance = resolve_balance(partition, len(layer_list), self.schedule.num_stages, layers=self.profiles,
                                        schedule=self.schedule, memory_limit=memory_limit)
-        self.device = torch.device(device) if device is not None else self._default_device()
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()
-        starts = [sum(self.balance[:s]) for s in range(len(self.balance))]
-        self.layer_ranges = [(a, a + n) for a, n in zip(starts, self.balance)]
-        self.devices = list(range(self.world)) if self.local else [self.rank]
-        self.stages: dict[int, Stage] = {}
-        names, shared = ties.canonical_names(layer_list), ties.shared_ids(layer_list)
-        for d in self.devices:
-            for s in self.schedule.stages_of(d):
-                lo, hi = self.layer_ranges[s]
-                built = [_build_layer(layer_list[i], i, seed) for i in range(lo, hi)]
-                self.stages[s] = Stage(s, [m.to(self.device) for m in built], lo, names)
-        # Each device owns the parameters of its stages; a parameter shared by two stages of one
-        # process is owned (and stepped) once, by the first device that holds it.
-        owned: dict[int, list[nn.Parameter]] = {d: [] for d in self.devices}
-        tied: dict[int, dict[str, nn.Parameter]] = {d: {} for d in self.devices}
-        seen: set[int] = set()
-        for d in self.devices:
-            for s in self.schedule.stages_of(d):
-                for p in self.stages[s].parameters():
-                    key = ties.tie_key(p, names, shared)
-                    if key is not None:
-                        tied[d][key] = p
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        owned[d].append(p)
-        if self.local:
-            self._ties: Any = ties.LocalTies(tied, timeout)
-        elif self.world > 1:
-            self._ties = ties.DistTies(tied[self.rank], self.rank, self.world)
-        else:
-            self._ties = None
-        if self.asynchronous and any(tied.values()):
-            raise ValueError(f"schedule {schedule!r} keeps several weight versions per stage; parameters tied "
-                             "across stages (such as GPT-2's embedding and head) are not supported with it. Untie "
-                             "them or use a synchronous schedule")
-        self.optimizers = {d: optimizer(ps) for d, ps in owned.items() if optimizer is not None and ps}
-        self._failed: str | None = None
-        self._events: list[Event] = []
-        self._hub = LocalHub() if self.local else None
-        self._executors = {d: self._executor(d) for d in self.devices}
-        self._watchdog = launch.Watchdog(self.rank) if not self.local and self.world > 1 else None
-        if show_partition and self.rank == 0:
+        self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed)
+        self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
+        ties = Ties(self.world, self.model.tied)
+        if self.schedule.asynchronous and ties:
+            raise ValueError(f"schedule {self.schedule.name!r} keeps several weight versions per stage; parameters "
+                             "tied across stages (such as GPT-2's embedding and head) are not supported with it. "
+                             "Untie them or use a synchronous schedule")
+        self.optimizers = {r: optimizer(ps) for r, ps in self.model.owned.items() if optimizer is not None and ps}
+        self.step_parts = Step(([SyncTiedGrads(ties)] if ties else []) + [OptimizerStep()]
+                               + ([NewWeightVersion()] if self.schedule.asynchronous else []))
+        self._everyone = self.world.group(range(self.world.size))
+        self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers)
+        if show_partition and 0 in self.world.local_ranks:
             print(self.partition_table().format(), flush=True)
-
-    # ---- set-up ----
-
-    def _profiles(self, layer_list: list, partition: str | Sequence[int], sample: tuple[Any, Any] | None):
-        """Layer facts for the partitioner: static (names, parameters), or measured when the method needs times."""
-        from stagewise.partition.profile import describe_layers, profile_layers
-
-        if not all(isinstance(layer, nn.Module) for layer in layer_list):
-            if isinstance(partition, str) and partition != "uniform":
-                raise ValueError(f"partition={partition!r} needs the layers themselves; with layer factories "
-                                 "use 'uniform' or an explicit balance list")
-            return None
-        if partition not in ("time", "memory", "auto"):
-            return describe_layers(layer_list)
-        if sample is None:
-            raise ValueError(f"partition={partition!r} measures every layer: pass sample=(inputs, labels), a batch "
-                             "like the ones you will train on")
-        measured = None
-        if self.local or self.rank == 0:  # one rank measures, so that every rank cuts the model the same way
-            micro = scatter(sample[0], self.microbatches)[0][0]
-            labels = scatter(sample[1], self.microbatches)[0][0] if self.loss_fn is not None else None
-            device = torch.device("cuda", torch.cuda.current_device()) if self._uses_cuda() else torch.device("cpu")
-            measured = profile_layers(layer_list, micro, device=device, loss_fn=self.loss_fn, labels=labels)
-        if not self.local and self.world > 1:
-            box = [measured]
-            launch.dist.broadcast_object_list(box, src=0)
-            measured = box[0]
-        return measured
-
-    def _uses_cuda(self) -> bool:
-        return (not self.local and torch.cuda.is_available() and launch.dist.is_initialized()
-                and launch.dist.get_backend() == "nccl")
-
-    def partition_table(self):
-        """Which layers every stage holds, with parameters (tied ones once), and with measured time and
-        memory when the partition was measured (`partition="time" | "memory" | "auto"`)."""
-        from stagewise.partition import PartitionTable
-
-        if self.profiles is None:
-            return PartitionTable.build(self.balance, [f"layer {i}" for i in range(sum(self.balance))],
-                                        placement=self.schedule.placement)
-        if any(p.time > 0 for p in self.profiles):
-            return PartitionTable.from_profiles(self.balance, self.profiles, self.schedule)
-        return PartitionTable.build(self.balance, [p.name for p in self.profiles],
-                                    params=[p.params for p in self.profiles],
-                                    shared=[p.shared for p in self.profiles], placement=self.schedule.placement)
-
-    def _default_device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self._uses_cuda() else torch.device("cpu")
-
-    def _executor(self, d: int, schedule: Schedule | None = None) -> Executor:
-        schedule = schedule or self.schedule
-        stages = {s: self.stages[s] for s in schedule.stages_of(d)}
-        transport: Transport
-        if self.local:
-            transport = LocalTransport(self._hub, self.timeout)
-        else:
-            ordered = self.world > 1 and launch.dist.get_backend() == "nccl"
-            transport = DistTransport(self.device, self.schedule.num_stages, self.timeout, ordered=ordered)
-        return Executor(schedule, d, stages, transport, self.loss_fn, lambda a: self._optimizer_step(d, a), rank=d)
-
-    def _optimizer_step(self, d: int, action: Any) -> None:
-        """The STEP action: make tied copies agree, then step this device's optimizer. In an
-        asynchronous schedule the updated weights become the version the action names."""
-        if isinstance(self._ties, ties.LocalTies):
-            self._ties.sync_grads(d)
-        elif self._ties is not None:
-            self._ties.sync_grads()
-        opt = self.optimizers.get(d)
-        if opt is not None:
-            opt.step()
-        if self.asynchronous:
-            for s in self.schedule.stages_of(d):
-                st = self.stages[s]
-                st.module.zero_grad(set_to_none=True)
-                if st.versions is not None:
-                    st.versions.created(action.version)
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """This rank's optimizer (None without `optimizer=`); with `local_devices`, device 0's."""
-        return self.optimizers.get(self.devices[0])
 
     # ---- the API ----
 
+    def partition_table(self) -> PartitionTable:
+        """Which layers every stage holds, with parameters (tied ones once), and with measured time and
+        memory when the partition was measured (`partition="time" | "memory" | "auto"`)."""
+        return PartitionTable.of(self.balance, self.profiles, self.schedule)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """This rank's optimizer (None without `optimizer=`); with `local_devices`, rank 0's."""
+        return self.optimizers.get(self.world.local_ranks[0])
+
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """This rank's parameters, named as `nn.Sequential(*layers).named_parameters()` names them (a
-        parameter shared by two layers keeps its first name, and is listed once per process)."""
+        """This process's parameters (of its first data replica), named as `nn.Sequential(*layers)` names them
+        (a parameter shared by two layers keeps its first name, and is listed once per process)."""
         out, seen = [], set()
         for s in sorted(self.stages):
             for name, p in self.stages[s].named_parameters():
@@ -227,20 +127,25 @@ class Pipeline:
         return [p for _, p in self.named_parameters()]
 
     @property
+    def rank(self) -> int:
+        """This process's rank (with `local_devices`, 0: the process runs every rank)."""
+        return self.world.local_ranks[0]
+
+    @property
     def stage_indices(self) -> list[int]:
         """The stages this process holds."""
         return sorted(self.stages)
 
     @property
     def is_last_rank(self) -> bool:
-        return self.schedule.placement[-1] in self.devices
+        return self.schedule.placement[-1] in {self.world.grid.coords(r)[0] for r in self.world.local_ranks}
 
     def train_step(self, batch: tuple[Any, Any]) -> torch.Tensor:
         """One pipelined step over `batch = (inputs, labels)`: forward, backward, and the optimizer step
         if an optimizer was given. Gradients are zeroed first. Returns the batch loss (the mean over
         the batch, as one unpipelined `loss_fn(model(inputs), labels)` would give) on every rank, as a
         float64 scalar tensor."""
-        if self.asynchronous:  # one batch as its own program: the pipeline fills and drains around it
+        if self.schedule.asynchronous:  # one batch as its own program: the pipeline fills and drains around it
             return torch.tensor(self.train(iter([batch]), 1)[0], dtype=torch.float64)
         return self._step(batch, train=True)["loss"]
 
@@ -264,72 +169,48 @@ class Pipeline:
         batch using the weights from two steps back (W(t+1) = W(t) - lr * grad(W(t-1)) for SGD).
         """
         it = iter(data_iter)
-        if not self.asynchronous:
+        if not self.schedule.asynchronous:
             return [self.train_step(next(it)).item() for _ in range(steps)]
-        if self._failed:
-            raise PipelineError(f"this pipeline stopped after an earlier failure: {self._failed}")
-        schedule = validate(build(self.schedule_name, self.world, self.microbatches, self.chunks, batches=steps,
-                                  **self.schedule_options))
-        feed = MicrobatchFeed(it, self.microbatches, self.device, keep=self.world // self.microbatches + 2)
-        for s, st in self.stages.items():
-            uses: dict[int, int] = {}
-            for a in schedule.actions[schedule.placement[s]]:
-                if a.op == "B" and a.stage == s:
-                    uses[a.version] = uses.get(a.version, 0) + 1
-            st.versions = WeightVersions(st.module, uses)
-            st.module.zero_grad(set_to_none=True)
-        executors = {d: self._executor(d, schedule) for d in self.devices}
-        if self._watchdog is not None:
-            self._watchdog.in_step = True
-        try:
-            results = self._run_all(feed.inputs, feed.labels, feed.weights, True, executors)
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.in_step = False
-            self.version_peaks = {s: st.versions.peak for s, st in self.stages.items() if st.versions is not None}
-            for st in self.stages.values():
-                st.versions = None
-        self._events = [e for r in results.values() for e in r["events"]]
-        last = schedule.placement[-1]
-        per_step = torch.zeros(steps, dtype=torch.float64, device=self.device)
-        if last in results:
-            for n, value in results[last]["losses"].items():
-                per_step[n // self.microbatches] += value.to(torch.float64)
-        if not self.local and self.world > 1:
-            self._guard(lambda: launch.dist.broadcast(per_step, src=last), f"broadcasting the losses from rank {last}")
-        return per_step.tolist()
+        self.world.check()
+        if self._rebuild is None:
+            raise ScheduleError("an asynchronous Schedule object runs one batch per train_step; to run several "
+                                "batches unflushed, pass the schedule by name")
+        name, chunks, options = self._rebuild
+        schedule = validate(build(name, self.world.grid.pipeline, self.microbatches, chunks, batches=steps,
+                                  **options))
+        keep = self.world.grid.pipeline // self.microbatches + 2  # batches that can still be in flight
+        feed = MicrobatchFeed(it, self.microbatches, self.device, keep=keep)
+        self.version_peaks: dict[int, int] = {}
+        with stashing(schedule, self.stages, self.version_peaks):
+            losses = self.runner.run(feed.microbatches(), True, schedule, batches=steps)
+        return losses.tolist()
 
     def close(self) -> None:
         """Stop this pipeline's failure watchdog thread (one per multi-process pipeline); idempotent. Call it
         when a process builds many pipelines in turn; the process group stays for the caller to destroy."""
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
+        self.world.close()
 
     def last_trace(self) -> Timeline:
         """The measured timeline of the last step, every device's events (seconds; same clock on one
         machine). With several processes this is a collective: call it on every rank."""
-        events = list(self._events)
-        if not self.local and self.world > 1:
-            gathered: list[Any] = [None] * self.world
-            launch.dist.all_gather_object(gathered, events)
-            events = [e for part in gathered for e in part]
-        return Timeline(self.world, sorted(events, key=lambda e: (e.device, e.start)),
-                        title=f"measured: {self.schedule.describe()}", unit="s",
-                        num_stages=self.schedule.num_stages)
+        return self.runner.trace()
 
     def save_checkpoint(self, folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
-        """Write every stage's weights (and this rank's optimizer state) under `folder`, each file
+        """Write every stage's weights (and every rank's optimizer state) under `folder`, each file
         atomically (a temporary name, then a rename), so a crash never leaves a half-written checkpoint.
         With several processes this is a collective: every rank writes its own stages."""
         meta = None
-        if 0 in self.devices:
-            meta = {"schedule": self.schedule.name, "devices": self.world, "microbatches": self.microbatches,
-                    "balance": self.balance, "placement": list(self.schedule.placement), **(extra or {})}
-        checkpoint.save(folder, {s: (self.layer_ranges[s], st.module) for s, st in self.stages.items()},
-                        self.optimizers, meta)
-        if not self.local and self.world > 1:
-            self._guard(launch.dist.barrier, "the checkpoint barrier")
+        if 0 in self.world.local_ranks:
+            meta = {"schedule": self.schedule.name, "devices": self.world.grid.pipeline,
+                    "microbatches": self.microbatches, "balance": self.balance,
+                    "placement": list(self.schedule.placement), **(extra or {})}
+
+        def save(r: int) -> None:
+            checkpoint.save(folder, {s: (self.layer_ranges[s], st.module) for s, st in self.model.of_rank(r).items()},
+                            {r: self.optimizers[r]} if r in self.optimizers else {}, meta if r == 0 else None)
+            self.world.barrier(r, self._everyone)
+
+        self.world.run(save, "saving a checkpoint")
 
     def load_checkpoint(self, folder: str | os.PathLike[str]) -> dict[str, Any]:
         """Load what `save_checkpoint` wrote for this process's stages (same balance); returns meta.json."""
@@ -340,117 +221,10 @@ class Pipeline:
         """Peak saved-activation bytes per stage held by this process, since construction."""
         return {s: st.peak_bytes for s, st in self.stages.items()}
 
-    # ---- running ----
-
     def _step(self, batch: tuple[Any, Any], train: bool) -> dict[str, Any]:
-        if self._failed:
-            raise PipelineError(f"this pipeline stopped after an earlier failure: {self._failed}")
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError("a batch is (inputs, labels); got " + type(batch).__name__)
-        inputs, labels = batch
-        m = self.schedule.microbatches
-        try:
-            in_mbs, weights = scatter(inputs, m)
-            lab_mbs, _ = scatter(labels, m)
-        except ValueError as err:
-            raise ValueError(f"{err} (schedule {self.schedule.name}, {m} micro-batches)") from None
-        if self.device.type != "cpu":
-            in_mbs = [map_tensors(x, lambda t: t.to(self.device, non_blocking=True)) for x in in_mbs]
-            lab_mbs = [map_tensors(x, lambda t: t.to(self.device, non_blocking=True)) for x in lab_mbs]
+        self.world.check()
+        feed = Microbatches.of_batch(batch, self.microbatches, self.device, self.schedule.name)
         if train:
-            for st in self.stages.values():
-                st.module.zero_grad(set_to_none=True)
-        if self._watchdog is not None:
-            self._watchdog.in_step = True
-        try:
-            return self._finish_step(self._run_all(in_mbs, lab_mbs, weights, train), train)
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.in_step = False
-
-    def _finish_step(self, results: dict[int, dict], train: bool) -> dict[str, Any]:
-        self._events = [e for r in results.values() for e in r["events"]]
-        last = self.schedule.placement[-1]
-        loss = results[last]["loss"] if last in results else None
-        if not self.local and self.world > 1:
-            # float64 so that the loss every rank sees is the last stage's to the last bit
-            buf = (loss.detach().clone() if loss is not None else torch.zeros((), device=self.device))
-            buf = buf.to(self.device, torch.float64).reshape(1)
-            self._guard(lambda: launch.dist.broadcast(buf, src=last), f"broadcasting the loss from rank {last}")
-            loss = buf[0]
-        outputs = results[last]["outputs"] if last in results and not train else None
-        loss = loss.detach().to(torch.float64) if loss is not None else None
-        return {"loss": loss, "outputs": outputs}
-
-    def _run_all(self, in_mbs: Any, lab_mbs: Any, weights: Any, train: bool,
-                 executors: dict[int, Executor] | None = None) -> dict[int, dict]:
-        executors = executors or self._executors
-
-        def run(d: int) -> dict:
-            return executors[d].run(in_mbs, lab_mbs, weights, train=train, keep_outputs=not train)
-
-        if not self.local:
-            return {self.rank: self._guard(lambda: run(self.rank), "the step")}
-        results: dict[int, dict] = {}
-        errors: dict[int, BaseException] = {}
-
-        def worker(d: int) -> None:
-            try:
-                results[d] = run(d)
-            except BaseException as err:
-                errors[d] = err
-                self._hub.abort(f"device {d} failed: {err}")
-                if self._ties is not None:
-                    self._ties.abort()
-
-        threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in self.devices]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            root = [e for e in errors.values() if not isinstance(e, PeerError)]
-            err = (root or list(errors.values()))[0]
-            self._failed = str(err)
-            raise err
-        return results
-
-    def _guard(self, fn: Callable[[], Any], what: str) -> Any:
-        """Run `fn`; on failure publish or fetch the root cause, stop the group and raise a PipelineError."""
-        try:
-            return fn()
-        except Exception as err:
-            own = isinstance(err, PipelineError) and not _is_connection_error(err)
-            peer = None if own else launch.peer_failure()
-            if peer is not None:
-                msg = f"rank {self.rank} stopped during {what} because {peer}"
-                self._failed = msg
-                launch.abort_group()
-                raise PeerError(msg) from err
-            msg = str(err) if isinstance(err, PipelineError) else f"rank {self.rank} failed during {what}: {err}"
-            self._failed = msg
-            launch.report_failure(msg, self.rank)
-            launch.abort_group()
-            if self.rank == 0 and self.world > 1:
-                time.sleep(2.5)  # the store lives in this process: let the peers read the cause before it exits
-            if isinstance(err, PipelineError):
-                raise
-            raise PipelineError(msg, rank=self.rank) from err
-
-
-def _is_connection_error(err: BaseException) -> bool:
-    text = f"{err} {err.__cause__}".lower()
-    return any(k in text for k in ("connection", "closed", "reset by peer", "broken pipe", "aborted", "timed out"))
-
-
-def _build_layer(spec: LayerSpec, index: int, seed: int | None) -> nn.Module:
-    if isinstance(spec, nn.Module):
-        return spec
-    if not callable(spec):
-        raise TypeError(f"layer {index} is neither an nn.Module nor a zero-argument factory: {spec!r}")
-    if seed is not None:
-        torch.manual_seed(seed + index)
-    module = spec()
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"layer factory {index} returned {type(module).__name__}, not an nn.Module")
-    return module
+            self.model.zero_grad()
+        loss = self.runner.run(feed, train)[0]
+        return {"loss": loss, "outputs": None if train else self.runner.outputs()}

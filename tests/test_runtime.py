@@ -217,7 +217,7 @@ def test_split_backward_frees_every_saved_tensor():
     for split in (True, False):
         outputs.clear()
         for _ in range(3):
-            out, pending = stage.forward(torch.randn(4, 6, 6, requires_grad=True), first=False)
+            out, pending = stage.forward(torch.randn(4, 6, 6, requires_grad=True))
             pending.roots = [out]
             if split:
                 stage.backward_input(pending, [torch.ones_like(out)])

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.graph import saved_tensors_hooks
 
 from stagewise.partition.costs import LayerProfile
+from stagewise.runtime.activations import SavedBytes
+from stagewise.tree import cut, map_tensors, tensors_of
 
 __all__ = ["LayerProfile", "profile_layers"]
 
@@ -19,40 +20,8 @@ __all__ = ["LayerProfile", "profile_layers"]
 TIE_ATTR = "stagewise_tie"
 
 
-def _tensors(x: Any) -> list[torch.Tensor]:
-    """The tensors of a tensor, or of nested tuples, lists and dicts; other values are skipped."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    return []
-
-
-def _map(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """`x` with `fn` applied to every tensor, structure (and namedtuples) kept."""
-    if isinstance(x, torch.Tensor):
-        return fn(x)
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*(_map(v, fn) for v in x))
-    if isinstance(x, (tuple, list)):
-        return type(x)(_map(v, fn) for v in x)
-    if isinstance(x, dict):
-        return {k: _map(v, fn) for k, v in x.items()}
-    return x
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    """The input of a layer cut from the previous layer's graph, wanting a gradient as a stage input would."""
-    leaf = t.detach()
-    if t.requires_grad and t.is_floating_point():
-        leaf.requires_grad_(True)
-    return leaf
-
-
 def _nbytes(x: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(x))
+    return sum(t.numel() * t.element_size() for t in tensors_of(x))
 
 
 def _param_key(p: nn.Parameter) -> tuple[str, object]:
@@ -119,13 +88,13 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
         dev = torch.device(device)
         for m in mods:
             m.to(dev)
-        sample_input = _map(sample_input, lambda t: t.to(dev))
+        sample_input = map_tensors(sample_input, lambda t: t.to(dev))
         if labels is not None:
-            labels = _map(labels, lambda t: t.to(dev))
+            labels = map_tensors(labels, lambda t: t.to(dev))
     else:
         first = next((p for m in mods for p in m.parameters()), None)
         dev = first.device if first is not None else next(
-            (t.device for t in _tensors(sample_input)), torch.device("cpu"))
+            (t.device for t in tensors_of(sample_input)), torch.device("cpu"))
     counts = _count_params(mods)
     grads = [(p, p.grad) for m in mods for p in m.parameters()]
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
@@ -134,7 +103,7 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
         with torch.random.fork_rng(devices=cuda), torch.enable_grad():
             x = sample_input
             for i, m in enumerate(mods):
-                inp = x if i == 0 else _map(x, _leaf)
+                inp = x if i == 0 else cut(x)
                 run = _WithLoss(m, loss_fn, labels) if loss_fn is not None and i == len(mods) - 1 else m
                 x, forward, backward, saved = _measure(run, inp, dev, repeats)
                 params, param_bytes, shared = counts[i]
@@ -148,29 +117,6 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
         for p, g in grads:
             p.grad = g
     return profiles
-
-
-class SavedBytes:
-    """Counts the bytes autograd saves for the backward inside `with counter.hooks():`, each storage once,
-    the given parameters' storages excluded (they are weights, not activations). `.total` is the count."""
-
-    def __init__(self, params: Iterable[torch.Tensor]):
-        self.params = {p.untyped_storage().data_ptr() for p in params}
-        self.seen: set[int] = set()
-        self.total = 0
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in self.params and ptr not in self.seen:
-            self.seen.add(ptr)
-            self.total += t.untyped_storage().nbytes()
-        # Detached: a saved output returned as itself would point back (grad_fn) at the node saving it, a
-        # C++/Python cycle no collector breaks; a graph kept by retain_graph (the split backward's I, whose
-        # nodes W does not run again) would then leak its saved tensors every micro-batch.
-        return t.detach()
-
-    def hooks(self) -> saved_tensors_hooks:
-        return saved_tensors_hooks(self._pack, lambda t: t)
 
 
 def _measure(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> tuple[Any, list[float], list[float], int]:
@@ -188,7 +134,7 @@ def _measure(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> tuple[A
             out = m(inp)
         _sync(dev)
         t1 = time.perf_counter()
-        roots = [t for t in _tensors(out) if t.requires_grad]
+        roots = [t for t in tensors_of(out) if t.requires_grad]
         seeds = [torch.ones_like(t) for t in roots]
         _sync(dev)
         t2 = time.perf_counter()
@@ -215,13 +161,13 @@ class _WithLoss(nn.Module):
 
 def _measure_input_grad(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> float:
     """Fewest seconds of the backward to the layer's inputs alone (no weight gradients); 0 without such inputs."""
-    inputs = [t for t in _tensors(inp) if t.requires_grad]
+    inputs = [t for t in tensors_of(inp) if t.requires_grad]
     if not inputs:
         return 0.0
     times = []
     for _ in range(repeats):
         out = m(inp)
-        roots = [t for t in _tensors(out) if t.requires_grad]
+        roots = [t for t in tensors_of(out) if t.requires_grad]
         if not roots:
             return 0.0
         seeds = [torch.ones_like(t) for t in roots]
@@ -238,3 +184,28 @@ def describe_layers(layers: nn.Sequential | Sequence[nn.Module]) -> list[LayerPr
     mods = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
     return [LayerProfile(index=i, name=type(m).__name__, params=p, param_bytes=b, shared=shared)
             for i, (m, (p, b, shared)) in enumerate(zip(mods, _count_params(mods)))]
+
+
+MEASURED = ("time", "memory", "auto")  # the partition methods that run the layers
+
+
+def layer_facts(layers: Sequence[Any], partition: str | Sequence[int], sample: tuple[Any, Any] | None,
+                microbatches: int, loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+                device: torch.device) -> list[LayerProfile] | None:
+    """What the partitioner needs to know about `layers` for `partition`: names and parameters, measured
+    times and memory (on one micro-batch of `sample`) when the method needs them, None for layer factories."""
+    from stagewise.runtime.microbatch import scatter
+
+    if not all(isinstance(layer, nn.Module) for layer in layers):
+        if isinstance(partition, str) and partition != "uniform":
+            raise ValueError(f"partition={partition!r} needs the layers themselves; with layer factories "
+                             "use 'uniform' or an explicit balance list")
+        return None
+    if partition not in MEASURED:
+        return describe_layers(layers)
+    if sample is None:
+        raise ValueError(f"partition={partition!r} measures every layer: pass sample=(inputs, labels), a batch "
+                         "like the ones you will train on")
+    micro = scatter(sample[0], microbatches)[0][0]
+    labels = scatter(sample[1], microbatches)[0][0] if loss_fn is not None else None
+    return profile_layers(layers, micro, device=device, loss_fn=loss_fn, labels=labels)

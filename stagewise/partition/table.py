@@ -86,6 +86,17 @@ class PartitionTable:
         return cls(table.balance, table.stages, table.total_params, schedule.name, predicted.memory,
                    predicted.makespan)
 
+    @classmethod
+    def of(cls, balance: Sequence[int], profiles: Sequence[LayerProfile] | None, schedule: Schedule) -> PartitionTable:
+        """The table `Pipeline` and `GPipe` print: measured when the profiles carry times, from names and
+        parameter counts when they do not, layer numbers only without profiles (layer factories)."""
+        if profiles is None:
+            return cls.build(balance, [f"layer {i}" for i in range(sum(balance))], placement=schedule.placement)
+        if any(p.time > 0 for p in profiles):
+            return cls.from_profiles(balance, profiles, schedule)
+        return cls.build(balance, [p.name for p in profiles], params=[p.params for p in profiles],
+                         shared=[p.shared for p in profiles], placement=schedule.placement)
+
     def to_dict(self) -> dict:
         """JSON-ready: `balance`, `stages` (one record each), totals and the schedule's predictions."""
         return {"balance": list(self.balance), "stages": [asdict(r) for r in self.stages],

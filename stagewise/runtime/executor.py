@@ -1,35 +1,101 @@
-"""Walk one device's lowered action list. It never looks at the schedule's name."""
+"""Walk one device's lowered action list: one handler per op over a small run-state.
+
+The executor never looks at the schedule's name; what it runs, and in which order, is
+entirely the list. Its STEP handler calls the training step through `StepRunner`.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.stage import Pending, Stage
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
-from stagewise.runtime.tree import describe, flatten
 from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, B, F, I, W
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event
+from stagewise.tree import Spec, describe, flatten, shape_key
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+TRAIN_ONLY = frozenset((B, I, W, SEND_B, RECV_B, STEP))  # skipped by an evaluation pass
+
+
+class StepRunner(Protocol):
+    """What the executor calls at a STEP action (see `stagewise.runtime.step.RankStep`)."""
+
+    def run(self, action: Action) -> None: ...
+
+
+@dataclass
+class RunResult:
+    """One pass over a device's program.
+
+    `loss`: the weighted sum of the micro-batch losses (the batch mean) on the device holding
+    the last stage, else None; `losses`: micro-batch -> its weighted loss; `outputs`: the last
+    stage's outputs per micro-batch when asked for; `events`: the measured timeline.
+    """
+
+    loss: torch.Tensor | None
+    losses: dict[int, torch.Tensor]
+    outputs: list[Any]
+    events: list[Event]
+
+
+@dataclass
+class RunState:
+    """What one pass keeps between actions."""
+
+    inputs: Any
+    labels: Any
+    weights: Any
+    train: bool
+    keep_outputs: bool
+    pending: dict[tuple[int, int], Pending] = field(default_factory=dict)  # (stage, mb) -> forward kept for backward
+    outputs: dict[tuple[int, int], Any] = field(default_factory=dict)  # stage outputs not yet sent or consumed
+    received: dict[tuple[str, int, int], Handle] = field(default_factory=dict)  # posted receives
+    grad_in: dict[tuple[int, int], list] = field(default_factory=dict)  # input gradients not yet sent or consumed
+    signatures: dict[tuple[int, int], tuple[int, Spec, Any]] = field(default_factory=dict)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept: dict[int, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    received_spec: Spec | None = None  # the structure of the last activation received (for error messages)
+
+
+@dataclass
+class _Timing:
+    """An action's start, moved past any wait for a peer so that the event shows the computation alone."""
+
+    start: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def waited(self) -> None:
+        now = time.perf_counter()
+        self.extra["wait_s"] = now - self.start
+        self.start = now
 
 
 class Executor:
     """Runs device `device`'s program of a lowered schedule over its `stages` (stage index -> Stage)."""
 
     def __init__(self, schedule: Schedule, device: int, stages: dict[int, Stage], transport: Transport,
-                 loss_fn: LossFn | None, step_fn: Callable[[Action], None] | None = None, rank: int | None = None):
-        assert schedule.lowered, "the executor runs lowered schedules (see stagewise.schedules.lower)"
+                 loss_fn: LossFn | None, step: StepRunner | None = None, rank: int | None = None):
+        if not schedule.lowered:
+            raise ValueError("the executor runs lowered schedules (see stagewise.schedules.validate / lower)")
         self.schedule, self.device, self.stages, self.transport = schedule, device, stages, transport
-        self.loss_fn, self.step_fn = loss_fn, step_fn
+        self.loss_fn, self.step = loss_fn, step
         self.rank = device if rank is None else rank
         self.program = schedule.actions[device]
         self.last = schedule.num_stages - 1
+        self.handlers: dict[str, Callable[[Action, RunState, _Timing], None]] = {
+            F: self._forward, B: self._backward, I: self._backward, W: self._weight,
+            SEND_F: self._send_activation, SEND_B: self._send_grad,
+            RECV_F: self._post, RECV_B: self._post, STEP: self._step,
+        }
         # With a transport that matches messages by tag, the receives that precede a compute action are
         # posted before the compute action ahead of it, so that the data moves while this device computes.
         self.ahead: dict[int, list[int]] = {}
@@ -40,123 +106,21 @@ class Executor:
                 if early:
                     self.ahead[i] = early
 
-    def run(self, inputs: list[Any] | None, labels: list[Any] | None, weights: list[float],
-            train: bool = True, keep_outputs: bool = False) -> dict[str, Any]:
-        """One pass over the program. `inputs`/`labels` are the micro-batches (needed on the first/last stage).
-
-        Returns `loss` (the weighted sum over micro-batches, on the device holding the last
-        stage, else None), `outputs` (last-stage outputs when `keep_outputs`) and `events`.
-        """
-        pending: dict[tuple[int, int], Pending] = {}
-        outputs: dict[tuple[int, int], Any] = {}
-        received: dict[tuple[str, int, int], Handle] = {}
-        grad_in: dict[tuple[int, int], list] = {}
-        signatures: dict[tuple[int, int], tuple[int, Any, Any]] = {}  # (stage, batch) -> (first mb, spec, shapes)
-        losses: dict[int, torch.Tensor] = {}  # micro-batch -> its weighted loss (last stage)
-        asynchronous = self.schedule.asynchronous
-        kept: dict[int, Any] = {}
-        events: list[Event] = []
-        placement = self.schedule.placement
-        received_spec: Any = None
-
-        def post(r: Action) -> None:
-            if r.op == RECV_F:
-                received[("F", r.stage, r.microbatch)] = self.transport.recv_activation(
-                    r.stage - 1, r.stage, r.microbatch, r.peer)
-            else:
-                like = pending[(r.stage, r.microbatch)].roots
-                received[("B", r.stage, r.microbatch)] = self.transport.recv_grad(
-                    like, r.stage + 1, r.stage, r.microbatch, r.peer)
-
+    def run(self, inputs: Any, labels: Any, weights: Any, train: bool = True,
+            keep_outputs: bool = False) -> RunResult:
+        """One pass over the program. `inputs`/`labels` index the micro-batches (needed on the first/last
+        stage); `weights[n]` is micro-batch n's share of its batch."""
+        st = RunState(inputs, labels, weights, train, keep_outputs)
         for i, a in enumerate(self.program):
-            if not train and a.op in (B, I, W, SEND_B, RECV_B, STEP):
+            if not train and a.op in TRAIN_ONLY:
                 continue
-            if a.op in (RECV_F, RECV_B) and ("F" if a.op == RECV_F else "B", a.stage, a.microbatch) in received:
+            if a.op in (RECV_F, RECV_B) and _received_key(a) in st.received:
                 continue  # posted early
             for j in self.ahead.get(i, ()):
-                r = self.program[j]
-                if r.op == RECV_B and (not train or (r.stage, r.microbatch) not in pending):
-                    continue  # its shapes come from a forward not run yet: posted in its place
-                t0 = time.perf_counter()
-                try:
-                    post(r)
-                except Exception as err:
-                    raise PipelineError(self._explain(r, err, received_spec), stage=r.stage,
-                                        microbatch=r.microbatch, action=str(r), rank=self.rank) from err
-                events.append(Event(self.device, t0, time.perf_counter(), r.op, r.stage, r.microbatch, r.version,
-                                    {"early": True}))
-            t0 = time.perf_counter()
-            extra: dict[str, Any] = {}
+                self._post_early(self.program[j], st)
+            timing = _Timing(time.perf_counter())
             try:
-                op, s, n = a.op, a.stage, a.microbatch
-                if op == F:
-                    stage = self.stages[s]
-                    if s == 0:
-                        x = inputs[n]
-                    elif placement[s - 1] == self.device:
-                        x = outputs.pop((s - 1, n))
-                    else:
-                        x = received.pop(("F", s, n)).wait()
-                        received_spec = flatten(x)[1]
-                        t0 = _waited(extra, t0)
-                    with torch.set_grad_enabled(train):
-                        out, p = stage.forward(x, first=(s == 0), version=a.version if asynchronous else None)
-                        if s == self.last:
-                            if self.loss_fn is None:
-                                raise PipelineError("no loss_fn given, so the last stage cannot compute a loss")
-                            loss = self.loss_fn(out, labels[n])
-                            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                                raise PipelineError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                                                    f"{'' if not isinstance(loss, torch.Tensor) else list(loss.shape)}")
-                            weighted = loss * weights[n]
-                            losses[n] = weighted.detach()
-                            p.roots = [weighted] if train and weighted.requires_grad else []
-                            if keep_outputs:
-                                kept[n] = out.detach() if isinstance(out, torch.Tensor) else out
-                        else:
-                            self._check_signature(signatures, s, n, out)
-                            outputs[(s, n)] = out
-                            p.roots = [t for t in flatten(out)[0] if t.requires_grad] if train else []
-                    extra["saved_bytes"] = p.saved_bytes
-                    if train:
-                        pending[(s, n)] = p
-                    else:
-                        stage.release(p)
-                elif op in (B, I):
-                    stage = self.stages[s]
-                    p = pending[(s, n)]
-                    if s == self.last:
-                        grads = None
-                    elif placement[s + 1] == self.device:
-                        grads = grad_in.pop((s + 1, n))
-                    else:
-                        grads = received.pop(("B", s, n)).wait()
-                        t0 = _waited(extra, t0)
-                    if grads is not None and len(grads) != len(p.roots):
-                        raise PipelineError(f"stage {s + 1} returned {len(grads)} gradients for {len(p.roots)} "
-                                            "outputs that need one")
-                    if op == B:
-                        got = stage.backward(p, grads)
-                        del pending[(s, n)]
-                    else:
-                        got = stage.backward_input(p, grads)
-                    if s > 0:
-                        grad_in[(s, n)] = fill_missing_grads(got, p.inputs)
-                elif op == W:
-                    self.stages[s].backward_weight(pending.pop((s, n)))
-                elif op == SEND_F:
-                    before = self.transport.bytes_sent
-                    self.transport.send_activation(outputs.pop((s, n)), s, s + 1, n, a.peer)
-                    extra["bytes"] = self.transport.bytes_sent - before
-                elif op in (RECV_F, RECV_B):
-                    post(a)
-                elif op == SEND_B:
-                    before = self.transport.bytes_sent
-                    self.transport.send_grad(grad_in.pop((s, n)), s, s - 1, n, a.peer)
-                    extra["bytes"] = self.transport.bytes_sent - before
-                elif op == STEP:
-                    if self.step_fn is not None:
-                        self.step_fn(a)
+                self.handlers[a.op](a, st, timing)
             except (PipelineError, PeerError):
                 raise
             except TransportTimeout as err:
@@ -164,18 +128,118 @@ class Executor:
                                     "is slow or stuck (raise `timeout=` if its work is legitimately long)",
                                     stage=a.stage, microbatch=a.microbatch, action=str(a), rank=self.rank) from err
             except Exception as err:
-                raise PipelineError(self._explain(a, err, received_spec), stage=a.stage, microbatch=a.microbatch,
+                raise PipelineError(self._explain(a, err, st.received_spec), stage=a.stage, microbatch=a.microbatch,
                                     action=str(a), rank=self.rank) from err
-            events.append(Event(self.device, t0, time.perf_counter(), a.op, a.stage, a.microbatch, a.version, extra))
-        t0 = time.perf_counter()
+            st.events.append(Event(self.device, timing.start, time.perf_counter(), a.op, a.stage, a.microbatch,
+                                   a.version, timing.extra))
         self.transport.finish()
-        if train and (pending or grad_in) and not self.schedule.asynchronous:
-            left = sorted(set(pending) | set(grad_in))
+        if train and (st.pending or st.grad_in) and not self.schedule.asynchronous:
+            left = sorted(set(st.pending) | set(st.grad_in))
             raise PipelineError(f"device {self.device}: the schedule left work unfinished for (stage, mb) {left[:4]}")
-        total = torch.stack([losses[n] for n in sorted(losses)]).sum() if losses else None
-        return {"loss": total, "losses": losses, "outputs": [kept[i] for i in sorted(kept)], "events": events,
-                "finish_s": time.perf_counter() - t0}
+        total = torch.stack([st.losses[n] for n in sorted(st.losses)]).sum() if st.losses else None
+        return RunResult(total, st.losses, [st.kept[i] for i in sorted(st.kept)], st.events)
 
+    # -- communication -----------------------------------------------------------------------------
+    def _post(self, a: Action, st: RunState, timing: _Timing | None = None) -> None:
+        if a.op == RECV_F:
+            st.received[_received_key(a)] = self.transport.recv_activation(a.stage - 1, a.stage, a.microbatch, a.peer)
+        else:
+            like = st.pending[(a.stage, a.microbatch)].roots
+            st.received[_received_key(a)] = self.transport.recv_grad(like, a.stage + 1, a.stage, a.microbatch, a.peer)
+
+    def _post_early(self, r: Action, st: RunState) -> None:
+        if r.op == RECV_B and (not st.train or (r.stage, r.microbatch) not in st.pending):
+            return  # its shapes come from a forward not run yet: posted in its place
+        t0 = time.perf_counter()
+        try:
+            self._post(r, st)
+        except Exception as err:
+            raise PipelineError(self._explain(r, err, st.received_spec), stage=r.stage, microbatch=r.microbatch,
+                                action=str(r), rank=self.rank) from err
+        st.events.append(Event(self.device, t0, time.perf_counter(), r.op, r.stage, r.microbatch, r.version,
+                               {"early": True}))
+
+    def _send_activation(self, a: Action, st: RunState, timing: _Timing) -> None:
+        before = self.transport.bytes_sent
+        self.transport.send_activation(st.outputs.pop((a.stage, a.microbatch)), a.stage, a.stage + 1, a.microbatch,
+                                       a.peer)
+        timing.extra["bytes"] = self.transport.bytes_sent - before
+
+    def _send_grad(self, a: Action, st: RunState, timing: _Timing) -> None:
+        before = self.transport.bytes_sent
+        self.transport.send_grad(st.grad_in.pop((a.stage, a.microbatch)), a.stage, a.stage - 1, a.microbatch, a.peer)
+        timing.extra["bytes"] = self.transport.bytes_sent - before
+
+    # -- computation -------------------------------------------------------------------------------
+    def _forward(self, a: Action, st: RunState, timing: _Timing) -> None:
+        s, n = a.stage, a.microbatch
+        stage = self.stages[s]
+        if s == 0:
+            x = st.inputs[n]
+        elif self.schedule.placement[s - 1] == self.device:
+            x = st.outputs.pop((s - 1, n))
+        else:
+            x = st.received.pop(("F", s, n)).wait()
+            st.received_spec = flatten(x)[1]
+            timing.waited()
+        with torch.set_grad_enabled(st.train):
+            out, p = stage.forward(x, version=a.version if self.schedule.asynchronous else None)
+            if s == self.last:
+                weighted = self._loss(out, st.labels[n], st.weights[n])
+                st.losses[n] = weighted.detach()
+                p.roots = [weighted] if st.train and weighted.requires_grad else []
+                if st.keep_outputs:
+                    st.kept[n] = out.detach() if isinstance(out, torch.Tensor) else out
+            else:
+                self._check_signature(st, s, n, out)
+                st.outputs[(s, n)] = out
+                p.roots = [t for t in flatten(out)[0] if t.requires_grad] if st.train else []
+        timing.extra["saved_bytes"] = p.saved_bytes
+        if st.train:
+            st.pending[(s, n)] = p
+        else:
+            stage.release(p)
+
+    def _loss(self, out: Any, labels: Any, weight: float) -> torch.Tensor:
+        if self.loss_fn is None:
+            raise PipelineError("no loss_fn given, so the last stage cannot compute a loss")
+        loss = self.loss_fn(out, labels)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
+            raise PipelineError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}{shape}")
+        return loss * weight
+
+    def _backward(self, a: Action, st: RunState, timing: _Timing) -> None:
+        """B (input and weight gradients) or I (input gradients only, the rest kept for W)."""
+        s, n = a.stage, a.microbatch
+        stage = self.stages[s]
+        p = st.pending[(s, n)]
+        if s == self.last:
+            grads = None
+        elif self.schedule.placement[s + 1] == self.device:
+            grads = st.grad_in.pop((s + 1, n))
+        else:
+            grads = st.received.pop(("B", s, n)).wait()
+            timing.waited()
+        if grads is not None and len(grads) != len(p.roots):
+            raise PipelineError(f"stage {s + 1} returned {len(grads)} gradients for {len(p.roots)} outputs that "
+                                "need one")
+        if a.op == B:
+            got = stage.backward(p, grads)
+            del st.pending[(s, n)]
+        else:
+            got = stage.backward_input(p, grads)
+        if s > 0:
+            st.grad_in[(s, n)] = fill_missing_grads(got, p.inputs)
+
+    def _weight(self, a: Action, st: RunState, timing: _Timing) -> None:
+        self.stages[a.stage].backward_weight(st.pending.pop((a.stage, a.microbatch)))
+
+    def _step(self, a: Action, st: RunState, timing: _Timing) -> None:
+        if self.step is not None:
+            self.step.run(a)
+
+    # -- errors ------------------------------------------------------------------------------------
     def _peer(self, a: Action) -> int | None:
         """The device this action waits on, if any."""
         placement, s = self.schedule.placement, a.stage
@@ -187,7 +251,7 @@ class Executor:
             return placement[s + 1]
         return None
 
-    def _explain(self, a: Action, err: Exception, received_spec: Any) -> str:
+    def _explain(self, a: Action, err: Exception, received_spec: Spec | None) -> str:
         where = f"stage {a.stage} (rank {self.rank}) failed at {a}"
         cause = f"{type(err).__name__}: {err}"
         text = str(err).lower()
@@ -201,15 +265,14 @@ class Executor:
             return f"{where}: {cause} (its input from stage {a.stage - 1} on device {peer} was {got})"
         return f"{where}: {cause}"
 
-    def _check_signature(self, signatures: dict[tuple[int, int], tuple[int, Any, Any]], s: int, n: int,
-                         out: Any) -> None:
+    def _check_signature(self, st: RunState, s: int, n: int, out: Any) -> None:
         """Micro-batches of one batch must agree on every dimension but the batch one (batches may differ)."""
         spec = flatten(out)[1]
-        shape = _shape_key(spec)
+        shape = shape_key(spec)
         key = (s, n // self.schedule.batch_microbatches)
-        first = signatures.get(key)
+        first = st.signatures.get(key)
         if first is None:
-            signatures[key] = (n, spec, shape)
+            st.signatures[key] = (n, spec, shape)
             return
         if first[2] != shape:
             raise PipelineError(
@@ -218,14 +281,5 @@ class Executor:
                 f"{s + 1} cannot rely on it; check stage {s}'s layers", stage=s, microbatch=n, action=f"F{s}")
 
 
-def _waited(extra: dict[str, Any], t0: float) -> float:
-    """Record the time spent waiting for a peer before the computation starts; return the new start."""
-    now = time.perf_counter()
-    extra["wait_s"] = now - t0
-    return now
-
-
-def _shape_key(spec: Any) -> Any:
-    from stagewise.runtime.tree import slots
-
-    return [(tuple(sl[1][1:]), sl[2]) for sl in slots(spec)]
+def _received_key(a: Action) -> tuple[str, int, int]:
+    return ("F" if a.op == RECV_F else "B", a.stage, a.microbatch)

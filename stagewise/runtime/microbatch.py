@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from stagewise.runtime.tree import flatten, unflatten
+from stagewise.tree import flatten, unflatten
 
 
 def batch_size(tree: Any) -> int:
@@ -39,11 +37,3 @@ def scatter(tree: Any, chunks: int) -> tuple[list[Any], list[float]]:
     pieces = [t.split(sizes) if t.dim() > 0 else [t] * chunks for t in tensors]
     micro = [unflatten(spec, [p[i] for p in pieces]) for i in range(chunks)]
     return micro, [s / total for s in sizes]
-
-
-def gather(micro: list[Any]) -> Any:
-    """Concatenate micro-batch outputs back into one batch along dim 0."""
-    flat = [flatten(m) for m in micro]
-    spec = flat[0][1]
-    joined = [torch.cat(parts) if parts[0].dim() > 0 else parts[0] for parts in zip(*(f[0] for f in flat))]
-    return unflatten(spec, joined)

@@ -10,17 +10,9 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call
 
-from stagewise.partition.profile import SavedBytes
-from stagewise.runtime.tree import flatten, map_tensors
+from stagewise.runtime.activations import SavedBytes
 from stagewise.runtime.versions import WeightVersions
-
-
-def _grad_leaf(t: torch.Tensor) -> torch.Tensor:
-    """A stage input cut from the previous stage's graph: a leaf that records its own gradient."""
-    leaf = t.detach()
-    if t.requires_grad and t.is_floating_point():
-        leaf.requires_grad_(True)
-    return leaf
+from stagewise.tree import cut, tensors_of
 
 
 @dataclass
@@ -59,11 +51,11 @@ class Stage:
             out.append((self.names.get(id(p), f"{int(head) + self.layer_offset}.{rest}"), p))
         return out
 
-    def forward(self, x: Any, first: bool, version: int | None = None) -> tuple[Any, Pending]:
-        """Run the layers on one micro-batch; `x` comes from the data (first stage) or the previous stage."""
-        if not first:
-            x = map_tensors(x, _grad_leaf)
-        inputs = [t for t in flatten(x)[0] if t.requires_grad]
+    def forward(self, x: Any, version: int | None = None) -> tuple[Any, Pending]:
+        """Run the layers on one micro-batch; `x` comes from the data (first stage) or the previous stage,
+        and is cut from the graph that made it (the first stage's input never needs a gradient)."""
+        x = cut(x, keep_grad=self.index > 0)
+        inputs = [t for t in tensors_of(x) if t.requires_grad]
         weights = self.versions.params(version) if self.versions is not None and version is not None else None
         counter = SavedBytes(list(self.module.parameters()) + list((weights or {}).values()))
         with counter.hooks():

@@ -3,18 +3,20 @@
 A tie is found by identity (the same nn.Parameter object in two layers of the list) or
 by an attribute `stagewise_tie = "key"` on the parameter (for layers built by factories,
 where each rank creates its own object). Copies on different ranks start from the
-lowest rank's value; before every optimizer step their gradients are summed, so the
-step is the one a single process would take on the one shared parameter.
+lowest rank's value; before every optimizer step their gradients are summed (the
+`SyncTiedGrads` part of the step), so the step is the one a single process would take on
+the one shared parameter. Ranks that are threads of one process and hold the very same
+object share it already: only its owner (the first rank holding it) takes part.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from stagewise.runtime.world import Group, World
 
 TIE_ATTR = "stagewise_tie"
 
@@ -42,71 +44,52 @@ def shared_ids(layers: Sequence[nn.Module | object]) -> set[int]:
 
 
 def tie_key(p: nn.Parameter, names: dict[int, str], shared: set[int]) -> str | None:
+    """The key naming the tie `p` belongs to, or None when it is not tied."""
     key = getattr(p, TIE_ATTR, None)
     if key is not None:
         return str(key)
     return f"shared:{names[id(p)]}" if id(p) in shared else None
 
 
-class DistTies:
-    """Ties across ranks: one gloo/nccl group per tied parameter, gradients all-reduced before a step."""
+class Ties:
+    """Every tie held by more than one rank, with the group of its holders.
 
-    def __init__(self, local: dict[str, nn.Parameter], rank: int, world: int):
-        gathered: list[list[str]] = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, sorted(local))
+    `held[rank]` maps tie keys to the copy that rank owns. Built by every process at the same
+    time (it gathers the keys and creates one group per tie); the copies are made equal at once.
+    """
+
+    def __init__(self, world: World, held: dict[int, dict[str, nn.Parameter]]):
+        self.world = world
+        keys = world.gather({r: sorted(held.get(r, {})) for r in world.local_ranks})
         holders: dict[str, list[int]] = {}
-        for r, keys in enumerate(gathered):
-            for k in keys:
+        for r in sorted(keys):
+            for k in keys[r]:
                 holders.setdefault(k, []).append(r)
-        self.groups: list[tuple[nn.Parameter, object]] = []
-        for key in sorted(holders):  # every rank creates the groups in the same order
+        self.by_rank: dict[int, list[tuple[nn.Parameter, Group, int]]] = {r: [] for r in world.local_ranks}
+        for key in sorted(holders):  # every process creates the groups in the same order
             ranks = holders[key]
             if len(ranks) < 2:
                 continue
-            group = dist.new_group(ranks)
-            if key in local:
-                with torch.no_grad():
-                    dist.broadcast(local[key].data, src=ranks[0], group=group)
-                self.groups.append((local[key], group))
+            group = world.group(ranks)
+            for r in world.local_ranks:
+                if key in held.get(r, {}):
+                    self.by_rank[r].append((held[r][key], group, ranks[0]))
+        self.count = sum(len(ranks) > 1 for ranks in holders.values())  # the same on every rank
+        if any(self.by_rank.values()):
+            world.run(self._equalize, "making tied parameters equal")
 
-    def sync_grads(self) -> None:
-        for p, group in self.groups:
+    def __bool__(self) -> bool:
+        """Whether any parameter is tied across ranks (anywhere, not only here)."""
+        return self.count > 0
+
+    def _equalize(self, rank: int) -> None:
+        with torch.no_grad():
+            for p, group, src in self.by_rank[rank]:
+                self.world.broadcast(rank, p.data, src, group)
+
+    def sync_grads(self, rank: int) -> None:
+        """Sum the gradients of every tied copy `rank` holds with the other copies (a collective)."""
+        for p, group, _ in self.by_rank.get(rank, ()):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=group)
-
-
-class LocalTies:
-    """Ties among devices that are threads of one process: a barrier, then copies share summed gradients."""
-
-    def __init__(self, per_device: dict[int, dict[str, nn.Parameter]], timeout: float):
-        self.timeout = timeout
-        by_key: dict[str, list[nn.Parameter]] = {}
-        for params in per_device.values():
-            for key, p in params.items():
-                if all(q is not p for q in by_key.setdefault(key, [])):
-                    by_key[key].append(p)
-        self.copies = [ps for ps in by_key.values() if len(ps) > 1]
-        with torch.no_grad():
-            for ps in self.copies:
-                for q in ps[1:]:
-                    q.copy_(ps[0])
-        devices = [d for d, params in per_device.items() if params]
-        self.barrier = threading.Barrier(len(devices)) if len(devices) > 1 else None
-        self.devices = set(devices)
-        self._lock = threading.Lock()
-
-    def sync_grads(self, device: int) -> None:
-        if self.barrier is None or device not in self.devices:
-            return
-        if self.barrier.wait(self.timeout) == 0:  # one thread sums while the others wait at the second barrier
-            for ps in self.copies:
-                grads = [q.grad for q in ps if q.grad is not None]
-                total = torch.stack(grads).sum(0) if grads else None
-                for q in ps:
-                    q.grad = None if total is None else total.clone()
-        self.barrier.wait(self.timeout)
-
-    def abort(self) -> None:
-        if self.barrier is not None:
-            self.barrier.abort()
+            self.world.all_reduce(rank, [p.grad], group)

@@ -17,7 +17,6 @@ the payload's place and the real payload under its own tag.
 
 from __future__ import annotations
 
-import pickle
 import queue
 import threading
 import time
@@ -27,8 +26,8 @@ from typing import Any
 
 import torch
 
-from stagewise.runtime.errors import TransportTimeout
-from stagewise.runtime.tree import flatten, slots, unflatten
+from stagewise.runtime.errors import PeerError, TransportTimeout
+from stagewise.tree import dumps, flatten, loads, slots, unflatten
 
 _ALIGN = 16
 
@@ -125,11 +124,12 @@ def fill_missing_grads(grads: list[torch.Tensor | None], like: list[torch.Tensor
 class DistTransport(Transport):
     """torch.distributed isend/irecv between ranks; `ordered` for backends that match by order (NCCL)."""
 
-    def __init__(self, device: torch.device, num_stages: int, timeout: float, group: Any = None,
-                 ordered: bool = False):
+    def __init__(self, device: torch.device, num_stages: int, timeout: float, ordered: bool = False,
+                 peers: list[int] | None = None):
         import torch.distributed as dist
 
-        self.dist, self.device, self.S, self.group = dist, device, num_stages, group
+        self.dist, self.device, self.S = dist, device, num_stages
+        self.peers = peers  # pipeline device -> global rank (None: the same numbers)
         self.timeout = timeout
         self.ordered = ordered
         self.sent_sigs: dict[tuple, dict[bytes, int]] = {}
@@ -146,12 +146,15 @@ class DistTransport(Transport):
         return (((mb % (1 << 20)) * self.S + dst) * 2 + direction) * 4 + part
 
     def _isend(self, t: torch.Tensor, peer: int, tag: int) -> None:
-        work = self.dist.isend(t, peer, group=self.group, tag=0 if self.ordered else tag)
+        work = self.dist.isend(t, self._rank(peer), tag=0 if self.ordered else tag)
         self.pending_sends.append((work, t))
         self.bytes_sent += t.numel() * t.element_size()
 
     def _irecv(self, t: torch.Tensor, peer: int, tag: int) -> Any:
-        return self.dist.irecv(t, peer, group=self.group, tag=0 if self.ordered else tag)
+        return self.dist.irecv(t, self._rank(peer), tag=0 if self.ordered else tag)
+
+    def _rank(self, peer: int) -> int:
+        return peer if self.peers is None else self.peers[peer]
 
     def _wait(self, work: Any, what: str) -> None:
         try:
@@ -163,7 +166,7 @@ class DistTransport(Transport):
 
     def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None:
         tensors, spec = flatten(tree)
-        meta = pickle.dumps(spec)
+        meta = dumps(spec)
         sigs = self.sent_sigs.setdefault((dst,), {})
         new = meta not in sigs
         if new:
@@ -176,7 +179,7 @@ class DistTransport(Transport):
         part = 2
         predicted = self._predicted(self.sent_history, (dst, mb))
         if predicted is not None and predicted != meta:  # the receiver posted a payload of the old size: fill it
-            nbytes = _buffer_bytes(_payload_specs(pickle.loads(predicted)))
+            nbytes = _buffer_bytes(_payload_specs(loads(predicted)))
             if nbytes:
                 self._isend(torch.zeros(nbytes, dtype=torch.uint8, device=self.device), peer,
                             self._tag(0, dst, mb, 2))
@@ -191,7 +194,7 @@ class DistTransport(Transport):
         handle = _ActivationHandle(self, header, work, dst, mb, peer, src)
         predicted = self._predicted(self.recv_history, (dst, mb))
         if predicted is not None:
-            specs = _payload_specs(pickle.loads(predicted))
+            specs = _payload_specs(loads(predicted))
             buf = buffer_for(specs, self.device) if specs else None
             posted = self._irecv(buf, peer, self._tag(0, dst, mb, 2)) if specs else None
             handle.predicted = (predicted, buf, posted)
@@ -255,7 +258,7 @@ class _ActivationHandle(Handle):
             meta = torch.empty(meta_len, dtype=torch.uint8, device=tr.device)
             tr._wait(tr._irecv(meta, self.peer, tr._tag(0, self.dst, self.mb, 1)), what)
             raw = meta.cpu().numpy().tobytes()
-            sigs[sig] = (pickle.loads(raw), raw)
+            sigs[sig] = (loads(raw), raw)
         spec, raw = sigs[sig]
         _remember(tr.recv_history, (self.dst, self.mb), raw)
         specs = _payload_specs(spec)
@@ -282,7 +285,7 @@ class _ActivationHandle(Handle):
             return unflatten(spec, [])
         self.tr._wait(work, f"activation for stage {self.dst} micro-batch {self.mb} from stage {self.src}")
         tensors = unpack(buf, specs)
-        tensors = [t.requires_grad_(True) if s[3] and t.is_floating_point() else t
+        tensors = [t.requires_grad_(True) if s.requires_grad and t.is_floating_point() else t
                    for t, s in zip(tensors, slots(spec))]
         return unflatten(spec, tensors)
 
@@ -293,7 +296,7 @@ def _remember(history: dict[tuple[int, int], tuple[bytes, int]], key: tuple[int,
 
 
 def _payload_specs(spec: Any) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    return [(s[1], s[2]) for s in slots(spec)]
+    return [(s.shape, s.dtype) for s in slots(spec)]
 
 
 def _buffer_bytes(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
@@ -306,26 +309,30 @@ def _buffer_bytes(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
 class LocalTransport(Transport):
     """In-process transport for several devices run as threads of one process (tests, notebooks)."""
 
-    def __init__(self, hub: LocalHub, timeout: float):
-        self.hub, self.timeout = hub, timeout
+    def __init__(self, hub: LocalHub, timeout: float, rank: int = 0, peers: list[int] | None = None):
+        self.hub, self.timeout, self.rank = hub, timeout, rank
+        self.peers = peers  # pipeline device -> rank (None: the same numbers)
         self.bytes_sent = 0
+
+    def _rank(self, peer: int) -> int:
+        return peer if self.peers is None else self.peers[peer]
 
     def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None:
         tensors, spec = flatten(tree)
         copies = [t.detach().clone() for t in tensors]
         self.bytes_sent += sum(t.numel() * t.element_size() for t in copies)
-        self.hub.put(("F", src, dst, mb), (spec, copies))
+        self.hub.put(("F", src, dst, mb, self._rank(peer)), (spec, copies))
 
     def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle:
-        return _LocalHandle(self, ("F", src, dst, mb), grad=False)
+        return _LocalHandle(self, ("F", src, dst, mb, self.rank), grad=False)
 
     def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None:
         copies = [g.detach().clone() for g in grads]
         self.bytes_sent += sum(t.numel() * t.element_size() for t in copies)
-        self.hub.put(("B", src, dst, mb), copies)
+        self.hub.put(("B", src, dst, mb, self._rank(peer)), copies)
 
     def recv_grad(self, like: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> Handle:
-        return _LocalHandle(self, ("B", src, dst, mb), grad=True)
+        return _LocalHandle(self, ("B", src, dst, mb, self.rank), grad=True)
 
     def finish(self) -> None:
         return None
@@ -359,22 +366,20 @@ class _LocalHandle(Handle):
         deadline = time.monotonic() + self.tr.timeout
         while True:
             if self.tr.hub.aborted:
-                from stagewise.runtime.errors import PeerError
-
                 raise PeerError(self.tr.hub.aborted)
             try:
                 value = box.get(timeout=0.05)
                 break
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    kind, src, dst, mb = self.key
+                    kind, src, dst, mb, _ = self.key
                     what = "gradient" if self.grad else "activation"
                     raise TransportTimeout(f"no {what} for stage {dst} micro-batch {mb} from stage {src} "
                                            f"after {self.tr.timeout:g} s") from None
         if self.grad:
             return value
         spec, tensors = value
-        tensors = [t.requires_grad_(True) if s[3] and t.is_floating_point() else t
+        tensors = [t.requires_grad_(True) if s.requires_grad and t.is_floating_point() else t
                    for t, s in zip(tensors, slots(spec))]
         return unflatten(spec, tensors)
 

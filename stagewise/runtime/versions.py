@@ -9,8 +9,18 @@ A snapshot is dropped once the newest version has replaced it and no backward st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+from stagewise.schedules.actions import B
+from stagewise.schedules.schedule import Schedule
+
+if TYPE_CHECKING:
+    from stagewise.runtime.stage import Stage
 
 
 class WeightVersions:
@@ -58,3 +68,23 @@ class WeightVersions:
         if self.remaining.get(old, 0) <= 0:
             self.snapshots.pop(old, None)
         self.peak = max(self.peak, len(self.snapshots))
+
+
+@contextmanager
+def stashing(schedule: Schedule, stages: dict[int, Stage], peaks: dict[int, int]) -> Iterator[None]:
+    """Give every stage the weight versions `schedule` uses while it runs; `peaks` receives the most
+    versions each stage held at once (compare `simulate(schedule).peak_weight_versions`)."""
+    for s, st in stages.items():
+        uses: dict[int, int] = {}
+        for a in schedule.actions[schedule.placement[s]]:
+            if a.op == B and a.stage == s:
+                uses[a.version] = uses.get(a.version, 0) + 1
+        st.versions = WeightVersions(st.module, uses)
+        st.module.zero_grad(set_to_none=True)
+    try:
+        yield
+    finally:
+        for s, st in stages.items():
+            if st.versions is not None:
+                peaks[s] = st.versions.peak
+            st.versions = None

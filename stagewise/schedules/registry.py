@@ -80,3 +80,20 @@ def build(name: str, devices: int, microbatches: int, chunks: int | None = None,
         takes = ", ".join(entry.options) or "none"
         raise ScheduleError(f"schedule {name!r} takes no option {', '.join(map(repr, unknown))} (its options: {takes})")
     return entry.generator(devices, microbatches, entry.default_chunks if chunks is None else chunks, **options)
+
+
+def resolve_schedule(spec: str | Schedule, devices: int, microbatches: int | None = None, chunks: int | None = None,
+                     **options) -> Schedule:
+    """A registered schedule built for `devices` (m defaults to 4), or a `Schedule` object checked against
+    `devices` and `microbatches`; validated and lowered (a ScheduleError names the first bad action)."""
+    from stagewise.schedules.validate import validate
+
+    if isinstance(spec, Schedule):
+        if spec.num_devices != devices:
+            raise ScheduleError(f"schedule {spec.name!r} is written for {spec.num_devices} devices, but this "
+                                f"pipeline has {devices}")
+        if microbatches is not None and microbatches != spec.microbatches:
+            raise ScheduleError(f"schedule {spec.name!r} runs {spec.microbatches} micro-batches, not "
+                                f"microbatches={microbatches}; leave microbatches unset with a Schedule object")
+        return validate(spec)
+    return validate(build(spec, devices, 4 if microbatches is None else microbatches, chunks, **options))

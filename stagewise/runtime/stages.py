@@ -1,0 +1,90 @@
+"""The stages a process holds: built from the layer list and the balance, with who owns which parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from stagewise.runtime import ties
+from stagewise.runtime.stage import Stage
+from stagewise.runtime.world import World
+from stagewise.schedules.schedule import Schedule
+
+LayerSpec = nn.Module | Callable[[], nn.Module]
+
+
+class StageSet:
+    """The stages of every local rank, and each rank's parameters.
+
+    A rank owns (and steps) the parameters of its stages; a parameter object shared by stages
+    of two local ranks (threads of one process) is owned once, by the first rank holding it.
+    `tied[rank]` maps tie keys (see `stagewise.runtime.ties`) to the copy that rank owns.
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec], balance: Sequence[int], schedule: Schedule, world: World,
+                 seed: int | None = None):
+        starts = [sum(balance[:s]) for s in range(len(balance))]
+        self.layer_ranges = [(a, a + n) for a, n in zip(starts, balance)]
+        self.schedule, self.world = schedule, world
+        names, shared = ties.canonical_names(layers), ties.shared_ids(layers)
+        self.by_rank: dict[int, dict[int, Stage]] = {}
+        for rank in world.local_ranks:
+            device = world.grid.coords(rank)[0]
+            mine: dict[int, Stage] = {}
+            for s in schedule.stages_of(device):
+                lo, hi = self.layer_ranges[s]
+                built = [build_layer(layers[i], i, seed) for i in range(lo, hi)]
+                mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names)
+            self.by_rank[rank] = mine
+        # stage index -> Stage, for this process's first data replica (the only one, with processes)
+        replica = world.grid.coords(world.local_ranks[0])[1]
+        self.stages: dict[int, Stage] = {s: st for r, mine in self.by_rank.items()
+                                         if world.grid.coords(r)[1] == replica for s, st in mine.items()}
+        self.owned: dict[int, list[nn.Parameter]] = {}
+        self.tied: dict[int, dict[str, nn.Parameter]] = {}
+        seen: set[int] = set()
+        for rank, mine in self.by_rank.items():
+            own: list[nn.Parameter] = []
+            tied: dict[str, nn.Parameter] = {}
+            for st in mine.values():
+                for p in st.parameters():
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
+                    own.append(p)
+                    key = ties.tie_key(p, names, shared)
+                    if key is not None:
+                        tied[key] = p
+            self.owned[rank], self.tied[rank] = own, tied
+
+    def of_rank(self, rank: int) -> dict[int, Stage]:
+        """Stage index -> Stage for the stages rank `rank` runs."""
+        return self.by_rank[rank]
+
+    def all(self) -> list[Stage]:
+        return [st for mine in self.by_rank.values() for st in mine.values()]
+
+    def zero_grad(self) -> None:
+        for st in self.all():
+            st.module.zero_grad(set_to_none=True)
+
+
+def as_layer_list(layers: nn.Sequential | Sequence[LayerSpec]) -> list[LayerSpec]:
+    """The layers of an nn.Sequential, or the list given."""
+    return list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+
+
+def build_layer(spec: LayerSpec, index: int, seed: int | None) -> nn.Module:
+    """A layer given as a module, or built by its zero-argument factory (seeded by `seed + index`)."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if not callable(spec):
+        raise TypeError(f"layer {index} is neither an nn.Module nor a zero-argument factory: {spec!r}")
+    if seed is not None:
+        torch.manual_seed(seed + index)
+    module = spec()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"layer factory {index} returned {type(module).__name__}, not an nn.Module")
+    return module
