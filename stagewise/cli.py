@@ -8,6 +8,7 @@ import os
 import sys
 
 from stagewise.schedules import SCHEDULES, Costs, ScheduleError, build, simulate, validate
+from stagewise.schedules.registry import names
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--stages", type=int, default=4, help="pipeline devices")
     pa.add_argument("--method", default="type:GPT2Block",
                     help="uniform, parameters, type:REGEX, time, memory, auto, or counts like 4,3,3,4")
-    pa.add_argument("--schedule", default="1f1b", help="the schedule (memory and auto depend on it)")
+    pa.add_argument("--schedule", default="1f1b",
+                    help=f"the schedule, one of {names()} (memory and auto depend on it; default %(default)s)")
     pa.add_argument("--microbatches", type=int, default=8)
     pa.add_argument("--chunks", type=int, default=None)
     pa.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="for measured methods")
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)")
     tr.add_argument("--stages", type=int, default=d.stages, help="pipeline devices (processes)")
-    tr.add_argument("--schedule", default=d.schedule, help="naive, gpipe, 1f1b, interleaved, zb-h1, zbv")
+    tr.add_argument("--schedule", default=d.schedule, help=f"one of {names()} (default %(default)s)")
     tr.add_argument("--microbatches", type=int, default=d.microbatches)
     tr.add_argument("--steps", type=int, default=d.steps)
     tr.add_argument("--model", default=d.model, help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")

@@ -224,7 +224,7 @@ class LocalWorld(World):
             if errors and deadline is None:
                 deadline = time.monotonic() + self.timeout + 2.0
             if deadline is not None and time.monotonic() > deadline:
-                stuck = [t.name for t in threads if t.is_alive()]
+                stuck = [f"rank {r}" for r, t in zip(self.local_ranks, threads) if t.is_alive()]
                 self.failed = f"{self._root(errors)}; {', '.join(stuck)} did not stop (stuck in its own computation)"
                 raise PipelineError(self.failed) from self._root_error(errors)
         if errors:
