@@ -8,6 +8,7 @@ and the training step's parts that run at every STEP action.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -17,11 +18,11 @@ from torch import nn
 from stagewise.partition import PartitionTable, resolve_balance
 from stagewise.partition.profile import layer_facts
 from stagewise.runtime import checkpoint
-from stagewise.runtime.feed import Microbatches, MicrobatchFeed
+from stagewise.runtime.feed import MicrobatchFeed
 from stagewise.runtime.host_memory import keep_freed_host_memory
 from stagewise.runtime.runner import Runner
 from stagewise.runtime.stages import LayerSpec, StageSet, as_layer_list
-from stagewise.runtime.step import NewWeightVersion, OptimizerStep, Step, SyncTiedGrads
+from stagewise.runtime.step import training_step
 from stagewise.runtime.ties import Ties
 from stagewise.runtime.versions import stashing
 from stagewise.runtime.world import make_world
@@ -51,6 +52,12 @@ class Pipeline:
             measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
         chunks: virtual stages per device (interleaved, zbv); default from the schedule.
         optimizer: `params -> torch.optim.Optimizer`, built over each rank's parameters.
+        data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank
+            is given the same batch; replica r trains on its share and the gradients are reduced over the
+            replicas (REDUCE actions, after each stage's last backward) before the step.
+        max_grad_norm: clip the gradients by their global norm (every stage and replica, tied parameters once),
+            as `torch.nn.utils.clip_grad_norm_` does on one device; `last_step["grad_norm"]` is the norm.
+            A non-finite norm skips the step on every rank with a warning. `track_grad_norm` measures it only.
         timeout: seconds any wait on another device may take before every rank stops with an error.
         vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
         show_partition: print the partition table on rank 0 at start-up (DeepSpeed-style);
@@ -69,13 +76,16 @@ class Pipeline:
                  timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
                  local_devices: int | None = None, backend: str | None = None,
                  sample: tuple[Any, Any] | None = None, memory_limit: float | None = None,
-                 vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True):
+                 vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
+                 data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
         if isinstance(schedule, str):
             info(schedule)  # an unknown name fails here, before any process group is set up
-        self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device)
-        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks, **options)
+        self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
+                                data_parallel=data_parallel)
+        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks,
+                                         data_parallel=data_parallel, **options)
         self.microbatches = self.schedule.microbatches
         self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
         layer_list = as_layer_list(layers)
@@ -87,14 +97,16 @@ class Pipeline:
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()
         self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed)
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
+        self.model.replicate()
         ties = Ties(self.world, self.model.tied)
         if self.schedule.asynchronous and ties:
             raise ValueError(f"schedule {self.schedule.name!r} keeps several weight versions per stage; parameters "
                              "tied across stages (such as GPT-2's embedding and head) are not supported with it. "
                              "Untie them or use a synchronous schedule")
         self.optimizers = {r: optimizer(ps) for r, ps in self.model.owned.items() if optimizer is not None and ps}
-        self.step_parts = Step(([SyncTiedGrads(ties)] if ties else []) + [OptimizerStep()]
-                               + ([NewWeightVersion()] if self.schedule.asynchronous else []))
+        self.step_parts = training_step(self.world, self.model, ties, asynchronous=self.schedule.asynchronous,
+                                        max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm)
+        self.last_step: dict[str, Any] = {}  # the last step's loss, and what its parts reported (grad_norm, ...)
         self._everyone = self.world.group(range(self.world.size))
         self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers)
         if show_partition and 0 in self.world.local_ranks:
@@ -140,14 +152,18 @@ class Pipeline:
     def is_last_rank(self) -> bool:
         return self.schedule.placement[-1] in {self.world.grid.coords(r)[0] for r in self.world.local_ranks}
 
-    def train_step(self, batch: tuple[Any, Any]) -> torch.Tensor:
+    def train_step(self, batch: tuple[Any, Any], step: bool = True) -> torch.Tensor:
         """One pipelined step over `batch = (inputs, labels)`: forward, backward, and the optimizer step
-        if an optimizer was given. Gradients are zeroed first. Returns the batch loss (the mean over
-        the batch, as one unpipelined `loss_fn(model(inputs), labels)` would give) on every rank, as a
-        float64 scalar tensor."""
+        if an optimizer was given. Returns the batch loss (the mean over the batch, as one unpipelined
+        `loss_fn(model(inputs), labels)` would give) on every rank, as a float64 scalar tensor.
+
+        With `step=False` the gradients are only accumulated (no reduction, no optimizer step); the next
+        call with `step=True` steps on the mean gradient over every sample since the last step."""
         if self.schedule.asynchronous:  # one batch as its own program: the pipeline fills and drains around it
+            if not step:
+                raise ValueError(f"schedule {self.schedule.name!r} steps by itself; step=False needs a synchronous one")
             return torch.tensor(self.train(iter([batch]), 1)[0], dtype=torch.float64)
-        return self._step(batch, train=True)["loss"]
+        return self._step(batch, train=True, step=step)["loss"]
 
     def eval_step(self, batch: tuple[Any, Any]) -> dict[str, Any]:
         """Loss without gradients: `{"loss": scalar, "outputs": last-stage outputs or None}` (outputs
@@ -179,10 +195,12 @@ class Pipeline:
         schedule = validate(build(name, self.world.grid.pipeline, self.microbatches, chunks, batches=steps,
                                   **options))
         keep = self.world.grid.pipeline // self.microbatches + 2  # batches that can still be in flight
-        feed = MicrobatchFeed(it, self.microbatches, self.device, keep=keep)
+        feed = MicrobatchFeed(it, self.microbatches, self.device, keep=keep, replicas=self.world.grid.data)
+        feeds = {self.world.grid.coords(r)[1]: feed.microbatches(self.world.grid.coords(r)[1])
+                 for r in self.world.local_ranks}
         self.version_peaks: dict[int, int] = {}
         with stashing(schedule, self.stages, self.version_peaks):
-            losses = self.runner.run(feed.microbatches(), True, schedule, batches=steps)
+            losses = self.runner.run(feeds, True, schedule, batches=steps)
         return losses.tolist()
 
     def close(self) -> None:
@@ -221,10 +239,11 @@ class Pipeline:
         """Peak saved-activation bytes per stage held by this process, since construction."""
         return {s: st.peak_bytes for s, st in self.stages.items()}
 
-    def _step(self, batch: tuple[Any, Any], train: bool) -> dict[str, Any]:
+    def _step(self, batch: tuple[Any, Any], train: bool, step: bool = True) -> dict[str, Any]:
         self.world.check()
-        feed = Microbatches.of_batch(batch, self.microbatches, self.device, self.schedule.name)
-        if train:
-            self.model.zero_grad()
-        loss = self.runner.run(feed, train)[0]
+        loss = self.runner.step_batch(batch, self.microbatches, train, step)
+        if train and step:
+            self.last_step = {"loss": loss.item(), **self.runner.report()}
+            if "skipped" in self.last_step and 0 in self.world.local_ranks:
+                warnings.warn(f"stagewise: step skipped on every rank: {self.last_step['skipped']}", stacklevel=3)
         return {"loss": loss, "outputs": None if train else self.runner.outputs()}

@@ -16,19 +16,21 @@ import torch
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.stage import Pending, Stage
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
-from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, B, F, I, W
+from stagewise.schedules.actions import RECV_B, RECV_F, REDUCE, SEND_B, SEND_F, STEP, Action, B, F, I, W
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event
 from stagewise.tree import Spec, describe, flatten, shape_key
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-TRAIN_ONLY = frozenset((B, I, W, SEND_B, RECV_B, STEP))  # skipped by an evaluation pass
+TRAIN_ONLY = frozenset((B, I, W, SEND_B, RECV_B, STEP, REDUCE))  # skipped by an evaluation pass
 
 
 class StepRunner(Protocol):
     """What the executor calls at a STEP action (see `stagewise.runtime.step.RankStep`)."""
 
     def run(self, action: Action) -> None: ...
+
+    def reduce(self, action: Action) -> None: ...
 
 
 @dataclass
@@ -94,7 +96,7 @@ class Executor:
         self.handlers: dict[str, Callable[[Action, RunState, _Timing], None]] = {
             F: self._forward, B: self._backward, I: self._backward, W: self._weight,
             SEND_F: self._send_activation, SEND_B: self._send_grad,
-            RECV_F: self._post, RECV_B: self._post, STEP: self._step,
+            RECV_F: self._post, RECV_B: self._post, STEP: self._step, REDUCE: self._reduce,
         }
         # With a transport that matches messages by tag, the receives that precede a compute action are
         # posted before the compute action ahead of it, so that the data moves while this device computes.
@@ -238,6 +240,10 @@ class Executor:
     def _step(self, a: Action, st: RunState, timing: _Timing) -> None:
         if self.step is not None:
             self.step.run(a)
+
+    def _reduce(self, a: Action, st: RunState, timing: _Timing) -> None:
+        if self.step is not None:
+            self.step.reduce(a)
 
     # -- errors ------------------------------------------------------------------------------------
     def _peer(self, a: Action) -> int | None:

@@ -1,4 +1,4 @@
-"""Running a schedule on every local rank: an executor per rank, and one loss every rank agrees on."""
+"""Running a schedule on every local rank: an executor per rank, data for each replica, one agreed loss."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ import torch
 
 from stagewise.runtime.executor import Executor, RunResult
 from stagewise.runtime.feed import Microbatches
+from stagewise.runtime.microbatch import batch_size
 from stagewise.runtime.stages import StageSet
-from stagewise.runtime.step import Step
+from stagewise.runtime.step import RankStep, Step
+from stagewise.runtime.transport import Transport
 from stagewise.runtime.world import World
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Timeline
+from stagewise.schedules.validate import validate
 
 
 class Runner:
-    """The executors of this process's ranks for a schedule, and what the last run measured.
+    """The executors of this process's ranks, and what the last run measured and reported.
 
-    Executors (and their transports, which remember negotiated shapes) are kept for the
-    schedule given at construction; other schedules (an unflushed multi-batch program) get
-    fresh ones for their run.
+    Executors are kept for the schedule given at construction and for its accumulating form
+    (the same lists without optimizer steps and reductions, for `step=False` calls); other
+    schedules (an unflushed multi-batch program) get fresh ones. Every rank keeps one transport
+    for all of them, so negotiated shapes are remembered across steps.
     """
 
     def __init__(self, world: World, model: StageSet, schedule: Schedule,
@@ -29,51 +33,111 @@ class Runner:
                  optimizers: dict[int, torch.optim.Optimizer]):
         self.world, self.model, self.schedule, self.loss_fn = world, model, schedule, loss_fn
         self.step, self.optimizers = step, optimizers
-        grid = world.grid
-        self.pipelines = {r: world.group(grid.pipeline_ranks(r)) for r in range(grid.data)}  # one group per replica
+        self.groups = world.grid_groups()
+        self.transports: dict[int, Transport] = {r: world.transport(r, schedule.num_stages) for r in world.local_ranks}
+        self.rank_steps: dict[int, RankStep] = {}
         self.executors = self.executors_for(schedule)
+        self._accumulating: dict[int, Executor] | None = None
         self.results: dict[int, RunResult] = {}
+        self.samples = 0  # samples whose gradients are accumulated since the last optimizer step
 
     def executors_for(self, schedule: Schedule) -> dict[int, Executor]:
         out = {}
         for rank in self.world.local_ranks:
             stages = self.model.of_rank(rank)
-            out[rank] = Executor(schedule, self.world.grid.coords(rank)[0], stages,
-                                 self.world.transport(rank, schedule.num_stages), self.loss_fn,
-                                 self.step.bind(rank, list(stages.values()), self.optimizers.get(rank)), rank=rank)
+            if rank not in self.rank_steps:
+                self.rank_steps[rank] = self.step.bind(rank, list(stages.values()), self.optimizers.get(rank))
+            out[rank] = Executor(schedule, self.world.grid.coords(rank)[0], stages, self.transports[rank],
+                                 self.loss_fn, self.rank_steps[rank], rank=rank)
         return out
 
-    def run(self, feed: Microbatches, train: bool, schedule: Schedule | None = None, batches: int = 1
-            ) -> torch.Tensor:
-        """Every local rank walks its program over `feed`; returns the loss of each batch (float64, on the
-        CPU), the same on every rank: the last stage's, broadcast along each pipeline."""
-        executors = self.executors if schedule is None else self.executors_for(schedule)
+    def step_batch(self, batch: tuple[Any, Any], microbatches: int, train: bool, step: bool = True) -> torch.Tensor:
+        """One flushed pass over `batch` (every rank is given the same batch; each replica takes its share).
+
+        Training calls with `step=False` only accumulate gradients; the next stepping call steps on the
+        mean over every sample since the last step (earlier gradients are rescaled as samples come in).
+        Returns the batch's mean loss (float64, on the CPU), the same on every rank.
+        """
+        grid, device = self.world.grid, self.model.world.device(self.world.local_ranks[0])
+        scale = 1.0
+        if train:
+            total = batch_size(batch[0]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else 0
+            if self.samples == 0:
+                self.model.zero_grad()
+            else:  # keep .grad the mean over all samples so far
+                self.model.scale_grads(self.samples / (self.samples + total))
+                scale = total / (self.samples + total)
+            self.samples = 0 if step else self.samples + total
+        replicas = sorted({grid.coords(r)[1] for r in self.world.local_ranks})
+        feeds = {r: Microbatches.of_batch(batch, microbatches, device, self.schedule.name, r, grid.data, scale)
+                 for r in replicas}
+        executors = self.executors if step or not train else self._accumulate()
+        return self.run(feeds, train, executors=executors)[0] / scale
+
+    def _accumulate(self) -> dict[int, Executor]:
+        if self._accumulating is None:
+            self._accumulating = self.executors_for(validate(without_step(self.schedule)))
+        return self._accumulating
+
+    def run(self, feeds: dict[int, Microbatches], train: bool, schedule: Schedule | None = None, batches: int = 1,
+            executors: dict[int, Executor] | None = None) -> torch.Tensor:
+        """Every local rank walks its program over its replica's feed; returns the loss of each batch (float64,
+        on the CPU), the same on every rank: the last stage's, broadcast along each pipeline, summed over the
+        replicas."""
+        if executors is None:
+            executors = self.executors if schedule is None else self.executors_for(schedule)
         grid = self.world.grid
         m = (schedule or self.schedule).batch_microbatches
 
         def on_rank(rank: int) -> tuple[RunResult, torch.Tensor]:
+            replica = grid.coords(rank)[1]
+            feed = feeds[replica]
             res = executors[rank].run(feed.inputs, feed.labels, feed.weights, train=train, keep_outputs=not train)
             losses = torch.zeros(batches, dtype=torch.float64, device=self.world.device(rank))
             for n, value in res.losses.items():  # float64, so that every rank sees the last stage's loss to the bit
                 losses[n // m] += value.to(torch.float64)
-            replica = grid.coords(rank)[1]
-            self.world.broadcast(rank, losses, grid.rank(self.schedule.placement[-1], replica),
-                                 self.pipelines[replica])
+            pipeline, data = self.groups.of_rank(grid, rank)
+            self.world.broadcast(rank, losses, grid.rank(self.schedule.placement[-1], replica), pipeline)
+            self.world.all_reduce(rank, [losses], data)
             return res, losses
 
         done = self.world.run(on_rank, "the step")
         self.results = {r: res for r, (res, _) in done.items()}
         return done[self.world.local_ranks[0]][1].cpu()
 
+    def report(self) -> dict[str, Any]:
+        """What the step's parts reported in the last step (gradient norm, a skipped step), this process's
+        first rank (the parts agree across ranks)."""
+        return dict(self.rank_steps[self.world.local_ranks[0]].report)
+
     def outputs(self) -> list[Any] | None:
-        """The last stage's outputs of the last (evaluation) run, when this process holds the last stage."""
-        last = self.schedule.placement[-1]
-        return next((res.outputs for r, res in self.results.items() if self.world.grid.coords(r)[0] == last), None)
+        """The last stage's outputs of the last (evaluation) run on this process's first replica, when this
+        process holds the last stage."""
+        last, first = self.schedule.placement[-1], self.world.grid.coords(self.world.local_ranks[0])[1]
+        return next((res.outputs for r, res in self.results.items() if self.world.grid.coords(r) == (last, first)),
+                    None)
 
     def trace(self) -> Timeline:
-        """The measured timeline of the last run, every device's events (a collective across processes)."""
+        """The measured timeline of the last run, every rank's events (a collective across processes). With
+        data parallelism every rank gets its own row (row = rank), else a row per pipeline device."""
         events = self.world.gather({r: res.events for r, res in self.results.items()})
+        grid = self.world.grid
+        if grid.data > 1:
+            for r, evs in events.items():
+                for e in evs:
+                    e.device = r
         merged = [e for r in sorted(events) for e in events[r]]
         sc = self.schedule
-        return Timeline(self.world.grid.pipeline, sorted(merged, key=lambda e: (e.device, e.start)),
-                        title=f"measured: {sc.describe()}", unit="s", num_stages=sc.num_stages)
+        rows = grid.size if grid.data > 1 else grid.pipeline
+        title = f"measured: {sc.describe()}" + (f" x {grid.data} data replicas (row = rank)" if grid.data > 1 else "")
+        return Timeline(rows, sorted(merged, key=lambda e: (e.device, e.start)), title=title, unit="s",
+                        num_stages=sc.num_stages)
+
+
+def without_step(schedule: Schedule) -> Schedule:
+    """The same programs without optimizer steps and gradient reductions: a call that only accumulates."""
+    from dataclasses import replace
+
+    from stagewise.schedules.actions import REDUCE, STEP
+
+    return replace(schedule, actions=[[a for a in prog if a.op not in (STEP, REDUCE)] for prog in schedule.actions])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,12 +31,15 @@ class StageSet:
         self.schedule, self.world = schedule, world
         names, shared = ties.canonical_names(layers), ties.shared_ids(layers)
         self.by_rank: dict[int, dict[int, Stage]] = {}
+        copies: dict[int, Sequence[LayerSpec]] = {}
         for rank in world.local_ranks:
-            device = world.grid.coords(rank)[0]
+            device, replica = world.grid.coords(rank)
+            if replica not in copies:  # data replicas in one process each get their own layers (ties kept)
+                copies[replica] = layers if not copies else copy.deepcopy(list(layers))
             mine: dict[int, Stage] = {}
             for s in schedule.stages_of(device):
                 lo, hi = self.layer_ranges[s]
-                built = [build_layer(layers[i], i, seed) for i in range(lo, hi)]
+                built = [build_layer(copies[replica][i], i, seed) for i in range(lo, hi)]
                 mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names)
             self.by_rank[rank] = mine
         # stage index -> Stage, for this process's first data replica (the only one, with processes)
@@ -69,6 +73,29 @@ class StageSet:
     def zero_grad(self) -> None:
         for st in self.all():
             st.module.zero_grad(set_to_none=True)
+
+    def scale_grads(self, factor: float) -> None:
+        """Multiply every gradient held by `factor`."""
+        for grads in self.owned.values():
+            for p in grads:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    def replicate(self) -> None:
+        """Copy replica 0's parameters and buffers to the other data replicas (as DDP does at start)."""
+        world, grid = self.world, self.world.grid
+        if grid.data == 1:
+            return
+        groups = world.grid_groups()
+
+        def copy_from_replica_0(rank: int) -> None:
+            device = grid.coords(rank)[0]
+            for s in sorted(self.by_rank[rank]):
+                module = self.by_rank[rank][s].module
+                for t in list(module.parameters()) + list(module.buffers()):
+                    world.broadcast(rank, t.data, grid.rank(device, 0), groups.data[device])
+
+        world.run(copy_from_replica_0, "copying replica 0's weights to every data replica")
 
 
 def as_layer_list(layers: nn.Sequential | Sequence[LayerSpec]) -> list[LayerSpec]:

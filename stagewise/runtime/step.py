@@ -9,16 +9,22 @@ is a part here, not a branch in the executor or in `Pipeline`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from stagewise.runtime.stage import Stage
 from stagewise.runtime.ties import Ties
+from stagewise.runtime.world import Pending, World
 from stagewise.schedules.actions import Action
+
+if TYPE_CHECKING:
+    from stagewise.runtime.stages import StageSet
 
 
 @dataclass
@@ -31,6 +37,7 @@ class StepContext:
     stages: list[Stage]
     optimizer: torch.optim.Optimizer | None
     report: dict[str, Any] = field(default_factory=dict)
+    skip: bool = False  # set by a part that finds the step must not be taken (the same on every rank)
 
 
 class StepPart(ABC):
@@ -41,6 +48,95 @@ class StepPart(ABC):
     @abstractmethod
     def __call__(self, ctx: StepContext) -> None:
         """Do this part's work for `ctx.rank` (a collective when the contract spans ranks)."""
+
+    def reduce(self, rank: int, action: Action) -> None:  # noqa: B027 (most parts have no reduction)
+        """A REDUCE action of `rank`'s program (see `stagewise.schedules.with_reductions`) reached this part."""
+
+
+class ReduceGradients(StepPart):
+    """Data parallelism: sums each stage's gradients over its D replicas.
+
+    Every replica weighs its micro-batch losses by their share of the global batch, so the sum
+    over replicas is the full-batch gradient. A REDUCE action starts the reduction of its stage
+    (one flat buffer, asynchronous where the World allows), so it overlaps whatever the device
+    still computes; the part, at the step, reduces what no REDUCE covered and waits for all. A
+    parameter shared by two stages of one rank is reduced with the later of them.
+    """
+
+    contract = "every replica of a stage holds the sum of its replicas' gradients: the full-batch gradient"
+
+    def __init__(self, world: World, model: StageSet):
+        self.world, self.model = world, model
+        self.owned = {r: {id(p) for p in ps} for r, ps in model.owned.items()}
+        self.pending: dict[int, list[tuple[Pending, torch.Tensor, list[torch.Tensor]]]] = {}
+        self.done: dict[int, set[int]] = {}
+        self.waiting: dict[int, set[int]] = {}
+
+    def _window(self, rank: int) -> None:
+        if rank not in self.waiting:
+            self.waiting[rank] = set(self.model.of_rank(rank))
+            self.done[rank], self.pending[rank] = set(), []
+
+    def _start(self, rank: int, params: list[torch.nn.Parameter]) -> None:
+        if not params:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self.done[rank].add(id(p))
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        group = self.world.grid_groups().data[self.world.grid.coords(rank)[0]]
+        self.pending[rank].append((self.world.all_reduce_async(rank, [flat], group), flat, grads))
+
+    def reduce(self, rank: int, action: Action) -> None:
+        self._window(rank)
+        stages = self.model.of_rank(rank)
+        self.waiting[rank].discard(action.stage)
+        later = {id(p) for t in self.waiting[rank] for p in stages[t].parameters()}
+        self._start(rank, [p for p in stages[action.stage].parameters()
+                           if id(p) in self.owned[rank] and id(p) not in later and id(p) not in self.done[rank]])
+
+    def __call__(self, ctx: StepContext) -> None:
+        rank = ctx.rank
+        self._window(rank)
+        self._start(rank, [p for p in self.model.owned[rank] if id(p) not in self.done[rank]])
+        for work, flat, grads in self.pending[rank]:
+            work.wait()
+            for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(reduced)
+        del self.waiting[rank]
+
+
+class ClipGradNorm(StepPart):
+    """The global gradient norm over every stage (replicas hold equal gradients by now), tied parameters
+    counted once; with `max_norm`, gradients are scaled as `torch.nn.utils.clip_grad_norm_` scales them. A
+    non-finite norm skips the step on every rank (they all compute the same norm)."""
+
+    contract = ("report['grad_norm'] is the global gradient norm; with max_norm the gradients' norm is at most "
+                "max_norm; a non-finite norm marks the step skipped everywhere")
+
+    def __init__(self, world: World, model: StageSet, ties: Ties, max_norm: float | None):
+        self.world, self.model, self.ties, self.max_norm = world, model, ties, max_norm
+
+    def __call__(self, ctx: StepContext) -> None:
+        params = [p for p in self.model.owned[ctx.rank] if p.grad is not None]
+        device = self.world.device(ctx.rank)
+        squares = torch.zeros(1, dtype=torch.float64, device=device)
+        for p in params:
+            if id(p) not in self.ties.not_counted:
+                squares += p.grad.detach().to(torch.float64).pow(2).sum()
+        self.world.all_reduce(ctx.rank, [squares], self.world.grid_groups().of_rank(self.world.grid, ctx.rank)[0])
+        norm = math.sqrt(squares.item()) if math.isfinite(squares.item()) else math.nan
+        ctx.report["grad_norm"] = norm
+        if not math.isfinite(norm):
+            ctx.skip = True
+            ctx.report["skipped"] = f"the gradient norm is {norm} (an inf or NaN gradient)"
+            return
+        if self.max_norm is not None:
+            coef = min(self.max_norm / (norm + 1e-6), 1.0)  # clip_grad_norm_'s coefficient, clamped to 1
+            for p in params:
+                p.grad.mul_(coef)
 
 
 class SyncTiedGrads(StepPart):
@@ -61,7 +157,7 @@ class OptimizerStep(StepPart):
     contract = "this rank's parameters have been updated from their .grad"
 
     def __call__(self, ctx: StepContext) -> None:
-        if ctx.optimizer is not None:
+        if ctx.optimizer is not None and not ctx.skip:
             ctx.optimizer.step()
 
 
@@ -75,6 +171,19 @@ class NewWeightVersion(StepPart):
             st.module.zero_grad(set_to_none=True)
             if st.versions is not None:
                 st.versions.created(ctx.action.version)
+
+
+def training_step(world: World, model: StageSet, ties: Ties, *, asynchronous: bool = False,
+                  max_grad_norm: float | None = None, track_grad_norm: bool = False) -> Step:
+    """The standard step: reduce over data replicas (D > 1), sum tied gradients, measure and clip the global
+    norm (when asked), step the optimizer, and for asynchronous schedules make the new weight version."""
+    parts: list[StepPart] = [ReduceGradients(world, model)] if world.grid.data > 1 else []
+    parts += [SyncTiedGrads(ties)] if ties else []
+    if max_grad_norm is not None or track_grad_norm:
+        parts.append(ClipGradNorm(world, model, ties, max_grad_norm))
+    parts.append(OptimizerStep())
+    parts += [NewWeightVersion()] if asynchronous else []
+    return Step(parts)
 
 
 class Step:
@@ -104,3 +213,7 @@ class RankStep:
         for part in self.step.parts:
             part(ctx)
         self.report = ctx.report
+
+    def reduce(self, action: Action) -> None:
+        for part in self.step.parts:
+            part.reduce(self.rank, action)

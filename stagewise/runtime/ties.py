@@ -55,25 +55,30 @@ class Ties:
     """Every tie held by more than one rank, with the group of its holders.
 
     `held[rank]` maps tie keys to the copy that rank owns. Built by every process at the same
-    time (it gathers the keys and creates one group per tie); the copies are made equal at once.
+    time (it gathers the keys and creates one group per tie and data replica: the replicas' copies
+    are summed by the data-parallel reduction first); the copies are made equal at once.
+    `counted(rank)` lists the copies whose gradient a global norm counts (one per tie and replica).
     """
 
     def __init__(self, world: World, held: dict[int, dict[str, nn.Parameter]]):
         self.world = world
         keys = world.gather({r: sorted(held.get(r, {})) for r in world.local_ranks})
-        holders: dict[str, list[int]] = {}
+        holders: dict[tuple[str, int], list[int]] = {}
         for r in sorted(keys):
             for k in keys[r]:
-                holders.setdefault(k, []).append(r)
+                holders.setdefault((k, world.grid.coords(r)[1]), []).append(r)
         self.by_rank: dict[int, list[tuple[nn.Parameter, Group, int]]] = {r: [] for r in world.local_ranks}
-        for key in sorted(holders):  # every process creates the groups in the same order
-            ranks = holders[key]
+        self.not_counted: set[int] = set()  # ids of copies a global gradient norm skips (their first holder counts)
+        for key, replica in sorted(holders):  # every process creates the groups in the same order
+            ranks = holders[(key, replica)]
             if len(ranks) < 2:
                 continue
             group = world.group(ranks)
             for r in world.local_ranks:
                 if key in held.get(r, {}):
                     self.by_rank[r].append((held[r][key], group, ranks[0]))
+                    if r != ranks[0]:
+                        self.not_counted.add(id(held[r][key]))
         self.count = sum(len(ranks) > 1 for ranks in holders.values())  # the same on every rank
         if any(self.by_rank.values()):
             world.run(self._equalize, "making tied parameters equal")

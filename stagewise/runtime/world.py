@@ -62,6 +62,20 @@ class Grid:
         return [self.rank(device, r) for r in range(self.data)]
 
 
+@dataclass(frozen=True)
+class GridGroups:
+    """The groups of the grid's axes: one pipeline per replica, the D replicas of each device, and everyone."""
+
+    pipeline: dict[int, Group]  # replica -> the ranks of its pipeline
+    data: dict[int, Group]  # pipeline device -> its D replicas
+    everyone: Group
+
+    def of_rank(self, grid: Grid, rank: int) -> tuple[Group, Group]:
+        """(the pipeline group, the data group) `rank` belongs to."""
+        device, replica = grid.coords(rank)
+        return self.pipeline[replica], self.data[device]
+
+
 @dataclass(eq=False)
 class Group:
     """A set of ranks that take part in a collective together; `handle` is the world's own object for it."""
@@ -113,6 +127,22 @@ class World(ABC):
     def group(self, ranks: Sequence[int]) -> Group:
         """A group of `ranks` for rank-level collectives; every process creates the same groups in order."""
 
+    def grid_groups(self) -> GridGroups:
+        """The groups of the grid's axes, created once (by every process, in the same order)."""
+        cached = getattr(self, "_grid_groups", None)
+        if cached is None:
+            g = self.grid
+            cached = GridGroups({r: self.group(g.pipeline_ranks(r)) for r in range(g.data)},
+                                {d: self.group(g.data_ranks(d)) for d in range(g.pipeline)},
+                                self.group(range(g.size)))
+            self._grid_groups = cached
+        return cached
+
+    def all_reduce_async(self, rank: int, tensors: Sequence[torch.Tensor], group: Group) -> Pending:
+        """Start `all_reduce`; the result is in place once the returned handle's `wait()` returns."""
+        self.all_reduce(rank, tensors, group)
+        return Pending()
+
     def close(self) -> None:  # noqa: B027 (a world without helper threads has nothing to stop)
         """Stop helper threads (the failure watchdog); idempotent."""
 
@@ -137,6 +167,20 @@ class World(ABC):
     def barrier(self, rank: int, group: Group) -> None:
         """Return once every member of `group` has called it."""
         self.all_gather_object(rank, None, group)
+
+
+class Pending:
+    """A collective started asynchronously; `wait()` blocks until it is done (here: already done)."""
+
+    def __init__(self, works: Sequence[Any] = (), timeout: float | None = None):
+        self.works, self.timeout = list(works), timeout
+
+    def wait(self) -> None:
+        from datetime import timedelta
+
+        for w in self.works:
+            w.wait(timedelta(seconds=self.timeout)) if self.timeout else w.wait()
+        self.works = []
 
 
 # ---- threads ----------------------------------------------------------------------------------------
@@ -377,6 +421,12 @@ class DistWorld(World):
         for t in tensors:
             launch.dist.all_reduce(t, group=group.handle)
 
+    def all_reduce_async(self, rank: int, tensors: Sequence[torch.Tensor], group: Group) -> Pending:
+        if group.handle is None and len(group.ranks) == 1:
+            return Pending()
+        works = [launch.dist.all_reduce(t, group=group.handle, async_op=True) for t in tensors]
+        return Pending(works, self.timeout)
+
     def broadcast(self, rank: int, tensor: torch.Tensor, src: int, group: Group) -> None:
         if group.handle is None and len(group.ranks) == 1:
             return
@@ -427,4 +477,4 @@ def make_world(local_devices: int | None = None, *, timeout: float = 30.0, backe
     return DistWorld(timeout, backend, data_parallel, device)
 
 
-__all__ = ["DistWorld", "Grid", "Group", "LocalWorld", "World", "make_world"]
+__all__ = ["DistWorld", "Grid", "GridGroups", "Group", "LocalWorld", "Pending", "World", "make_world"]

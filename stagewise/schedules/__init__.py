@@ -8,6 +8,7 @@ from stagewise.schedules.actions import (
     COMPUTE_OPS,
     RECV_B,
     RECV_F,
+    REDUCE,
     SEND_B,
     SEND_F,
     STEP,
@@ -22,6 +23,7 @@ from stagewise.schedules.asynchronous import pipedream, two_bw
 from stagewise.schedules.flushing import gpipe, naive, one_f_one_b
 from stagewise.schedules.interleaved import interleaved
 from stagewise.schedules.lowering import lower
+from stagewise.schedules.reduction import with_reductions
 from stagewise.schedules.registry import SCHEDULES, SYNCHRONOUS, ScheduleInfo, build
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.simulate import Costs, Simulation, simulate
@@ -30,8 +32,8 @@ from stagewise.schedules.validate import validate
 from stagewise.schedules.zero_bubble import zb_h1, zbv
 
 __all__ = [
-    "B", "COMM_OPS", "COMPUTE_OPS", "F", "I", "RECV_B", "RECV_F", "SEND_B", "SEND_F", "STEP", "W",
+    "B", "COMM_OPS", "COMPUTE_OPS", "F", "I", "RECV_B", "RECV_F", "REDUCE", "SEND_B", "SEND_F", "STEP", "W",
     "Action", "Costs", "Event", "SCHEDULES", "SYNCHRONOUS", "Schedule", "ScheduleError", "ScheduleInfo", "Simulation",
     "Timeline", "build", "gpipe", "interleaved", "lower", "naive", "one_f_one_b", "pipedream",
-    "simulate", "two_bw", "validate", "zb_h1", "zbv",
+    "simulate", "two_bw", "validate", "with_reductions", "zb_h1", "zbv",
 ]

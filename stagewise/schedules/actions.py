@@ -10,7 +10,8 @@ B = "B"  # full backward (input and weight gradients together)
 I = "I"  # noqa: E741  # backward for the input gradient only
 W = "W"  # backward for the weight gradient only (after I)
 STEP = "STEP"  # optimizer step on the device; `version` is the weight version it produces
-COMPUTE_OPS = (F, B, I, W, STEP)
+REDUCE = "REDUCE"  # data parallel: average stage `stage`'s gradients over its replicas (added by `with_reductions`)
+COMPUTE_OPS = (F, B, I, W, STEP, REDUCE)  # the work of one device's own list (REDUCE: a collective of its replicas)
 
 # Communication ops, added by `lower()`.
 SEND_F = "SEND_F"  # send stage `stage`'s output for `microbatch` to device `peer`
@@ -38,6 +39,8 @@ class Action(NamedTuple):
     def __str__(self) -> str:
         if self.op == STEP:
             return f"STEP(stage {self.stage} -> v{self.version})"
+        if self.op == REDUCE:
+            return f"REDUCE(stage {self.stage})"
         v = f" v{self.version}" if self.version else ""
         p = f" peer {self.peer}" if self.peer >= 0 else ""
         return f"{self.op}(stage {self.stage}, mb {self.microbatch}{v}{p})"
@@ -45,7 +48,7 @@ class Action(NamedTuple):
     @property
     def label(self) -> str:
         """A short label for timelines, such as `F3` or `W0`."""
-        return self.op[0] if self.op == STEP else f"{self.op}{self.microbatch}"
+        return self.op[0] if self.op in (STEP, REDUCE) else f"{self.op}{self.microbatch}"
 
 
 class ScheduleError(ValueError):

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stagewise.schedules.actions import ScheduleError
+from stagewise.schedules.actions import STEP, ScheduleError
 from stagewise.schedules.asynchronous import pipedream, two_bw
 from stagewise.schedules.flushing import gpipe, naive, one_f_one_b
 from stagewise.schedules.interleaved import interleaved
@@ -83,10 +83,22 @@ def build(name: str, devices: int, microbatches: int, chunks: int | None = None,
 
 
 def resolve_schedule(spec: str | Schedule, devices: int, microbatches: int | None = None, chunks: int | None = None,
-                     **options) -> Schedule:
+                     data_parallel: int = 1, **options) -> Schedule:
     """A registered schedule built for `devices` (m defaults to 4), or a `Schedule` object checked against
-    `devices` and `microbatches`; validated and lowered (a ScheduleError names the first bad action)."""
+    `devices` and `microbatches`; with `data_parallel` > 1 it gets its gradient reductions (`with_reductions`);
+    validated and lowered (a ScheduleError names the first bad action)."""
+    from stagewise.schedules.reduction import with_reductions
     from stagewise.schedules.validate import validate
+
+    if data_parallel > 1:
+        schedule = resolve_schedule(spec, devices, microbatches, chunks, **options)
+        steps = sum(a.op == STEP for a in schedule.actions[0])
+        batches = schedule.microbatches // schedule.batch_microbatches
+        if steps > batches:
+            raise ScheduleError(f"schedule {schedule.name!r} takes an optimizer step after every micro-batch; data "
+                                "parallelism reduces the gradients of whole batches over the replicas, so it needs a "
+                                "schedule that steps once per batch (a synchronous one, or 2bw)")
+        return validate(with_reductions(schedule))
 
     if isinstance(spec, Schedule):
         if spec.num_devices != devices:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import OPS, STEP, B, F, I, W
+from stagewise.schedules.actions import OPS, REDUCE, STEP, B, F, I, W
 from stagewise.schedules.execution import compile_schedule, timed_execution
 from stagewise.schedules.programs import OP_CODE
 from stagewise.schedules.schedule import Schedule
@@ -21,9 +21,10 @@ class Costs:
     """Time of each action per stage (a number for all stages, or a list indexed by stage).
 
     `b` is the full backward; `i` and `w` its two halves for split schedules (default b/2
-    each). A message between stages on different devices costs
-    `latency + bytes[s] / bandwidth`, where `bytes[s]` is what crosses the boundary s -> s+1
-    (the gradient going back is the same size).
+    each); `reduce` a data-parallel gradient reduction of the stage (REDUCE actions, see
+    `with_reductions`), for example its gradient bytes x 2 (D-1)/D / bandwidth for a ring. A message
+    between stages on different devices costs `latency + bytes[s] / bandwidth`, where `bytes[s]` is
+    what crosses the boundary s -> s+1 (the gradient going back is the same size).
     """
 
     f: PerStage = 1.0
@@ -31,6 +32,7 @@ class Costs:
     i: PerStage | None = None
     w: PerStage | None = None
     step: float = 0.0
+    reduce: PerStage = 0.0
     latency: float = 0.0
     bytes: PerStage = 0.0
     bandwidth: float = float("inf")
@@ -122,6 +124,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     for name, values in table.items():
         per_op[OP_CODE[name], :S] = values
     per_op[OP_CODE[STEP], :] = costs.step
+    per_op[OP_CODE[REDUCE], :S] = _per_stage(costs.reduce, S, "reduce")
     cost = per_op[op, np.clip(st, 0, max(S - 1, 0))]
     has_comm = costs.latency > 0 or (costs.bandwidth != float("inf") and costs.bytes != 0.0)
     delay = None

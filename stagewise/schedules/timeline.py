@@ -20,7 +20,9 @@ class Event:
 
     @property
     def label(self) -> str:
-        return "S" if self.op == "STEP" else f"{self.op}{self.microbatch}"
+        if self.op in ("STEP", "REDUCE"):
+            return self.op[0]
+        return f"{self.op}{self.microbatch}"
 
 
 @dataclass

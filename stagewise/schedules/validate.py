@@ -13,6 +13,7 @@ from stagewise.schedules.actions import (
     COMPUTE_OPS,
     RECV_B,
     RECV_F,
+    REDUCE,
     SEND_B,
     SEND_F,
     STEP,
@@ -82,6 +83,11 @@ def _check_structure(sc: Schedule) -> None:
                 step_at = i
                 versions[a.stage].add(a.version)
                 continue
+            if a.op == REDUCE:
+                if sc.placement[a.stage] != d:
+                    raise _fail(sc, d, i, a, f"stage {a.stage} lives on device {sc.placement[a.stage]}, "
+                                f"so its gradients are reduced there, not on {d}")
+                continue
             if not sc.asynchronous and step_at >= 0 and flush_error is None:
                 flush_error = _fail(sc, d, i, a, f"runs after the optimizer step at #{step_at}; a synchronous "
                                     "schedule steps once, after its last backward (no flush)")
@@ -112,7 +118,37 @@ def _check_structure(sc: Schedule) -> None:
                                         f"(device {sc.placement[s]} should run it)")
     if flush_error is not None:
         raise flush_error
+    _check_reductions(sc)
 
+
+def _check_reductions(sc: Schedule) -> None:
+    """When a schedule reduces gradients (REDUCE actions), each device reduces every stage it holds exactly
+    once between two optimizer steps, after the last backward piece of that stage and before the step."""
+    if not any(a.op == REDUCE for prog in sc.actions for a in prog):
+        return
+    last_piece = W if sc.split_backward else B
+    for d, prog in enumerate(sc.actions):
+        window_start = 0
+        reduced: dict[int, int] = {}
+        backward_at: dict[int, int] = {}
+        for i, a in enumerate(prog):
+            if a.op in (last_piece, B) and a.stage in reduced:
+                j = reduced[a.stage]
+                raise _fail(sc, d, j, prog[j], f"reduces stage {a.stage}'s gradients before its backward piece "
+                            f"{a} at #{i}; a reduction comes after the stage's last backward of the batch")
+            if a.op in (last_piece, B):
+                backward_at[a.stage] = i
+            elif a.op == REDUCE:
+                if a.stage in reduced:
+                    raise _fail(sc, d, i, a, f"reduces stage {a.stage} a second time before an optimizer step "
+                                f"(first at #{reduced[a.stage]})")
+                reduced[a.stage] = i
+            elif a.op == STEP:
+                missing = sorted(s for s in backward_at if s not in reduced)
+                if missing:
+                    raise _fail(sc, d, i, a, f"steps before stage {missing[0]}'s gradients are reduced (no REDUCE "
+                                f"between #{window_start} and #{i})")
+                window_start, reduced, backward_at = i + 1, {}, {}
 
 def check_communication(sc: Schedule) -> None:
     """Match every SEND with one RECV and prove the programs finish under rendezvous semantics.
@@ -240,6 +276,8 @@ def _structure_ok(sc: Schedule) -> bool:
     placement = np.asarray(sc.placement, dtype=np.int64)
     if (placement[st] != dev).any():
         return False
+    if (op == _C[REDUCE]).any():
+        return False  # the exact check places reductions (`_check_reductions`)
     step = op == _C[STEP]
     work = ~step
     if ((mb[work] < 0) | (mb[work] >= m)).any():

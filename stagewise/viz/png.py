@@ -12,6 +12,7 @@ COLORS: dict[str, tuple[str, str]] = {
     "I": ("#b5e3a1", "#7cb866"),
     "W": ("#f2a541", "#c06f0c"),
     "S": ("#a0a0a0", "#6e6e6e"),
+    "R": ("#b07cc6", "#7d4a94"),
 }
 _OTHER = ("#d9d9d9", "#a6a6a6")
 _LIGHT = {"I"}  # light fills get dark text
@@ -61,7 +62,7 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
             x, w = e.start - origin, e.end - e.start
             ax.add_patch(Rectangle((x, e.device + 0.1), w, 0.8, facecolor=face, edgecolor="black",
                                    linewidth=0.5, hatch="///" if later else None))
-            text = "" if e.op == "STEP" else str(e.microbatch)
+            text = "" if e.op in ("STEP", "REDUCE") else str(e.microbatch)
             if text and w * pt_per_unit >= len(text) * _FONT * 0.62 + 2:
                 ax.text(x + w / 2, e.device + 0.5, text, ha="center", va="center", fontsize=_FONT,
                         color="black" if letter in _LIGHT and not later else "white",

@@ -13,13 +13,14 @@ OP_NAMES: dict[str, str] = {
     "I": "backward input-grad",
     "W": "backward weight-grad",
     "S": "optimizer step",
+    "R": "gradient reduction (data parallel)",
 }
-ANSI: dict[str, str] = {"F": "34", "B": "32", "I": "92", "W": "33", "S": "90"}
+ANSI: dict[str, str] = {"F": "34", "B": "32", "I": "92", "W": "33", "S": "90", "R": "35"}
 _RESET = "\033[0m"
 
 
 def op_letter(op: str) -> str:
-    """The single letter of an op: F, B, I, W, or S for STEP."""
+    """The single letter of an op: F, B, I, W, S for STEP, R for REDUCE."""
     return "S" if op == "STEP" else op[:1]
 
 
@@ -31,8 +32,8 @@ def is_later_chunk(event: Event, timeline: Timeline) -> bool:
 def cell_label(event: Event, cells: int, later: bool) -> str:
     """The event's text over `cells` columns: its label padded with blanks, or just its op letter if too narrow."""
     letter = op_letter(event.op)
-    label = event.label if event.op != "STEP" else letter
-    if later and letter != "S":
+    label = event.label if event.op not in ("STEP", "REDUCE") else letter
+    if later and letter not in ("S", "R"):
         letter, label = letter.lower(), label.lower()
     text = label if len(label) <= cells else letter
     return text[:cells].ljust(cells)
