@@ -281,3 +281,67 @@ def test_pairs_are_drawn_in_every_timeline(tmp_path):
             assert sorted(e["name"] for e in inside) == sorted(p["name"].split("+"))
             assert p["args"]["overlapped"] is overlap
         json.dumps(trace)
+
+
+# ---- the runtime runs them: float64 parity with one process ----
+
+NEW_RUNTIME_M = [1, 2, 3, 4, 8]
+
+
+def _check_parity(results: list[dict]) -> None:
+    for rank_result in results:
+        for (name, m), errs in rank_result.items():
+            for what in ("loss", "grad", "weight"):
+                assert errs[what] <= 1e-10, (name, m, what, errs)
+            assert errs["watchdogs"] == 0, (name, m, errs)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parity_threads(world):
+    """Every new schedule x m on `world` thread devices: loss, gradients and 3 Adam steps equal one process."""
+    import torch
+    from dist_workers import parity
+
+    dtype = torch.get_default_dtype()
+    try:
+        _check_parity([parity(0, world, NEW_RUNTIME_M, steps=3, local=True, schedules=list(NEW))])
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_parity_gloo(world):
+    """The same across `world` processes over gloo (spawned, as tests/test_runtime.py::test_parity_gloo)."""
+    from dist_workers import parity
+
+    from stagewise import spawn
+
+    _check_parity(spawn(parity, world, args=(NEW_RUNTIME_M, 3, False, list(NEW)), timeout=600))
+
+
+def test_measured_trace_shows_the_pairs():
+    """The executor runs a pair's members one after the other and records the pair around them."""
+    import torch
+    from toy import loss_fn, make_batch, make_layers
+
+    from stagewise import Pipeline
+
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        pipe = Pipeline(make_layers(), loss_fn, schedule="dualpipev", microbatches=4, timeout=20, local_devices=2,
+                        show_partition=False)
+        pipe.train_step(make_batch(8, 5))
+        tl = pipe.last_trace()
+        pipe.eval_step(make_batch(8, 5))  # an evaluation pass runs only the pairs' forwards
+        pipe.close()
+    finally:
+        torch.set_default_dtype(dtype)
+    pairs = [e for e in tl.events if e.op == OVERLAP_F_B]
+    expected = sum(1 for p in pipe.schedule.actions for a in p if a.op == OVERLAP_F_B)
+    assert len(pairs) == expected > 0
+    for p in pairs:
+        (fop, fs, fn), (bop, bs, bn) = p.extra["pair"]
+        inside = [e for e in tl.events if e.device == p.device and e.extra.get("in_pair")
+                  and p.start <= e.start and e.end <= p.end]
+        assert sorted((e.op, e.stage, e.microbatch) for e in inside) == sorted([(fop, fs, fn), (bop, bs, bn)])
