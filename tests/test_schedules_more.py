@@ -345,3 +345,25 @@ def test_measured_trace_shows_the_pairs():
         inside = [e for e in tl.events if e.device == p.device and e.extra.get("in_pair")
                   and p.start <= e.start and e.end <= p.end]
         assert sorted((e.op, e.stage, e.microbatch) for e in inside) == sorted([(fop, fs, fn), (bop, bs, bn)])
+
+
+def test_pipeline_runs_a_schedule_file(tmp_path):
+    """A schedule file goes to Pipeline like a name; it decides the micro-batches."""
+    import torch
+    from toy import loss_fn, make_batch, make_layers, reference
+
+    from stagewise import Pipeline
+    from stagewise.schedules import save
+
+    path = save(build("v-min", 2, 3), tmp_path / "vmin.csv")
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        pipe = Pipeline(make_layers(), loss_fn, schedule=str(path), timeout=20, local_devices=2, show_partition=False)
+        assert (pipe.schedule.name, pipe.microbatches) == ("vmin", 3)
+        loss = pipe.train_step(make_batch(9, 5))
+        pipe.close()
+        ref_loss, _, _ = reference(make_layers(), make_batch(9, 5))
+    finally:
+        torch.set_default_dtype(dtype)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-10 * abs(ref_loss.item())
