@@ -133,7 +133,6 @@ def analyse_with_sim(trace: Timeline, schedule: Schedule, step_wall: float,
 
 def _held_peak(events: Iterable[Event], schedule: Schedule, nbytes: Callable[[Event], float]) -> list[float]:
     """Peak per device of the bytes held from each forward until the last backward piece of that (stage, mb)."""
-    last = W if schedule.split_backward else B
     deltas: list[list[tuple[float, int, float]]] = [[] for _ in range(schedule.num_devices)]
     size: dict[tuple[int, int], float] = {}
     for e in events:
@@ -142,7 +141,7 @@ def _held_peak(events: Iterable[Event], schedule: Schedule, nbytes: Callable[[Ev
     for e in events:
         if e.op == F:
             deltas[e.device].append((e.start, 1, size[(e.stage, e.microbatch)]))
-        elif e.op == last:
+        elif e.op in (B, W):  # the last backward piece: B, or W where the backward was split
             deltas[e.device].append((e.end, 0, -size.get((e.stage, e.microbatch), 0.0)))
     peaks = []
     for dev in deltas:

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from stagewise.schedules import SCHEDULES, Costs, ScheduleError, build, simulate, validate
+from stagewise.schedules import SCHEDULES, Costs, ScheduleError, build, load, save, simulate, validate
 from stagewise.schedules.registry import names
 
 
@@ -17,13 +17,19 @@ def _simulate(args: argparse.Namespace) -> int:
         for name, info in SCHEDULES.items():
             print(f"{name:<{width}}  {info.summary}")
         return 0
-    options = {}
-    if SCHEDULES.get(args.schedule) and SCHEDULES[args.schedule].asynchronous:
-        options["batches"] = args.batches
-    schedule = build(args.schedule, args.stages, args.microbatches, args.chunks, **options)
-    validate(schedule)
+    if args.file:  # the file decides devices, stages and micro-batches
+        schedule = load(args.file)
+    else:
+        options = {}
+        if SCHEDULES.get(args.schedule) and SCHEDULES[args.schedule].asynchronous:
+            options["batches"] = args.batches
+        schedule = build(args.schedule, args.stages, args.microbatches, args.chunks, **options)
+        validate(schedule)
+    if args.save:
+        save(schedule, args.save)
     costs = Costs(f=args.cost_f, b=args.cost_b, i=args.cost_i, w=args.cost_w, step=args.cost_step,
-                  latency=args.comm_latency, bytes=args.comm_bytes, bandwidth=args.comm_bandwidth)
+                  latency=args.comm_latency, bytes=args.comm_bytes, bandwidth=args.comm_bandwidth,
+                  overlap=args.overlap)
     sim = simulate(schedule, costs)
     if args.png:
         from stagewise.viz import render_png
@@ -48,7 +54,7 @@ def _simulate(args: argparse.Namespace) -> int:
           f"(per device: {', '.join(f'{b:.0%}' for b in sim.bubble_per_device)})")
     print(f"peak in-flight micro-batches per device: {', '.join(f'{x:g}' for x in sim.peak_inflight)}")
     print(f"peak weight versions per device: {', '.join(map(str, sim.peak_weight_versions))}")
-    for label, path in (("timeline", args.png), ("trace", args.trace)):
+    for label, path in (("timeline", args.png), ("trace", args.trace), ("schedule", args.save)):
         if path:
             print(f"{label} written to {path}")
     return 0
@@ -147,9 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="build, validate and simulate a schedule; draw its timeline")
     sim.add_argument("--list", action="store_true", help="list the schedules and exit")
     sim.add_argument("--schedule", default="1f1b", help="schedule name (see --list)")
+    sim.add_argument("--file", help="simulate the schedule in this CSV file instead (one row of actions per device, "
+                     "as torch.distributed.pipelining writes them); it decides devices and micro-batches")
+    sim.add_argument("--save", help="write the schedule to this CSV file (synchronous schedules)")
     sim.add_argument("--stages", type=int, default=4, help="pipeline devices P")
     sim.add_argument("--microbatches", type=int, default=8, help="micro-batches m per batch")
-    sim.add_argument("--chunks", type=int, default=None, help="virtual stages per device (interleaved, zbv)")
+    sim.add_argument("--chunks", type=int, default=None,
+                     help="virtual stages per device (interleaved, looped-bfs, zbv, v-half, v-min, dualpipev)")
     sim.add_argument("--batches", type=int, default=3, help="batches run back to back (asynchronous schedules)")
     sim.add_argument("--cost-f", type=float, default=1.0, help="forward time per stage")
     sim.add_argument("--cost-b", type=float, default=None, help="full backward time (default I+W, or 2*F)")
@@ -159,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--comm-latency", type=float, default=0.0, help="per-message latency")
     sim.add_argument("--comm-bytes", type=float, default=0.0, help="bytes crossing each stage boundary")
     sim.add_argument("--comm-bandwidth", type=float, default=float("inf"), help="bytes per time unit")
+    sim.add_argument("--overlap", action="store_true",
+                     help="overlapped F+B pairs (dualpipev) take max(F, B) rather than F + B")
     sim.add_argument("--png", help="write the timeline as a PNG")
     sim.add_argument("--trace", help="write a Chrome/Perfetto trace JSON")
     sim.add_argument("--json", action="store_true", help="print one JSON object instead of the text timeline")

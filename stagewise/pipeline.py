@@ -27,7 +27,7 @@ from stagewise.runtime.ties import Ties
 from stagewise.runtime.versions import stashing
 from stagewise.runtime.world import make_world
 from stagewise.schedules import Schedule, ScheduleError, build, validate
-from stagewise.schedules.registry import info, resolve_schedule
+from stagewise.schedules.registry import check_spec, resolve_schedule
 from stagewise.schedules.timeline import Timeline
 
 
@@ -43,14 +43,15 @@ class Pipeline:
         layers: an `nn.Sequential`, a list of modules, or zero-argument factories (each rank
             then builds only its own layers; `seed` makes that deterministic).
         loss_fn: `(last stage output, labels) -> scalar`, the mean over that micro-batch.
-        schedule: a registered name (see `stagewise simulate --list`), or a `Schedule` built by hand
-            for P devices (validated before anything runs).
-        microbatches: m (default 4; taken from the schedule when a `Schedule` is given); a batch of B
+        schedule: a registered name (see `stagewise simulate --list`), the path of a schedule file
+            (.csv/.txt, `stagewise.schedules.files`), or a `Schedule` built by hand for P devices
+            (validated before anything runs).
+        microbatches: m (default 4; taken from the schedule when a `Schedule` or a file is given); a batch of B
             samples gives micro-batches of B//m or B//m + 1 samples.
         partition: a balance list with one layer count per stage (devices x chunks), or a method:
             "uniform", "parameters", "type:REGEX" (DeepSpeed's), "time", "memory" or "auto" (these three
             measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
-        chunks: virtual stages per device (interleaved, zbv); default from the schedule.
+        chunks: virtual stages per device (interleaved, looped-bfs; V-shaped: 2); default from the schedule.
         optimizer: `params -> torch.optim.Optimizer`, built over each rank's parameters.
         data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank
             is given the same batch; replica r trains on its share and the gradients are reduced over the
@@ -80,8 +81,7 @@ class Pipeline:
                  data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
-        if isinstance(schedule, str):
-            info(schedule)  # an unknown name fails here, before any process group is set up
+        check_spec(schedule)  # an unknown name fails here, before any process group is set up
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
         self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks,

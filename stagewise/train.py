@@ -203,7 +203,7 @@ def _save_timelines(pipe: Any, out: Path, rank: int) -> None:
         sim = simulate(pipe.schedule, Costs(f=costs["F"], b=costs["B"]))
     sim.timeline.title = f"simulated with the measured per-stage costs: makespan {sim.makespan * 1e3:.1f} ms"
     sim.timeline.unit = "s"
-    shown = [e for e in measured.events if e.op in ("F", "B", "I", "W", "STEP")]
+    shown = [e for e in measured.events if e.op in ("F", "B", "I", "W", "STEP", "OVERLAP_F_B")]
     measured.events = shown
     measured.title = f"measured: {pipe.schedule.describe()}, {measured.makespan * 1e3:.1f} ms"
     render_png([measured, sim.timeline], str(out / "timeline.png"))

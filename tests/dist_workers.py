@@ -19,13 +19,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
-def parity(rank: int, world: int, microbatches: list[int], steps: int, local: bool = False) -> dict:
-    """For every synchronous schedule and m: loss, gradient and (after `steps` Adam steps) weight errors."""
+def parity(rank: int, world: int, microbatches: list[int], steps: int, local: bool = False,
+           schedules: list[str] | None = None) -> dict:
+    """For every synchronous schedule (or those named) and m: loss, gradient and (after `steps` Adam steps)
+    weight errors."""
     torch.set_default_dtype(torch.float64)
     batch = make_batch(10, 5)
     ref_loss, ref_grads, ref_weights = reference(make_layers(), batch, steps=steps)
     out = {}
-    for name in SCHEDULES:
+    for name in schedules or SCHEDULES:
         for m in microbatches:
             pipe = Pipeline(make_layers(), loss_fn, schedule=name, microbatches=m, timeout=20,
                             optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),

@@ -25,40 +25,56 @@ def _build(name: str, P: int, m: int) -> Schedule:
 
 
 def reference_times(sc: Schedule, dur, delay) -> dict[tuple[int, int], tuple[float, float]]:
-    """As-soon-as-possible start/end of every compute action, by repeated passes (slow, obviously right)."""
+    """As-soon-as-possible start/end of every compute action, by repeated passes (slow, obviously right).
+
+    An overlapped pair (OVERLAP_F_B, then its F and B) starts once what both members need is
+    there, runs them one after the other, and both results count from the pair's end."""
     S = sc.num_stages
-    progs = [[a for a in p if a.op in ("F", "B", "I", "W", "STEP")] for p in sc.actions]
+    progs = [[a for a in p if a.op in ("F", "B", "I", "W", "STEP", "OVERLAP_F_B")] for p in sc.actions]
     end: dict = {}
     times: dict = {}
     pos, free = [0] * len(progs), [0.0] * len(progs)
+
+    def needs_of(a, d):
+        needs = []
+        if a.op == "F":
+            if a.stage > 0:
+                needs.append((("F", a.stage - 1, a.microbatch), sc.placement[a.stage - 1] != d, a.stage - 1))
+            if a.version > 0:
+                needs.append((("V", a.stage, a.version), False, 0))
+        elif a.op in ("B", "I"):
+            needs.append((("F", a.stage, a.microbatch), False, 0))
+            if a.stage < S - 1:
+                needs.append((("B", a.stage + 1, a.microbatch), sc.placement[a.stage + 1] != d, a.stage))
+        elif a.op == "W":
+            needs.append((("B", a.stage, a.microbatch), False, 0))
+        return needs
+
+    def key_of(a):
+        return ("V", a.stage, a.version) if a.op == "STEP" else ("B" if a.op == "I" else a.op, a.stage, a.microbatch)
+
     progress = True
     while progress:
         progress = False
         for d, prog in enumerate(progs):
             while pos[d] < len(prog):
                 a = prog[pos[d]]
-                needs = []
-                if a.op == "F":
-                    if a.stage > 0:
-                        needs.append((("F", a.stage - 1, a.microbatch), sc.placement[a.stage - 1] != d, a.stage - 1))
-                    if a.version > 0:
-                        needs.append((("V", a.stage, a.version), False, 0))
-                elif a.op in ("B", "I"):
-                    needs.append((("F", a.stage, a.microbatch), False, 0))
-                    if a.stage < S - 1:
-                        needs.append((("B", a.stage + 1, a.microbatch), sc.placement[a.stage + 1] != d, a.stage))
-                elif a.op == "W":
-                    needs.append((("B", a.stage, a.microbatch), False, 0))
+                group = prog[pos[d] + 1:pos[d] + 3] if a.op == "OVERLAP_F_B" else [a]
+                needs = [n for x in group for n in needs_of(x, d)]
                 if any(k not in end for k, _, _ in needs):
                     break
                 t = max([free[d]] + [end[k] + (delay[b] if cross else 0.0) for k, cross, b in needs])
-                e = t + dur(a)
-                key = ("V", a.stage, a.version) if a.op == "STEP" else ("B" if a.op == "I" else a.op, a.stage,
-                                                                           a.microbatch)
-                end[key] = e
-                times[(d, pos[d])] = (t, e)
+                e, k = t, pos[d] + (a.op == "OVERLAP_F_B")
+                for x in group:
+                    times[(d, k)] = (e, e + dur(x))
+                    e += dur(x)
+                    k += 1
+                for x in group:
+                    end[key_of(x)] = e
+                if a.op == "OVERLAP_F_B":
+                    times[(d, pos[d])] = (t, e)
                 free[d] = e
-                pos[d] += 1
+                pos[d] += len(group) + (a.op == "OVERLAP_F_B")
                 progress = True
     return times
 

@@ -30,7 +30,8 @@ def idle(sim) -> float:
 def test_every_generator_validates_or_refuses_clearly(name, P, m, v):
     info = SCHEDULES[name]
     opts = {"batches": 2} if info.asynchronous else {}
-    wants = {"interleaved": v >= 2, "zbv": v == 2}.get(name, v == 1)
+    wants = {"interleaved": v >= 2, "looped-bfs": v >= 2, "zbv": v == 2, "v-half": v == 2, "v-min": v == 2,
+             "dualpipev": v == 2}.get(name, v == 1)
     if not wants:
         with pytest.raises(ScheduleError, match="chunks"):
             build(name, P, m, v, **opts)

@@ -43,8 +43,8 @@ def inflight_per_stage(schedule: Schedule) -> list[int]:
 
 def _programs(schedule: Schedule) -> list[list[tuple[int, int]]]:
     """Per device, (stage, +1) when a micro-batch's activations appear and (stage, -1) when they are freed."""
-    last = W if schedule.split_backward else B
-    return [[(a.stage, 1 if a.op == F else -1) for a in schedule.compute_actions(d) if a.op in (F, last)]
+    # the last backward piece is B, or W where the backward was split (dualpipev mixes both)
+    return [[(a.stage, 1 if a.op == F else -1) for a in schedule.compute_actions(d) if a.op in (F, B, W)]
             for d in range(schedule.num_devices)]
 
 

@@ -16,7 +16,7 @@ import torch
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.stage import Pending, Stage
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
-from stagewise.schedules.actions import RECV_B, RECV_F, REDUCE, SEND_B, SEND_F, STEP, Action, B, F, I, W
+from stagewise.schedules.actions import OVERLAP_F_B, RECV_B, RECV_F, REDUCE, SEND_B, SEND_F, STEP, Action, B, F, I, W
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event
 from stagewise.tree import Spec, describe, flatten, shape_key
@@ -66,6 +66,7 @@ class RunState:
     kept: dict[int, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     received_spec: Spec | None = None  # the structure of the last activation received (for error messages)
+    index: int = -1  # the position in the program of the action being run
 
 
 @dataclass
@@ -97,7 +98,10 @@ class Executor:
             F: self._forward, B: self._backward, I: self._backward, W: self._weight,
             SEND_F: self._send_activation, SEND_B: self._send_grad,
             RECV_F: self._post, RECV_B: self._post, STEP: self._step, REDUCE: self._reduce,
+            OVERLAP_F_B: self._pair,
         }
+        # An overlapped pair runs its two members (the next two rows) itself.
+        self.in_pair = {k for i, a in enumerate(self.program) if a.op == OVERLAP_F_B for k in (i + 1, i + 2)}
         # With a transport that matches messages by tag, the receives that precede a compute action are
         # posted before the compute action ahead of it, so that the data moves while this device computes.
         self.ahead: dict[int, list[int]] = {}
@@ -114,32 +118,54 @@ class Executor:
         stage); `weights[n]` is micro-batch n's share of its batch."""
         st = RunState(inputs, labels, weights, train, keep_outputs)
         for i, a in enumerate(self.program):
+            if i in self.in_pair:
+                continue  # run by its pair
             if not train and a.op in TRAIN_ONLY:
                 continue
             if a.op in (RECV_F, RECV_B) and _received_key(a) in st.received:
                 continue  # posted early
             for j in self.ahead.get(i, ()):
                 self._post_early(self.program[j], st)
-            timing = _Timing(time.perf_counter())
-            try:
-                self.handlers[a.op](a, st, timing)
-            except (PipelineError, PeerError):
-                raise
-            except TransportTimeout as err:
-                raise PipelineError(f"stage {a.stage} (rank {self.rank}) timed out at {a}: {err}; the peer "
-                                    "is slow or stuck (raise `timeout=` if its work is legitimately long)",
-                                    stage=a.stage, microbatch=a.microbatch, action=str(a), rank=self.rank) from err
-            except Exception as err:
-                raise PipelineError(self._explain(a, err, st.received_spec), stage=a.stage, microbatch=a.microbatch,
-                                    action=str(a), rank=self.rank) from err
-            st.events.append(Event(self.device, timing.start, time.perf_counter(), a.op, a.stage, a.microbatch,
-                                   a.version, timing.extra))
+            st.index = i
+            self._run_action(a, st)
         self.transport.finish()
         if train and (st.pending or st.grad_in) and not self.schedule.asynchronous:
             left = sorted(set(st.pending) | set(st.grad_in))
             raise PipelineError(f"device {self.device}: the schedule left work unfinished for (stage, mb) {left[:4]}")
         total = torch.stack([st.losses[n] for n in sorted(st.losses)]).sum() if st.losses else None
         return RunResult(total, st.losses, [st.kept[i] for i in sorted(st.kept)], st.events)
+
+    def _run_action(self, a: Action, st: RunState, extra: dict[str, Any] | None = None) -> None:
+        """Run one action through its handler and record its event; errors name the action."""
+        timing = _Timing(time.perf_counter(), dict(extra or {}))
+        try:
+            self.handlers[a.op](a, st, timing)
+        except (PipelineError, PeerError):
+            raise
+        except TransportTimeout as err:
+            raise PipelineError(f"stage {a.stage} (rank {self.rank}) timed out at {a}: {err}; the peer "
+                                "is slow or stuck (raise `timeout=` if its work is legitimately long)",
+                                stage=a.stage, microbatch=a.microbatch, action=str(a), rank=self.rank) from err
+        except Exception as err:
+            raise PipelineError(self._explain(a, err, st.received_spec), stage=a.stage, microbatch=a.microbatch,
+                                action=str(a), rank=self.rank) from err
+        st.events.append(Event(self.device, timing.start, time.perf_counter(), a.op, a.stage, a.microbatch,
+                               a.version, timing.extra))
+
+    def _pair(self, a: Action, st: RunState, timing: _Timing) -> None:
+        """An overlapped F+B pair: its members, the next two rows, one after the other (no overlap on a CPU).
+
+        What they receive was posted before the pair and what they send follows it (the lowering
+        puts it so); each member gets its own event inside the pair's, which names both."""
+        i = st.index
+        members = self.program[i + 1], self.program[i + 2]
+        timing.extra.update(pair=[[m.op, m.stage, m.microbatch] for m in members], overlapped=False)
+        for k, member in zip((i + 1, i + 2), members):
+            if not st.train and member.op in TRAIN_ONLY:
+                continue
+            for j in self.ahead.get(k, ()):
+                self._post_early(self.program[j], st)
+            self._run_action(member, st, {"in_pair": True})
 
     # -- communication -----------------------------------------------------------------------------
     def _post(self, a: Action, st: RunState, timing: _Timing | None = None) -> None:

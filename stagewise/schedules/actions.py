@@ -19,7 +19,14 @@ RECV_F = "RECV_F"  # receive the input of stage `stage` for `microbatch` from de
 SEND_B = "SEND_B"  # send the gradient of stage `stage`'s input to device `peer`
 RECV_B = "RECV_B"  # receive the gradient of stage `stage`'s output from device `peer`
 COMM_OPS = (SEND_F, RECV_F, SEND_B, RECV_B)
-OPS = COMPUTE_OPS + COMM_OPS  # an op's index here is its code in the columnar form (`Programs`)
+
+# An overlapped pair (DualPipe): this row is one action made of the next two rows of the same
+# device, a forward F(s, n) then a full backward B(s', n') of another (stage, micro-batch). The
+# pair starts when the device is free and what both members need has arrived; the results of
+# both are ready (and sent) when the pair ends. Its own stage and micro-batch are -1.
+OVERLAP_F_B = "OVERLAP_F_B"
+PAIR_OPS = (OVERLAP_F_B,)
+OPS = COMPUTE_OPS + COMM_OPS + PAIR_OPS  # an op's index here is its code in the columnar form (`Programs`)
 
 
 class Action(NamedTuple):
@@ -37,6 +44,8 @@ class Action(NamedTuple):
     peer: int = -1
 
     def __str__(self) -> str:
+        if self.op == OVERLAP_F_B:
+            return f"{OVERLAP_F_B}(the next two actions, overlapped)"
         if self.op == STEP:
             return f"STEP(stage {self.stage} -> v{self.version})"
         if self.op == REDUCE:
@@ -48,8 +57,18 @@ class Action(NamedTuple):
     @property
     def label(self) -> str:
         """A short label for timelines, such as `F3` or `W0`."""
+        if self.op == OVERLAP_F_B:
+            return "F+B"
         return self.op[0] if self.op in (STEP, REDUCE) else f"{self.op}{self.microbatch}"
 
 
 class ScheduleError(ValueError):
-    """A schedule is impossible to build or is not a valid pipeline schedule."""
+    """A schedule is impossible to build or is not a valid pipeline schedule.
+
+    `device` and `index` name the offending action (its device and its position in that
+    device's list) when the error is about one; a schedule file maps them to its row and column.
+    """
+
+    def __init__(self, message: str, device: int | None = None, index: int | None = None) -> None:
+        super().__init__(message)
+        self.device, self.index = device, index

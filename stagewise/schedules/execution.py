@@ -21,7 +21,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import COMPUTE_OPS, REDUCE, STEP, Action, B, F, I, ScheduleError, W
+from stagewise.schedules.actions import (
+    COMPUTE_OPS,
+    OVERLAP_F_B,
+    PAIR_OPS,
+    REDUCE,
+    STEP,
+    Action,
+    B,
+    F,
+    I,
+    ScheduleError,
+    W,
+)
 from stagewise.schedules.programs import OP_CODE, Programs
 from stagewise.schedules.schedule import Schedule
 
@@ -35,10 +47,14 @@ for _op, _kind in ((F, 0), (B, 1), (I, 1), (W, 2), (STEP, 3)):
 _UNIT = np.zeros(len(OP_CODE))
 for _op, _cost in UNIT_COSTS.items():
     _UNIT[OP_CODE[_op]] = _cost
-_COMPUTE_CODES = np.array([OP_CODE[op] for op in COMPUTE_OPS])
+# The rows `compile_schedule` keeps: compute actions and the overlapped pairs that group them.
+WORK_CODES = np.array([OP_CODE[op] for op in COMPUTE_OPS + PAIR_OPS])
+_PAIR = OP_CODE[OVERLAP_F_B]
 
 
 def produces(a: Action) -> Key:
+    if a.op == OVERLAP_F_B:
+        return ("P", -1, -1)  # nothing of its own: its members produce
     if a.op == STEP:
         return ("V", a.stage, a.version)
     return ("B" if a.op == I else a.op, a.stage, a.microbatch)
@@ -56,7 +72,11 @@ def describe_key(key: Key) -> str:
 class Compiled:
     """The compute actions of a schedule with their dependencies as row indices.
 
-    Rows are the compute actions, device-major in program order. A dependency is a row,
+    Rows are the compute actions (and overlapped pairs), device-major in program order. An
+    overlapped pair's row carries what its two members need from other actions (the F
+    member's input, the B member's incoming gradient) and their whole cost (`unit_cost`); its
+    members follow it at zero cost, and whatever depends on a member depends on the pair's
+    row: both results are there when the pair ends. A dependency is a row,
     or `N` (none: always met) or `N + 1` (no action produces it: never met). `cross*` is the
     stage boundary a dependency's message crosses (boundary b joins stages b and b+1), -1 on
     the same device. Keys are (kind * S + stage) * K + index, kind 0 F, 1 B/I, 2 W, 3 version.
@@ -86,7 +106,7 @@ def compile_schedule(schedule: Schedule) -> Compiled:
 
 def _compile(schedule: Schedule) -> Compiled:
     allp = schedule.actions
-    progs = allp.select(np.isin(allp.op, _COMPUTE_CODES)) if allp.num_actions else allp
+    progs = allp.select(np.isin(allp.op, WORK_CODES)) if allp.num_actions else allp
     S = schedule.num_stages
     placement = np.asarray(schedule.placement, dtype=np.int64)
     op, st, mb, ver = progs.op, progs.stage, progs.microbatch, progs.version
@@ -115,7 +135,37 @@ def _compile(schedule: Schedule) -> Compiled:
     next_dev = placement[np.clip(safe + 1, None, max(S - 1, 0))] if S else device
     cross1 = np.where(is_f & (st > 0) & (prev_dev != device), st - 1, -1)
     cross2 = np.where(is_b & (st < S - 1) & (next_dev != device), st, -1)
-    return Compiled(progs, device, _UNIT[op], dep1, dep2, key1, key2, cross1, cross2, S, K)
+    unit = _UNIT[op]
+    pair = np.flatnonzero(op == _PAIR)
+    if len(pair):
+        _check_pairs(schedule, progs, device, pair)
+        fm, bm = pair + 1, pair + 2
+        dep1[pair], key1[pair], cross1[pair] = dep1[fm], key1[fm], cross1[fm]
+        dep2[pair], key2[pair], cross2[pair] = dep2[bm], key2[bm], cross2[bm]
+        dep1[fm], key1[fm], cross1[fm] = N, -1, -1
+        dep2[bm], key2[bm], cross2[bm] = N, -1, -1
+        unit[pair] = unit[fm] + unit[bm]
+        unit[fm] = unit[bm] = 0.0
+        remap = np.arange(N + 2, dtype=np.int64)
+        remap[fm] = remap[bm] = pair
+        dep1, dep2 = remap[dep1], remap[dep2]
+    return Compiled(progs, device, unit, dep1, dep2, key1, key2, cross1, cross2, S, K)
+
+
+def _check_pairs(schedule: Schedule, progs: Programs, device: np.ndarray, pair: np.ndarray) -> None:
+    """Every overlapped pair is followed by an F and a B of its device (`validate` names a bad one)."""
+    n = len(progs.op)
+    fm, bm = np.minimum(pair + 1, n - 1), np.minimum(pair + 2, n - 1)
+    if ((pair + 2 >= n) | (device[fm] != device[pair]) | (device[bm] != device[pair])
+            | (progs.op[fm] != OP_CODE[F]) | (progs.op[bm] != OP_CODE[B])).any():
+        raise ScheduleError(f"{schedule.name}: an {OVERLAP_F_B} action is not followed by its F and B "
+                            "(validate() names it)")
+
+
+def pair_rows(c: Compiled) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of every overlapped pair, of its F member and of its B member (rows of `compile_schedule`)."""
+    pair = np.flatnonzero(c.programs.op == _PAIR)
+    return pair, pair + 1, pair + 2
 
 
 def _decode(key: int, S: int, K: int) -> Key:
@@ -255,8 +305,16 @@ def _raise_stuck(schedule: Schedule, c: Compiled, pos: np.ndarray, end: np.ndarr
             k = int(c.key1[r]) if np.isinf(end[c.dep1[r]]) else int(c.key2[r])
             blocked[d] = _decode(k, c.S, c.K)
     progs = [list(c.programs[d]) for d in range(len(offsets) - 1)]
-    raise ScheduleError(_stuck_message(schedule, progs, [int(pos[d] - offsets[d]) for d in range(len(progs))],
-                                       blocked))
+    at = [int(pos[d] - offsets[d]) for d in range(len(progs))]
+    message, d = _stuck_message(schedule, progs, at, blocked)
+    raise ScheduleError(message, device=d, index=_list_index(schedule, d, at[d]))
+
+
+def _list_index(schedule: Schedule, device: int, k: int) -> int:
+    """Position in the device's whole list of its k-th compute row (communication rows skipped)."""
+    work = np.flatnonzero(np.isin(np.asarray([OP_CODE.get(a.op, -1) for a in schedule.actions[device]]),
+                                  WORK_CODES))
+    return int(work[k]) if k < len(work) else k
 
 
 def timed_execution(schedule: Schedule, cost: np.ndarray, delay: np.ndarray | None = None
@@ -342,7 +400,8 @@ def _levels(c: Compiled, ustart: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return order, [0, *change.tolist(), N]
 
 
-def _stuck_message(schedule: Schedule, progs: list[list[Action]], pos: list[int], blocked: dict[int, Key]) -> str:
+def _stuck_message(schedule: Schedule, progs: list[list[Action]], pos: list[int], blocked: dict[int, Key]
+                   ) -> tuple[str, int]:
     where: dict[Key, tuple[int, int]] = {}
     for d, prog in enumerate(progs):
         for i, a in enumerate(prog):
@@ -357,9 +416,9 @@ def _stuck_message(schedule: Schedule, progs: list[list[Action]], pos: list[int]
     a = progs[d][pos[d]]
     msg = f"{schedule.name}: device {d} waits forever at its action #{pos[d]} {a}: it needs {describe_key(key)}, "
     if key not in where:
-        return msg + "which no device ever runs"
+        return msg + "which no device ever runs", d
     d2, i2 = where[key]
     if d2 == d:
-        return msg + f"which device {d} only runs later, at #{i2}"
+        return msg + f"which device {d} only runs later, at #{i2}", d
     head = progs[d2][pos[d2]]
-    return msg + f"which device {d2} runs at #{i2}, but device {d2} is itself stuck at #{pos[d2]} {head} (a cycle)"
+    return msg + f"which device {d2} runs at #{i2}, but device {d2} is itself stuck at #{pos[d2]} {head} (a cycle)", d

@@ -16,8 +16,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from stagewise.schedules.actions import COMPUTE_OPS, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I
-from stagewise.schedules.execution import Compiled, compile_schedule, unit_execution
+from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I
+from stagewise.schedules.execution import WORK_CODES, Compiled, compile_schedule, pair_rows, unit_execution
 from stagewise.schedules.programs import OP_CODE, Programs
 from stagewise.schedules.schedule import Schedule
 
@@ -36,8 +36,13 @@ def lower(schedule: Schedule) -> Schedule:
     local = np.arange(N, dtype=np.int64) - progs.offsets[:-1][dev] if N else np.zeros(0, dtype=np.int64)
     L = int(np.diff(progs.offsets).max(initial=0)) + 1
     # One integer per event: (time, compute after messages, device, index) in mixed radix. Unit
-    # costs make every time an integer, so the order is exact.
-    ckey = ((start.astype(np.int64) * 2 + 1) * P + dev) * L + local
+    # costs make every time an integer, so the order is exact. The members of an overlapped pair
+    # take their pair's time, so nothing comes between them: what they receive goes before the
+    # pair, what they send after it.
+    at = start.copy()
+    pair, fm, bm = pair_rows(c)
+    at[fm] = at[bm] = start[pair]
+    ckey = ((at.astype(np.int64) * 2 + 1) * P + dev) * L + local
     is_f = op == OP_CODE[F]
     is_b = (op == OP_CODE[B]) | (op == OP_CODE[I])
     nxt = placement[np.minimum(st + 1, S - 1)]
@@ -68,7 +73,7 @@ def lower(schedule: Schedule) -> Schedule:
 
 def _relabel(c: Compiled, out: Programs) -> Compiled:
     """The same compiled dependencies, on the lowered programs (compute rows keep their order)."""
-    mask = np.isin(out.op, np.array([OP_CODE[k] for k in COMPUTE_OPS]))
+    mask = np.isin(out.op, WORK_CODES)
     return Compiled(out.select(mask), c.device, c.unit_cost, c.dep1, c.dep2, c.key1, c.key2,
                     c.cross1, c.cross2, c.S, c.K)
 

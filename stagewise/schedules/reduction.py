@@ -24,7 +24,7 @@ def with_reductions(schedule: Schedule) -> Schedule:
     unlowered schedules (on a lowered one the message order is unchanged)."""
     if any(a.op == REDUCE for prog in schedule.actions for a in prog):
         return schedule
-    last_piece = (W,) if schedule.split_backward else (B,)
+    last_piece = (B, W)  # a split schedule may still run a full B for some micro-batches (DualPipeV)
     out: list[list[Action]] = []
     for prog in schedule.actions:
         steps = [i for i, a in enumerate(prog) if a.op == STEP] or [len(prog)]

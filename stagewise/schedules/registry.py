@@ -7,15 +7,19 @@ docstring and `stagewise simulate --list` read it from here.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from stagewise.schedules.actions import STEP, ScheduleError
 from stagewise.schedules.asynchronous import pipedream, two_bw
+from stagewise.schedules.breadth_first import looped_bfs
+from stagewise.schedules.controllable_memory import v_half, v_min
+from stagewise.schedules.dualpipe import dualpipev
 from stagewise.schedules.flushing import gpipe, naive, one_f_one_b
 from stagewise.schedules.interleaved import interleaved
 from stagewise.schedules.schedule import Schedule
-from stagewise.schedules.zero_bubble import zb_h1, zbv
+from stagewise.schedules.zero_bubble import zb_h1, zb_h2, zbv
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,16 @@ SCHEDULES: dict[str, ScheduleInfo] = {
         ScheduleInfo("gpipe", gpipe, "GPipe: all forwards, then all backwards, then a flush"),
         ScheduleInfo("1f1b", one_f_one_b, "PipeDream-Flush: one forward, one backward; at most P-s micro-batches held"),
         ScheduleInfo("interleaved", interleaved, "Megatron interleaved 1F1B: v round-robin chunks per device", 2),
+        ScheduleInfo("looped-bfs", looped_bfs, "breadth-first: v round-robin chunks, every micro-batch through a "
+                     "chunk before the next", 2),
         ScheduleInfo("zb-h1", zb_h1, "zero bubble H1: backward split into I and W, W fills the bubbles"),
+        ScheduleInfo("zb-h2", zb_h2, "zero bubble H2: up to 2P-1 micro-batches in flight, no idle time inside a "
+                     "device's span under F = I = W"),
         ScheduleInfo("zbv", zbv, "zero bubble V: two chunks per device in a V, split backward", 2),
+        ScheduleInfo("v-half", v_half, "V-Half: V-shaped blocks, about 1/2 of 1F1B's activation memory", 2),
+        ScheduleInfo("v-min", v_min, "V-Min: V-shaped blocks, about 1/3 of 1F1B's activation memory", 2),
+        ScheduleInfo("dualpipev", dualpipev, "DualPipeV: two chunks in a V, forward and backward of two "
+                     "micro-batches overlapped in one action", 2),
         ScheduleInfo("pipedream", pipedream, "PipeDream: asynchronous 1F1B, weight stashing, a step per micro-batch",
                      asynchronous=True),
         ScheduleInfo("2bw", two_bw, "PipeDream-2BW: asynchronous, two weight versions, a step per m micro-batches",
@@ -70,7 +82,7 @@ def info(name: str) -> ScheduleInfo:
 def build(name: str, devices: int, microbatches: int, chunks: int | None = None, **options) -> Schedule:
     """Generate schedule `name` for `devices` devices and `microbatches` micro-batches.
 
-    `chunks` defaults to the schedule's own (2 for interleaved and zbv, else 1); `options`
+    `chunks` defaults to the schedule's own (2 for the interleaved and V-shaped ones, else 1); `options`
     (such as `batches=` or `vertical_sync=` of the asynchronous generators) must be ones the
     generator takes, else a ScheduleError lists those it does take.
     """
@@ -82,11 +94,27 @@ def build(name: str, devices: int, microbatches: int, chunks: int | None = None,
     return entry.generator(devices, microbatches, entry.default_chunks if chunks is None else chunks, **options)
 
 
-def resolve_schedule(spec: str | Schedule, devices: int, microbatches: int | None = None, chunks: int | None = None,
-                     data_parallel: int = 1, **options) -> Schedule:
-    """A registered schedule built for `devices` (m defaults to 4), or a `Schedule` object checked against
-    `devices` and `microbatches`; with `data_parallel` > 1 it gets its gradient reductions (`with_reductions`);
-    validated and lowered (a ScheduleError names the first bad action)."""
+SCHEDULE_FILE_SUFFIXES = (".csv", ".txt")
+
+
+def check_spec(spec: str | os.PathLike | Schedule) -> None:
+    """Refuse an unknown schedule name at once (files and Schedule objects are checked by `resolve_schedule`)."""
+    if isinstance(spec, str) and not spec.lower().endswith(SCHEDULE_FILE_SUFFIXES):
+        info(spec)
+
+
+def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatches: int | None = None,
+                     chunks: int | None = None, data_parallel: int = 1, **options) -> Schedule:
+    """The schedule a user asked for, validated and lowered as `validate()` returns it.
+
+    `spec` is a registered name (built for `devices` with `microbatches`, default 4, and
+    `chunks` and `options`, see `build`), the path of a schedule file ending in .csv or .txt
+    (`files.load`), or a `Schedule`. A file or a Schedule must be written for `devices`
+    devices, for `microbatches` micro-batches when given (left unset, its own count is used),
+    and hold `chunks` stages per device when given; it takes no options. With `data_parallel`
+    > 1 it gets its gradient reductions (`with_reductions`). Anything else, or any fault the
+    validator finds, is a ScheduleError naming it.
+    """
     from stagewise.schedules.reduction import with_reductions
     from stagewise.schedules.validate import validate
 
@@ -101,11 +129,22 @@ def resolve_schedule(spec: str | Schedule, devices: int, microbatches: int | Non
         return validate(with_reductions(schedule))
 
     if isinstance(spec, Schedule):
-        if spec.num_devices != devices:
-            raise ScheduleError(f"schedule {spec.name!r} is written for {spec.num_devices} devices, but this "
-                                f"pipeline has {devices}")
-        if microbatches is not None and microbatches != spec.microbatches:
-            raise ScheduleError(f"schedule {spec.name!r} runs {spec.microbatches} micro-batches, not "
-                                f"microbatches={microbatches}; leave microbatches unset with a Schedule object")
-        return validate(spec)
-    return validate(build(spec, devices, 4 if microbatches is None else microbatches, chunks, **options))
+        schedule, source = spec, f"schedule {spec.name!r}"
+    elif isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.lower().endswith(SCHEDULE_FILE_SUFFIXES)):
+        from stagewise.schedules.files import load
+
+        schedule, source = load(spec), f"schedule file {os.fspath(spec)}"
+    elif isinstance(spec, str):
+        return validate(build(spec, devices, 4 if microbatches is None else microbatches, chunks, **options))
+    else:
+        raise ScheduleError(f"a schedule is a name ({names()}), a .csv/.txt file or a Schedule, got {spec!r}")
+    if options:
+        raise ScheduleError(f"{source} takes no options (got {', '.join(sorted(options))})")
+    if schedule.num_devices != devices:
+        raise ScheduleError(f"{source} is written for {schedule.num_devices} devices, but this pipeline has {devices}")
+    if microbatches is not None and microbatches != schedule.microbatches:
+        raise ScheduleError(f"{source} runs {schedule.microbatches} micro-batches, not microbatches={microbatches}; "
+                            "leave microbatches unset with a Schedule object or a file")
+    if chunks is not None and chunks != schedule.chunks:
+        raise ScheduleError(f"{source} holds {schedule.chunks} chunks per device, not chunks={chunks}")
+    return validate(schedule)

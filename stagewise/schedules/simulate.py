@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import OPS, REDUCE, STEP, B, F, I, W
-from stagewise.schedules.execution import compile_schedule, timed_execution
+from stagewise.schedules.actions import OPS, OVERLAP_F_B, REDUCE, STEP, B, F, I, W
+from stagewise.schedules.execution import compile_schedule, pair_rows, timed_execution
 from stagewise.schedules.programs import OP_CODE
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event, Timeline
@@ -24,7 +24,9 @@ class Costs:
     each); `reduce` a data-parallel gradient reduction of the stage (REDUCE actions, see
     `with_reductions`), for example its gradient bytes x 2 (D-1)/D / bandwidth for a ring. A message
     between stages on different devices costs `latency + bytes[s] / bandwidth`, where `bytes[s]` is
-    what crosses the boundary s -> s+1 (the gradient going back is the same size).
+    what crosses the boundary s -> s+1 (the gradient going back is the same size). `overlap`: whether
+    an overlapped pair (OVERLAP_F_B, DualPipe's F and B of two micro-batches) really overlaps and takes
+    max(F, B), or runs one after the other and takes F + B (the default, as on a CPU).
     """
 
     f: PerStage = 1.0
@@ -36,6 +38,7 @@ class Costs:
     latency: float = 0.0
     bytes: PerStage = 0.0
     bandwidth: float = float("inf")
+    overlap: bool = False
 
     def table(self, num_stages: int) -> dict[str, list[float]]:
         """Per-stage lists for F, B, I and W."""
@@ -74,7 +77,9 @@ class Simulation:
     """The result of `simulate`: a timeline and the numbers read off it.
 
     `start`/`end` hold the time of every compute action (rows of `compile_schedule`:
-    device-major, in program order); `timeline` turns them into events when first asked.
+    device-major, in program order); `timeline` turns them into events when first asked. An
+    overlapped pair spans its members: they run one after the other inside it, or both from
+    its start when `Costs.overlap`.
     """
 
     def __init__(self, schedule: Schedule, start: np.ndarray, end: np.ndarray, makespan: float,
@@ -98,6 +103,13 @@ class Simulation:
             ops = [OPS[k] for k in p.op.tolist()]
             events = list(map(Event, c.device.tolist(), self.start.tolist(), self.end.tolist(), ops,
                               p.stage.tolist(), p.microbatch.tolist(), p.version.tolist()))
+            overlapped = bool(self.costs.get("overlap", False))
+            for r in pair_rows(c)[0].tolist():
+                f, b = events[r + 1], events[r + 2]
+                events[r].extra = {"pair": [[f.op, f.stage, f.microbatch], [b.op, b.stage, b.microbatch]],
+                                   "overlapped": overlapped}
+                f.extra = {"in_pair": True}
+                b.extra = {"in_pair": True}
             self._timeline = Timeline(self.schedule.num_devices, events, title=self.schedule.describe(),
                                       num_stages=self.schedule.num_stages)
         return self._timeline
@@ -126,6 +138,11 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     per_op[OP_CODE[STEP], :] = costs.step
     per_op[OP_CODE[REDUCE], :S] = _per_stage(costs.reduce, S, "reduce")
     cost = per_op[op, np.clip(st, 0, max(S - 1, 0))]
+    pair, fm, bm = pair_rows(c)
+    cost_f, cost_b = cost[fm], cost[bm]
+    if len(pair):  # the pair's row takes the time of both members; they follow it at no cost
+        cost[pair] = np.maximum(cost_f, cost_b) if costs.overlap else cost_f + cost_b
+        cost[fm] = cost[bm] = 0.0
     has_comm = costs.latency > 0 or (costs.bandwidth != float("inf") and costs.bytes != 0.0)
     delay = None
     if has_comm and S > 1:
@@ -134,12 +151,17 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     start, end = timed_execution(schedule, cost, delay)
     makespan = float(end.max(initial=0.0))
     busy = np.bincount(c.device, weights=end - start, minlength=P)
+    if len(pair):  # where the members run inside their pair
+        t0 = start[pair]
+        start[fm], end[fm] = t0, t0 + cost_f
+        start[bm] = t0 if costs.overlap else t0 + cost_f
+        end[bm] = start[bm] + cost_b
     per_device = [1.0 - b / makespan if makespan > 0 else 0.0 for b in busy.tolist()]
     overall = 1.0 - float(busy.sum()) / (makespan * P) if makespan > 0 else 0.0
     return Simulation(
         schedule, start, end, makespan, overall, per_device,
         _peak_inflight(schedule, c, start, end), _peak_weight_versions(schedule, c, start, end),
-        {k: v for k, v in table.items()} | {"step": costs.step, "latency": costs.latency},
+        {k: v for k, v in table.items()} | {"step": costs.step, "latency": costs.latency, "overlap": costs.overlap},
     )
 
 
@@ -160,10 +182,11 @@ def _segment_peaks(group: np.ndarray, time: np.ndarray, first: np.ndarray, delta
 
 
 def _peak_inflight(schedule: Schedule, c, start: np.ndarray, end: np.ndarray) -> list[float]:
-    """Most micro-batch activations each device holds at once (forward started, last backward piece not done)."""
+    """Most micro-batch activations each device holds at once (forward started, last backward piece not done).
+
+    The last piece is B, or W where the backward was split (a schedule may mix both)."""
     op = c.programs.op
-    last = OP_CODE[W if schedule.split_backward else B]
-    f, b = op == OP_CODE[F], op == last
+    f, b = op == OP_CODE[F], (op == OP_CODE[B]) | (op == OP_CODE[W])
     group = np.concatenate([c.device[f], c.device[b]])
     time = np.concatenate([start[f], end[b]])
     first = np.concatenate([np.ones(f.sum(), dtype=np.int64), np.zeros(b.sum(), dtype=np.int64)])
@@ -187,7 +210,7 @@ def _peak_weight_versions(schedule: Schedule, c, start: np.ndarray, end: np.ndar
     born = np.full(S * V, np.nan)
     born[np.arange(S) * V] = 0.0
     born[st[step] * V + ver[step]] = end[step]
-    use = ~step
+    use = ~step & (p.op != OP_CODE[OVERLAP_F_B])
     last_use = np.full(S * V, -np.inf)
     np.maximum.at(last_use, st[use] * V + ver[use], end[use])
     exists = np.flatnonzero(~np.isnan(born))

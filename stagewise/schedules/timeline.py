@@ -20,6 +20,8 @@ class Event:
 
     @property
     def label(self) -> str:
+        if self.op == "OVERLAP_F_B":  # an overlapped pair: its members' labels, such as F3+B1
+            return "+".join(f"{op}{mb}" for op, _, mb in self.extra.get("pair", ())) or "F+B"
         if self.op in ("STEP", "REDUCE"):
             return self.op[0]
         return f"{self.op}{self.microbatch}"
@@ -46,7 +48,14 @@ class Timeline:
         return min((e.start for e in self.events), default=0.0)
 
     def busy(self, device: int) -> float:
-        return sum(e.end - e.start for e in self.events if e.device == device)
+        """Time the device was doing something: the union of its events (an overlapped pair and the
+        members it contains count once)."""
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted((e.start, e.end) for e in self.events if e.device == device):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
 
     def bubble_per_device(self) -> list[float]:
         span = self.makespan

@@ -11,6 +11,7 @@ import numpy as np
 from stagewise.schedules.actions import (
     COMM_OPS,
     COMPUTE_OPS,
+    OVERLAP_F_B,
     RECV_B,
     RECV_F,
     REDUCE,
@@ -33,8 +34,9 @@ from stagewise.schedules.schedule import Schedule
 def validate(schedule: Schedule) -> Schedule:
     """Raise ScheduleError unless `schedule` is valid; return its lowered form.
 
-    Checked: every (stage, micro-batch) has exactly one forward and one backward (B, or
-    I then W when the backward is split), each on the device that holds the stage;
+    Checked: every (stage, micro-batch) has exactly one forward and one backward (B; where the
+    backward may be split, B or I then W), each on the device that holds the stage; every
+    overlapped pair is followed by its F and its B, of two different (stage, micro-batch);
     versions agree between a forward and its backward pieces and exist when used; a
     synchronous schedule steps only after its last backward; dependencies can be met
     (no action waits for one that comes later); and the communication, lowered when
@@ -53,7 +55,22 @@ def validate(schedule: Schedule) -> Schedule:
 
 
 def _fail(schedule: Schedule, d: int, i: int, a: Action, why: str) -> ScheduleError:
-    return ScheduleError(f"{schedule.name}: device {d} action #{i} {a}: {why}")
+    return ScheduleError(f"{schedule.name}: device {d} action #{i} {a}: {why}", device=d, index=i)
+
+
+def _pair_problem(prog: tuple[Action, ...], i: int) -> str | None:
+    """What is wrong with the overlapped pair at `prog[i]`, or None."""
+    a = prog[i]
+    if a.stage != -1 or a.microbatch != -1:
+        return "an overlapped pair names no stage or micro-batch of its own (-1): its two members do"
+    if i + 2 >= len(prog) or prog[i + 1].op != F or prog[i + 2].op != B:
+        got = ", ".join(str(x) for x in prog[i + 1:i + 3]) or "nothing"
+        return f"must be followed by its members, an F and then a full B (got {got})"
+    f, b = prog[i + 1], prog[i + 2]
+    if (f.stage, f.microbatch) == (b.stage, b.microbatch):
+        return (f"pairs the forward and the backward of the same (stage {f.stage}, mb {f.microbatch}), "
+                "which cannot overlap")
+    return None
 
 
 def _check_structure(sc: Schedule) -> None:
@@ -62,7 +79,7 @@ def _check_structure(sc: Schedule) -> None:
         raise ScheduleError(f"{sc.name}: has {len(sc.actions)} action lists for {P} devices")
     if any(not 0 <= d < P for d in sc.placement):
         raise ScheduleError(f"{sc.name}: placement {sc.placement} names a device outside 0..{P - 1}")
-    allowed = {I, W} if sc.split_backward else {B}
+    allowed = {B, I, W} if sc.split_backward else {B}
     seen: dict[tuple[str, int, int], tuple[int, int]] = {}
     fwd_version: dict[tuple[int, int], int] = {}
     flush_error: ScheduleError | None = None
@@ -71,6 +88,11 @@ def _check_structure(sc: Schedule) -> None:
         step_at = -1
         for i, a in enumerate(prog):
             if a.op in COMM_OPS:
+                continue
+            if a.op == OVERLAP_F_B:
+                problem = _pair_problem(prog, i)
+                if problem:
+                    raise _fail(sc, d, i, a, problem)
                 continue
             if a.op not in COMPUTE_OPS:
                 raise _fail(sc, d, i, a, f"unknown op {a.op!r}")
@@ -96,8 +118,7 @@ def _check_structure(sc: Schedule) -> None:
             if not 0 <= a.microbatch < m:
                 raise _fail(sc, d, i, a, f"micro-batch outside 0..{m - 1}")
             if a.op != F and a.op not in allowed:
-                kind = "split into I and W" if sc.split_backward else "a full B"
-                raise _fail(sc, d, i, a, f"this schedule's backward is {kind}")
+                raise _fail(sc, d, i, a, "this schedule's backward is a full B (it is not split into I and W)")
             key = (a.op, a.stage, a.microbatch)
             if key in seen:
                 raise _fail(sc, d, i, a, f"runs twice (first at device {seen[key][0]} #{seen[key][1]})")
@@ -112,10 +133,17 @@ def _check_structure(sc: Schedule) -> None:
                     raise _fail(sc, d, i, a, f"uses weight version {a.version} but its forward used {v} (no stash)")
     for s in range(S):
         for n in range(m):
-            for op in (F, *sorted(allowed)):
+            full = (B, s, n) in seen
+            if full and sc.split_backward:
+                for op in (I, W):
+                    if (op, s, n) in seen:
+                        d, i = seen[(op, s, n)]
+                        raise _fail(sc, d, i, sc.actions[d][i], f"runs besides the full B(stage {s}, mb {n}); a "
+                                    "backward is one B, or I then W")
+            for op in (F, B) if full or not sc.split_backward else (F, I, W):
                 if (op, s, n) not in seen:
                     raise ScheduleError(f"{sc.name}: {op}(stage {s}, mb {n}) never runs "
-                                        f"(device {sc.placement[s]} should run it)")
+                                        f"(device {sc.placement[s]} should run it)", device=sc.placement[s])
     if flush_error is not None:
         raise flush_error
     _check_reductions(sc)
@@ -267,6 +295,8 @@ def _structure_ok(sc: Schedule) -> bool:
     p, P, S, m = sc.actions, sc.num_devices, sc.num_stages, sc.microbatches
     if len(p) != P or any(not 0 <= d < P for d in sc.placement) or (p.op < 0).any():
         return False
+    if not _pairs_ok(p):
+        return False
     comp = p.op < _COMPUTE
     op, st, mb, ver = p.op[comp], p.stage[comp], p.microbatch[comp], p.version[comp]
     dev = p.device()[comp]
@@ -282,7 +312,7 @@ def _structure_ok(sc: Schedule) -> bool:
     work = ~step
     if ((mb[work] < 0) | (mb[work] >= m)).any():
         return False
-    kinds = (F, I, W) if sc.split_backward else (F, B)
+    kinds = (F, B, I, W) if sc.split_backward else (F, B)
     slot = np.full(len(_C), -1)
     for k, name in enumerate(kinds):
         slot[_C[name]] = k
@@ -290,7 +320,16 @@ def _structure_ok(sc: Schedule) -> bool:
     if (wslot < 0).any():
         return False
     counts = np.bincount((wslot * S + st[work]) * m + mb[work], minlength=len(kinds) * S * m)
-    if len(counts) != len(kinds) * S * m or (counts != 1).any():
+    if len(counts) != len(kinds) * S * m:
+        return False
+    counts = counts.reshape(len(kinds), S * m)
+    if (counts[0] != 1).any():
+        return False
+    if sc.split_backward:  # B alone, or I and W
+        c_b, c_i, c_w = counts[1], counts[2], counts[3]
+        if not (((c_b == 1) & (c_i == 0) & (c_w == 0)) | ((c_b == 0) & (c_i == 1) & (c_w == 1))).all():
+            return False
+    elif (counts[1] != 1).any():
         return False
     if not sc.asynchronous and step.any():  # no work after a device's first step
         first_step = np.full(P, np.iinfo(np.int64).max)
@@ -317,6 +356,21 @@ def _structure_ok(sc: Schedule) -> bool:
         if (born[st[used] * V + ver[used]] > row[used]).any():
             return False
     return True
+
+
+def _pairs_ok(p) -> bool:
+    """The checks of `_pair_problem`, over columns."""
+    pr = np.flatnonzero(p.op == _C[OVERLAP_F_B])
+    if not len(pr):
+        return True
+    n = len(p.op)
+    if (pr + 2 >= n).any():
+        return False
+    dev = p.device()
+    fm, bm = pr + 1, pr + 2
+    return bool(((p.stage[pr] == -1) & (p.microbatch[pr] == -1) & (dev[bm] == dev[pr])
+                 & (p.op[fm] == _C[F]) & (p.op[bm] == _C[B])
+                 & ((p.stage[fm] != p.stage[bm]) | (p.microbatch[fm] != p.microbatch[bm]))).all())
 
 
 def _communication_ok(sc: Schedule) -> bool:

@@ -82,3 +82,32 @@ def zbv(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
 def _build(name: str, placement: tuple[int, ...], P: int, m: int, policy) -> Schedule:
     listed = list_schedule(placement, P, m, True, policy, costs=(1.0, 2.0, 1.0, 1.0))
     return schedule_from_listed(name, P, m, placement, listed, split_backward=True)
+
+
+def zb_h2(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
+    """ZB-H2 (Qi et al. 2024, section 3): up to 2P-1 micro-batches in flight, no bubble inside a device's span.
+
+    The paper's handcrafted order. Device d runs, for x = 0, 1, ...: the forward of
+    micro-batch x, the input gradient I of micro-batch x - 2(P-1-d) and the weight gradient
+    W of micro-batch x - 2(P-1), each when it exists. So it warms up with 2(P-1-d) lone
+    forwards and 2d (F, I) pairs, runs (F, I, W) in the steady state, and cools down with
+    (I, W) pairs and the last W's: with F = I = W a device never idles between its first
+    and its last action (the paper's parallelogram; its "zero bubble" counts the start and
+    end ramps, P-1 slots per device, as filled by the neighbouring iterations once the
+    optimizer step is not synchronised). A device holds at most 2P-1 micro-batches. Any m works.
+    """
+    check_args("zb-h2", devices, microbatches, chunks)
+    if chunks != 1:
+        raise ScheduleError(f"zb-h2: holds one stage per device, so chunks must be 1 (got {chunks})")
+    P, m = devices, microbatches
+    x = np.arange(m + 2 * (P - 1))
+    code = np.array([OP_CODE[F], OP_CODE[I], OP_CODE[W]])
+    rows = []
+    for d in range(P):
+        mbs = np.stack([x, x - 2 * (P - 1 - d), x - 2 * (P - 1)], axis=1)  # (F, I, W) micro-batch of round x
+        kind = np.broadcast_to(np.arange(3), mbs.shape)
+        keep = (mbs >= 0) & (mbs < m)
+        mb, k = mbs[keep], kind[keep]
+        rows.append((np.full(len(mb), d), code[k], np.full(len(mb), d), mb))
+    dev, op, stage, mb = (np.concatenate(c) for c in zip(*rows))
+    return Schedule("zb-h2", P, m, plain(P), Programs.flushed(P, dev, op, stage, mb), split_backward=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stagewise.schedules.timeline import Timeline
-from stagewise.viz.text import OP_NAMES, is_later_chunk, op_letter
+from stagewise.viz.text import OP_NAMES, PAIR, in_pair, is_later_chunk, op_letter
 
 # (first chunk, later chunk) fill colors per op letter.
 COLORS: dict[str, tuple[str, str]] = {
@@ -15,6 +15,7 @@ COLORS: dict[str, tuple[str, str]] = {
     "R": ("#b07cc6", "#7d4a94"),
 }
 _OTHER = ("#d9d9d9", "#a6a6a6")
+_PAIR_EDGE = "#c2185b"  # the frame of an overlapped F+B pair
 _LIGHT = {"I"}  # light fills get dark text
 _FIG_WIDTH = 13.0  # inches
 _DPI = 120
@@ -26,7 +27,9 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
 
     A row per device (device 0 on top), a box per action colored by op with its micro-batch
     number inside when it fits; actions of later chunks (stage >= number of devices) are darker
-    and hatched; idle time stays white. Returns `path`.
+    and hatched; idle time stays white. An overlapped F+B pair is a thick magenta frame around
+    its two members: side by side when they ran one after the other, the forward in the upper
+    and the backward in the lower half when they overlapped. Returns `path`.
     """
     import matplotlib
 
@@ -42,7 +45,7 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
     fig, axes = plt.subplots(len(tls), 1, figsize=(_FIG_WIDTH, sum(heights) + 0.5 + (0.3 if title else 0.0)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False, dpi=_DPI)
     ops_seen: set[str] = set()
-    later_seen = False
+    later_seen = pair_seen = False
     for ax, tl, n in zip(axes[:, 0], tls, rows):
         origin, span = tl.origin, tl.makespan
         xmax = span if span > 0 else 1.0
@@ -53,20 +56,31 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
         pt_per_unit = axes_width_pt / xmax
         # Zero-length actions (a free optimizer step in a simulation) take no time and are not drawn.
         drawn = [e for e in tl.events if e.end > e.start]
+        pairs = [e for e in drawn if e.op == PAIR]
         for e in sorted(drawn, key=lambda e: (e.device, e.start, e.stage, e.microbatch)):
+            if e.op == PAIR:
+                continue
             letter = op_letter(e.op)
             later = is_later_chunk(e, tl)
             ops_seen.add(letter)
             later_seen |= later
             face = COLORS.get(letter, _OTHER)[1 if later else 0]
             x, w = e.start - origin, e.end - e.start
-            ax.add_patch(Rectangle((x, e.device + 0.1), w, 0.8, facecolor=face, edgecolor="black",
+            y, h = e.device + 0.1, 0.8
+            if in_pair(e) and _overlapped(e, pairs):  # the forward on top, the backward below
+                h = 0.4
+                y += 0.0 if e.op == "F" else 0.4
+            ax.add_patch(Rectangle((x, y), w, h, facecolor=face, edgecolor="black",
                                    linewidth=0.5, hatch="///" if later else None))
             text = "" if e.op in ("STEP", "REDUCE") else str(e.microbatch)
             if text and w * pt_per_unit >= len(text) * _FONT * 0.62 + 2:
-                ax.text(x + w / 2, e.device + 0.5, text, ha="center", va="center", fontsize=_FONT,
+                ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=_FONT * (h / 0.8) ** 0.5,
                         color="black" if letter in _LIGHT and not later else "white",
                         fontweight="bold", bbox=_text_box(face, later))
+        for e in pairs:
+            pair_seen = True
+            ax.add_patch(Rectangle((e.start - origin, e.device + 0.05), e.end - e.start, 0.9, facecolor="none",
+                                   edgecolor=_PAIR_EDGE, linewidth=1.8, zorder=5))
         ax.set_yticks([d + 0.5 for d in range(n)], [f"device {d}" for d in range(n)])
         ax.tick_params(axis="y", length=0)
         for d in range(1, n):
@@ -84,6 +98,9 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
     if later_seen:
         handles.append(Patch(facecolor="#707070", edgecolor="black", linewidth=0.5, hatch="///",
                              label="later chunk (darker, hatched)"))
+    if pair_seen:
+        handles.append(Patch(facecolor="none", edgecolor=_PAIR_EDGE, linewidth=1.8, label=OP_NAMES["P"].split(" (")[0]
+                             + " (one action)"))
     fig.legend(handles=handles, loc="lower center", ncol=max(len(handles), 1), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, 0.0))
     if title:
@@ -92,6 +109,14 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
     return path
+
+
+def _overlapped(member, pairs) -> bool:
+    """Whether the pair containing `member` ran its two members together."""
+    for p in pairs:
+        if p.device == member.device and p.start <= member.start < p.end:
+            return bool(p.extra.get("overlapped"))
+    return False
 
 
 def _text_box(face: str, later: bool) -> dict | None:

@@ -14,14 +14,32 @@ OP_NAMES: dict[str, str] = {
     "W": "backward weight-grad",
     "S": "optimizer step",
     "R": "gradient reduction (data parallel)",
+    "P": "F+B pair (one overlapped action, labelled like F3+b1)",
 }
-ANSI: dict[str, str] = {"F": "34", "B": "32", "I": "92", "W": "33", "S": "90", "R": "35"}
+ANSI: dict[str, str] = {"F": "34", "B": "32", "I": "92", "W": "33", "S": "90", "R": "35", "P": "95"}
+PAIR = "OVERLAP_F_B"
 _RESET = "\033[0m"
 
 
 def op_letter(op: str) -> str:
-    """The single letter of an op: F, B, I, W, S for STEP, R for REDUCE."""
+    """The single letter of an op: F, B, I, W, S for STEP, R for REDUCE, or P for an overlapped F+B pair."""
+    if op == PAIR:
+        return "P"
     return "S" if op == "STEP" else op[:1]
+
+
+def pair_label(event: Event, timeline: Timeline) -> str:
+    """An overlapped pair's label from its members, such as F3+b1 (lowercase: a later chunk)."""
+    parts = []
+    for op, stage, mb in event.extra.get("pair", ()):
+        later = timeline.num_stages > timeline.num_devices and stage >= timeline.num_devices
+        parts.append(f"{op}{mb}".lower() if later else f"{op}{mb}")
+    return "+".join(parts) or "F+B"
+
+
+def in_pair(event: Event) -> bool:
+    """Whether the event is a member of an overlapped pair (drawn inside the pair's event)."""
+    return bool(event.extra.get("in_pair"))
 
 
 def is_later_chunk(event: Event, timeline: Timeline) -> bool:
@@ -29,11 +47,13 @@ def is_later_chunk(event: Event, timeline: Timeline) -> bool:
     return timeline.num_stages > timeline.num_devices and event.stage >= timeline.num_devices
 
 
-def cell_label(event: Event, cells: int, later: bool) -> str:
+def cell_label(event: Event, cells: int, later: bool, timeline: Timeline | None = None) -> str:
     """The event's text over `cells` columns: its label padded with blanks, or just its op letter if too narrow."""
     letter = op_letter(event.op)
     label = event.label if event.op not in ("STEP", "REDUCE") else letter
-    if later and letter not in ("S", "R"):
+    if event.op == PAIR:
+        label = pair_label(event, timeline) if timeline is not None else event.label
+    elif later and letter not in ("S", "R"):
         letter, label = letter.lower(), label.lower()
     text = label if len(label) <= cells else letter
     return text[:cells].ljust(cells)
@@ -51,8 +71,10 @@ def render_text(timeline: Timeline, width: int = 100, color: bool = False) -> st
     """Render `timeline` as text: a row per device, `width` columns spanning the makespan, `.` for idle time.
 
     Each action shows its label (`F3`, `B12`, `S` for a step), or only its op letter when it covers
-    too few columns; actions of later chunks (stage >= number of devices) are lowercase. Below the
-    rows come a time axis and a legend. `color=True` adds ANSI colors per op.
+    too few columns; actions of later chunks (stage >= number of devices) are lowercase. An
+    overlapped F+B pair is one box labelled with both members (`F3+b1`, or `P` when narrow),
+    whether its members ran one after the other or together. Below the rows come a time axis
+    and a legend. `color=True` adds ANSI colors per op.
     """
     if width < 1:
         raise ValueError(f"width must be positive, got {width}")
@@ -62,7 +84,7 @@ def render_text(timeline: Timeline, width: int = 100, color: bool = False) -> st
     ops: list[list[str | None]] = [[None] * width for _ in range(num_devices)]
     # Longest first so that actions too short for a column of their own only take idle columns;
     # zero-length actions (a free optimizer step in a simulation) take no time and are not drawn.
-    events = sorted((e for e in timeline.events if e.end > e.start),
+    events = sorted((e for e in timeline.events if e.end > e.start and not in_pair(e)),
                     key=lambda e: (-(e.end - e.start), e.device, e.start, e.stage, e.microbatch))
     for e in events if span > 0 else []:
         c0, c1 = _cell(e.start, origin, span, width), _cell(e.end, origin, span, width)
@@ -72,7 +94,7 @@ def render_text(timeline: Timeline, width: int = 100, color: bool = False) -> st
             if not candidates:
                 continue
             c0, c1 = candidates[0], candidates[0] + 1
-        row[c0:c1] = cell_label(e, c1 - c0, is_later_chunk(e, timeline))
+        row[c0:c1] = cell_label(e, c1 - c0, is_later_chunk(e, timeline), timeline)
         row_ops[c0:c1] = [op_letter(e.op)] * (c1 - c0)
 
     name_width = len(str(num_devices - 1))

@@ -15,7 +15,9 @@ def to_chrome_trace(timelines: Timeline | list[Timeline]) -> dict[str, Any]:
     """Trace-event JSON: a process per timeline, a thread per device, an "X" event per action.
 
     Times are microseconds since the timeline's origin; one simulated cost unit counts as 1 ms.
-    Each event's args hold its stage, micro-batch, version and measured extras.
+    Each event's args hold its stage, micro-batch, version and measured extras. An overlapped
+    F+B pair is an event named like `F3+B1` (category OVERLAP_F_B) that encloses its two
+    members, so Perfetto draws it as a parent slice with the members below it.
     """
     tls = [timelines] if isinstance(timelines, Timeline) else list(timelines)
     events: list[dict[str, Any]] = []
@@ -31,7 +33,8 @@ def to_chrome_trace(timelines: Timeline | list[Timeline]) -> dict[str, Any]:
         for d in range(devices):
             events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": d, "args": {"name": f"device {d}"}})
             events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": d, "args": {"sort_index": d}})
-        for e in sorted(tl.events, key=lambda e: (e.device, e.start, e.end, e.stage, e.microbatch)):
+        for e in sorted(tl.events, key=lambda e: (e.device, e.start, e.op != "OVERLAP_F_B", e.end, e.stage,
+                                                  e.microbatch)):
             args = {key: _json_safe(value) for key, value in e.extra.items()}
             args.update(stage=e.stage, microbatch=e.microbatch, version=e.version)
             events.append({
