@@ -71,11 +71,26 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.script:
         raise SystemExit("stagewise run: give the script to run, e.g. `stagewise run -n 2 train.py`")
-    argv = ["--standalone", "--nproc_per_node", str(args.nproc)]
+    if args.nnodes > 1:  # several machines (or launcher invocations): a static rendezvous at the master's address
+        argv = ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank), "--master_addr", args.master_addr,
+                "--master_port", str(args.master_port), "--nproc_per_node", str(args.nproc)]
+    else:
+        argv = ["--standalone", "--nproc_per_node", str(args.nproc)]
     if args.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torchrun.main(argv + [args.script, *args.script_args])
     return 0
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -85,11 +100,12 @@ def _train(args: argparse.Namespace) -> int:
     from stagewise.train import TrainConfig, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if "RANK" not in os.environ and cfg.stages > 1:
+    if "RANK" not in os.environ and cfg.stages * cfg.dp > 1:
         from torch.distributed import run as torchrun
 
         os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.stages)))
-        torchrun.main(["--standalone", "--nproc_per_node", str(cfg.stages), "-m", "stagewise.cli", *sys.argv[1:]])
+        n = cfg.stages * cfg.dp
+        torchrun.main(["--standalone", "--nproc_per_node", str(n), "-m", "stagewise.cli", *sys.argv[1:]])
         return 0
     train(cfg)
     return 0
@@ -178,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
 
     run = sub.add_parser("run", help="launch a script on P local processes (a thin torchrun)")
-    run.add_argument("-n", "--nproc", type=int, default=2, help="processes = pipeline devices")
+    run.add_argument("-n", "--nproc", type=_positive, default=2,
+                     help="processes on this node (pipeline devices x data replicas; default %(default)s)")
+    run.add_argument("--nnodes", type=_positive, default=1, help="machines (launcher invocations) in the job")
+    run.add_argument("--node-rank", dest="node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    run.add_argument("--master-addr", dest="master_addr", default="127.0.0.1", help="node 0's address")
+    run.add_argument("--master-port", dest="master_port", type=int, default=29500, help="a free port on node 0")
     run.add_argument("--threads", type=int, default=None, help="intra-op threads per process (OMP_NUM_THREADS)")
     run.add_argument("script", nargs="?", help="the Python script every rank runs")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -205,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)")
     tr.add_argument("--stages", type=int, default=d.stages, help="pipeline devices (processes)")
+    tr.add_argument("--dp", type=_positive, default=d.dp,
+                    help="data-parallel replicas of the pipeline: stages x dp processes (default %(default)s)")
+    tr.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None,
+                    help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
     tr.add_argument("--schedule", default=d.schedule, help=f"one of {names()} (default %(default)s)")
     tr.add_argument("--microbatches", type=int, default=d.microbatches)
     tr.add_argument("--steps", type=int, default=d.steps)

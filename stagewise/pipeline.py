@@ -97,7 +97,6 @@ class Pipeline:
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()
         self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed)
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
-        self.model.replicate()
         ties = Ties(self.world, self.model.tied)
         if self.schedule.asynchronous and ties:
             raise ValueError(f"schedule {self.schedule.name!r} keeps several weight versions per stage; parameters "
@@ -199,7 +198,7 @@ class Pipeline:
         feeds = {self.world.grid.coords(r)[1]: feed.microbatches(self.world.grid.coords(r)[1])
                  for r in self.world.local_ranks}
         self.version_peaks: dict[int, int] = {}
-        with stashing(schedule, self.stages, self.version_peaks):
+        with stashing(schedule, self.model.all(), self.version_peaks):
             losses = self.runner.run(feeds, True, schedule, batches=steps)
         return losses.tolist()
 
@@ -214,9 +213,8 @@ class Pipeline:
         return self.runner.trace()
 
     def save_checkpoint(self, folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
-        """Write every stage's weights (and every rank's optimizer state) under `folder`, each file
-        atomically (a temporary name, then a rename), so a crash never leaves a half-written checkpoint.
-        With several processes this is a collective: every rank writes its own stages."""
+        """Write every stage's weights and optimizer state under `folder`, each file atomically (a temporary
+        name, then a rename). A collective: every rank of the first data replica writes its own stages."""
         meta = None
         if 0 in self.world.local_ranks:
             meta = {"schedule": self.schedule.name, "devices": self.world.grid.pipeline,
@@ -224,8 +222,10 @@ class Pipeline:
                     "placement": list(self.schedule.placement), **(extra or {})}
 
         def save(r: int) -> None:
-            checkpoint.save(folder, {s: (self.layer_ranges[s], st.module) for s, st in self.model.of_rank(r).items()},
-                            {r: self.optimizers[r]} if r in self.optimizers else {}, meta if r == 0 else None)
+            stages = {s: (self.layer_ranges[s], st.module) for s, st in self.model.of_rank(r).items()}
+            if self.world.grid.coords(r)[1] == 0:  # replicas hold the same state: the first one writes it
+                checkpoint.save(folder, stages, {r: self.optimizers[r]} if r in self.optimizers else {},
+                                meta if r == 0 else None)
             self.world.barrier(r, self._everyone)
 
         self.world.run(save, "saving a checkpoint")

@@ -26,6 +26,8 @@ class TrainConfig:
     """Options of `stagewise train`; sizes in tokens, learning rate per Adam step."""
 
     stages: int = 4
+    dp: int = 1  # data-parallel replicas of the pipeline: stages x dp processes
+    max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
     schedule: str = "1f1b"
     microbatches: int = 8
     steps: int = 300
@@ -108,14 +110,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from stagewise.runtime import launch
 
     rank, world = launch.init_from_env(cfg.timeout)
-    if world != cfg.stages:
-        raise SystemExit(f"stagewise train: --stages {cfg.stages} but {world} processes were started; "
-                         f"start {cfg.stages} (torchrun --nproc_per_node={cfg.stages}) or run `stagewise train` "
+    if world != cfg.stages * cfg.dp:
+        n = cfg.stages * cfg.dp
+        raise SystemExit(f"stagewise train: --stages {cfg.stages} x --dp {cfg.dp} needs {n} processes but {world} "
+                         f"were started; start {n} (torchrun --nproc_per_node={n}) or run `stagewise train` "
                          "directly and let it start them")
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     out = Path(cfg.out)
     say = _Printer(rank == 0)
-    say(f"stagewise train: {cfg.model if not cfg.pretrained else cfg.pretrained} on {world} stage(s), "
+    say(f"stagewise train: {cfg.model if not cfg.pretrained else cfg.pretrained} on {cfg.stages} stage(s)"
+        f"{f' x {cfg.dp} data-parallel replicas' if cfg.dp > 1 else ''}, "
         f"schedule {cfg.schedule}, {cfg.microbatches} micro-batches, {cfg.steps} steps")
     t0 = time.perf_counter()
     tok, batches = prepare_data(cfg, rank, world)
@@ -125,7 +129,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sample = next(iter(batches)) if cfg.partition in ("time", "memory", "auto") else None
     pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches,
                     partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout, sample=sample,
-                    show_partition=False,
+                    show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
@@ -151,9 +155,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 _save_timelines(pipe, out, rank)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tps = window_tokens / window_time
-                progress.print(f"step {step} loss {loss:.4f}  ({tps:,.0f} tokens/s)")
+                norm = pipe.last_step.get("grad_norm", float("nan"))
+                progress.print(f"step {step} loss {loss:.4f}  grad norm {norm:.3g}  ({tps:,.0f} tokens/s)")
+                if "skipped" in pipe.last_step:
+                    progress.print(f"step {step} skipped: {pipe.last_step['skipped']}")
                 if metrics is not None:
-                    metrics.write(json.dumps({"step": step, "loss": loss, "tokens_per_s": tps,
+                    metrics.write(json.dumps({"step": step, "loss": loss, "grad_norm": norm, "tokens_per_s": tps,
                                               "elapsed_s": time.perf_counter() - t0}) + "\n")
                     metrics.flush()
                 window_tokens, window_time = 0, 0.0
@@ -165,7 +172,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     first, last = history[0][1], sum(h[1] for h in history[-10:]) / len(history[-10:])
     steady = history[len(history) // 5:] or history
     summary = {"first_loss": first, "last_loss_mean10": last, "tokens_per_s": sum(h[2] for h in steady) / len(steady),
-               "steps": cfg.steps, "stages": world, "schedule": cfg.schedule, "seconds": time.perf_counter() - t0}
+               "steps": cfg.steps, "stages": cfg.stages, "dp": cfg.dp, "schedule": cfg.schedule,
+               "seconds": time.perf_counter() - t0}
     say(f"done: loss {first:.3f} -> {last:.3f} (mean of the last 10 steps), {summary['tokens_per_s']:,.0f} tokens/s, "
         f"{summary['seconds']:.0f} s; wrote {out}/metrics.jsonl, timeline.png, trace.json, checkpoint/")
     if rank == 0:

@@ -90,3 +90,16 @@ def test_bench_against_torch_on_a_tiny_model(tmp_path):
                                                              ("zbv m=2", "torch"), ("zbv m=2 auto", "stagewise")}
     assert all(len(r["untimed_step_times_s"]) == 1 and len(r["step_times_s"]) == 1 for r in rounds)
     assert png.stat().st_size > 0
+
+
+def test_train_with_data_parallel_replicas_and_clipping(tmp_path):
+    run = tmp_path / "run"
+    out = stagewise("train", "--stages", "1", "--dp", "2", "--steps", "6", "--microbatches", "2", "--batch-size", "8",
+                    "--seq-len", "32", "--vocab-size", "512", "--log-every", "3", "--trace-step", "2",
+                    "--max-grad-norm", "1.0", "--out", str(run), timeout=600,
+                    env={"STAGEWISE_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 stage(s) x 2 data-parallel replicas" in out.stdout and "grad norm" in out.stdout
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [3, 6] and all(m["grad_norm"] > 0 for m in metrics)
+    assert json.loads((run / "summary.json").read_text())["dp"] == 2

@@ -17,7 +17,7 @@ LayerSpec = nn.Module | Callable[[], nn.Module]
 
 
 class StageSet:
-    """The stages of every local rank, and each rank's parameters.
+    """The stages of every local rank, and each rank's parameters (data replicas start from replica 0's).
 
     A rank owns (and steps) the parameters of its stages; a parameter object shared by stages
     of two local ranks (threads of one process) is owned once, by the first rank holding it.
@@ -62,6 +62,7 @@ class StageSet:
                     if key is not None:
                         tied[key] = p
             self.owned[rank], self.tied[rank] = own, tied
+        self.replicate()
 
     def of_rank(self, rank: int) -> dict[int, Stage]:
         """Stage index -> Stage for the stages rank `rank` runs."""

@@ -75,7 +75,7 @@ class Ties:
                 continue
             group = world.group(ranks)
             for r in world.local_ranks:
-                if key in held.get(r, {}):
+                if r in ranks:
                     self.by_rank[r].append((held[r][key], group, ranks[0]))
                     if r != ranks[0]:
                         self.not_counted.add(id(held[r][key]))

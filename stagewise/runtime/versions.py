@@ -71,10 +71,11 @@ class WeightVersions:
 
 
 @contextmanager
-def stashing(schedule: Schedule, stages: dict[int, Stage], peaks: dict[int, int]) -> Iterator[None]:
-    """Give every stage the weight versions `schedule` uses while it runs; `peaks` receives the most
-    versions each stage held at once (compare `simulate(schedule).peak_weight_versions`)."""
-    for s, st in stages.items():
+def stashing(schedule: Schedule, stages: list[Stage], peaks: dict[int, int]) -> Iterator[None]:
+    """Give every stage (of every local replica) the weight versions `schedule` uses while it runs; `peaks`
+    receives the most versions each stage index held at once (compare `simulate(schedule).peak_weight_versions`)."""
+    for st in stages:
+        s = st.index
         uses: dict[int, int] = {}
         for a in schedule.actions[schedule.placement[s]]:
             if a.op == B and a.stage == s:
@@ -84,7 +85,7 @@ def stashing(schedule: Schedule, stages: dict[int, Stage], peaks: dict[int, int]
     try:
         yield
     finally:
-        for s, st in stages.items():
+        for st in stages:
             if st.versions is not None:
-                peaks[s] = st.versions.peak
+                peaks[st.index] = max(peaks.get(st.index, 0), st.versions.peak)
             st.versions = None
