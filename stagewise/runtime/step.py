@@ -10,6 +10,7 @@ is a part here, not a branch in the executor or in `Pipeline`.
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -101,10 +102,12 @@ class ReduceGradients(StepPart):
         rank = ctx.rank
         self._window(rank)
         self._start(rank, [p for p in self.model.owned[rank] if id(p) not in self.done[rank]])
+        t0 = time.perf_counter()
         for work, flat, grads in self.pending[rank]:
             work.wait()
             for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(reduced)
+        ctx.report["reduce_wait_s"] = time.perf_counter() - t0  # what the reductions did not hide
         del self.waiting[rank]
 
 
