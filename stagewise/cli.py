@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stages", type=int, default=d.stages, help="pipeline devices (processes)")
     tr.add_argument("--dp", type=_positive, default=d.dp,
                     help="data-parallel replicas of the pipeline: stages x dp processes (default %(default)s)")
+    tr.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"],
+                    help="compute precision of the stages (default %(default)s)")
+    tr.add_argument("--activation-checkpointing", dest="activation_checkpointing", default=d.activation_checkpointing,
+                    help="never, except_last, always, or N layers per checkpointed group (default %(default)s)")
     tr.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None,
                     help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
     tr.add_argument("--schedule", default=d.schedule, help=f"one of {names()} (default %(default)s)")

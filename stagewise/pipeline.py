@@ -18,15 +18,15 @@ from torch import nn
 from stagewise.partition import PartitionTable, resolve_balance
 from stagewise.partition.profile import layer_facts
 from stagewise.runtime import checkpoint
-from stagewise.runtime.feed import MicrobatchFeed
 from stagewise.runtime.host_memory import keep_freed_host_memory
+from stagewise.runtime.precision import LossScaler, Precision
 from stagewise.runtime.runner import Runner
 from stagewise.runtime.stages import LayerSpec, StageSet, as_layer_list
 from stagewise.runtime.step import training_step
 from stagewise.runtime.ties import Ties
-from stagewise.runtime.versions import stashing
 from stagewise.runtime.world import make_world
-from stagewise.schedules import Schedule, ScheduleError, build, validate
+from stagewise.schedules import Schedule, ScheduleError
+from stagewise.schedules.recompute import check_mode
 from stagewise.schedules.registry import check_spec, resolve_schedule
 from stagewise.schedules.timeline import Timeline
 
@@ -61,12 +61,13 @@ class Pipeline:
             A non-finite norm skips the step on every rank with a warning. `track_grad_norm` measures it only.
         timeout: seconds any wait on another device may take before every rank stops with an error.
         vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
-        show_partition: print the partition table on rank 0 at start-up (DeepSpeed-style);
-            `partition_table()` returns it as data either way.
-        keep_host_memory: on CPU, set glibc's malloc (process-wide) to keep freed memory instead of
-            handing it back to the kernel, so steps do not pay page faults for their activations
-            (4-7% of a step measured here); the process then keeps its peak heap. See
-            `stagewise.runtime.host_memory`.
+        show_partition: print the partition table on rank 0 at start-up (`partition_table()` returns it).
+        keep_host_memory: on CPU, keep freed memory in glibc's malloc (process-wide): no page faults per step
+            (4-7% of a step here); see `stagewise.runtime.host_memory`.
+        precision: "fp32", "bf16" or "fp16": forwards under autocast, low-precision stage I/O; fp16 scales the
+            loss dynamically (`last_step["loss_scale"]`, `loss_scalers`). See `stagewise.runtime.precision`.
+        activation_checkpointing: "never", "except_last", "always" or N layers per checkpointed group: which
+            forwards keep only their input and recompute (RECOMPUTE actions, `stagewise.schedules.recompute`).
     """
 
     def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
@@ -78,14 +79,16 @@ class Pipeline:
                  local_devices: int | None = None, backend: str | None = None,
                  sample: tuple[Any, Any] | None = None, memory_limit: float | None = None,
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
-                 data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False):
+                 data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False,
+                 precision: str = "fp32", activation_checkpointing: str | int = "never"):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
         check_spec(schedule)  # an unknown name fails here, before any process group is set up
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
-        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks,
-                                         data_parallel=data_parallel, **options)
+        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks, data_parallel,
+                                         check_mode(activation_checkpointing), **options)
+        self.precision = Precision(precision)
         self.microbatches = self.schedule.microbatches
         self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
         layer_list = as_layer_list(layers)
@@ -95,7 +98,9 @@ class Pipeline:
         self.balance = resolve_balance(partition, len(layer_list), self.schedule.num_stages, layers=self.profiles,
                                        schedule=self.schedule, memory_limit=memory_limit)
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()
-        self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed)
+        self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed, self.precision,
+                              activation_checkpointing if isinstance(activation_checkpointing, int) else None)
+        self.loss_scalers = {r: LossScaler() for r in self.world.local_ranks} if precision == "fp16" else {}
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
         ties = Ties(self.world, self.model.tied)
         if self.schedule.asynchronous and ties:
@@ -104,10 +109,12 @@ class Pipeline:
                              "Untie them or use a synchronous schedule")
         self.optimizers = {r: optimizer(ps) for r, ps in self.model.owned.items() if optimizer is not None and ps}
         self.step_parts = training_step(self.world, self.model, ties, asynchronous=self.schedule.asynchronous,
-                                        max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm)
+                                        max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
+                                        scalers=self.loss_scalers)
         self.last_step: dict[str, Any] = {}  # the last step's loss, and what its parts reported (grad_norm, ...)
         self._everyone = self.world.group(range(self.world.size))
-        self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers)
+        self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers,
+                             self.loss_scalers)
         if show_partition and 0 in self.world.local_ranks:
             print(self.partition_table().format(), flush=True)
 
@@ -191,16 +198,10 @@ class Pipeline:
             raise ScheduleError("an asynchronous Schedule object runs one batch per train_step; to run several "
                                 "batches unflushed, pass the schedule by name")
         name, chunks, options = self._rebuild
-        schedule = validate(build(name, self.world.grid.pipeline, self.microbatches, chunks, batches=steps,
-                                  **options))
-        keep = self.world.grid.pipeline // self.microbatches + 2  # batches that can still be in flight
-        feed = MicrobatchFeed(it, self.microbatches, self.device, keep=keep, replicas=self.world.grid.data)
-        feeds = {self.world.grid.coords(r)[1]: feed.microbatches(self.world.grid.coords(r)[1])
-                 for r in self.world.local_ranks}
-        self.version_peaks: dict[int, int] = {}
-        with stashing(schedule, self.model.all(), self.version_peaks):
-            losses = self.runner.run(feeds, True, schedule, batches=steps)
-        return losses.tolist()
+        schedule = resolve_schedule(name, self.world.grid.pipeline, self.microbatches, chunks, batches=steps,
+                                    data_parallel=self.world.grid.data, **options)
+        losses, self.version_peaks = self.runner.unflushed(it, schedule, steps)
+        return losses
 
     def close(self) -> None:
         """Stop this pipeline's failure watchdog thread (one per multi-process pipeline); idempotent. Call it

@@ -28,6 +28,8 @@ class TrainConfig:
     stages: int = 4
     dp: int = 1  # data-parallel replicas of the pipeline: stages x dp processes
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (dynamic loss scaling)
+    activation_checkpointing: str = "never"  # never, except_last, always, or a number of layers per group
     schedule: str = "1f1b"
     microbatches: int = 8
     steps: int = 300
@@ -130,6 +132,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches,
                     partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout, sample=sample,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
+                    precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
@@ -179,6 +182,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _checkpointing(value: str) -> str | int:
+    return int(value) if value.isdigit() else value
 
 
 def _forever(batches):

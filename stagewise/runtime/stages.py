@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from stagewise.runtime import ties
+from stagewise.runtime.precision import Precision
 from stagewise.runtime.stage import Stage
 from stagewise.runtime.world import World
 from stagewise.schedules.schedule import Schedule
@@ -25,7 +26,7 @@ class StageSet:
     """
 
     def __init__(self, layers: Sequence[LayerSpec], balance: Sequence[int], schedule: Schedule, world: World,
-                 seed: int | None = None):
+                 seed: int | None = None, precision: Precision | None = None, checkpoint_every: int | None = None):
         starts = [sum(balance[:s]) for s in range(len(balance))]
         self.layer_ranges = [(a, a + n) for a, n in zip(starts, balance)]
         self.schedule, self.world = schedule, world
@@ -40,7 +41,7 @@ class StageSet:
             for s in schedule.stages_of(device):
                 lo, hi = self.layer_ranges[s]
                 built = [build_layer(copies[replica][i], i, seed) for i in range(lo, hi)]
-                mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names)
+                mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names, precision, checkpoint_every)
             self.by_rank[rank] = mine
         # stage index -> Stage, for this process's first data replica (the only one, with processes)
         replica = world.grid.coords(world.local_ranks[0])[1]
