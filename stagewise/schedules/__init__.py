@@ -42,7 +42,7 @@ from stagewise.schedules.zero_bubble import zb_h1, zb_h2, zbv
 __all__ = [
     "B", "COMM_OPS", "COMPUTE_OPS", "F", "I", "OVERLAP_F_B", "PAIR_OPS", "RECV_B", "RECV_F", "RECOMPUTE", "REDUCE",
     "SEND_B", "SEND_F", "STEP", "W", "Action", "Costs", "Event", "SCHEDULES", "SYNCHRONOUS", "Schedule",
-    "ScheduleError", "ScheduleInfo", "Simulation", "Timeline", "build", "dualpipev", "dumps", "gpipe", "interleaved", "load", "loads",
-    "looped_bfs", "lower", "naive", "one_f_one_b", "pipedream", "resolve_schedule", "save", "simulate", "two_bw",
-    "v_half", "v_min", "validate", "with_recompute", "with_reductions", "zb_h1", "zb_h2", "zbv",
+    "ScheduleError", "ScheduleInfo", "Simulation", "Timeline", "build", "dualpipev", "dumps", "gpipe", "interleaved",
+    "load", "loads", "looped_bfs", "lower", "naive", "one_f_one_b", "pipedream", "resolve_schedule", "save",
+    "simulate", "two_bw", "v_half", "v_min", "validate", "with_recompute", "with_reductions", "zb_h1", "zb_h2", "zbv",
 ]
