@@ -133,13 +133,7 @@ class Pipeline:
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This process's parameters (of its first data replica), named as `nn.Sequential(*layers)` names them
         (a parameter shared by two layers keeps its first name, and is listed once per process)."""
-        out, seen = [], set()
-        for s in sorted(self.stages):
-            for name, p in self.stages[s].named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append((name, p))
-        return out
+        return self.model.named_parameters()
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_parameters()]
@@ -239,6 +233,10 @@ class Pipeline:
     def peak_activation_bytes(self) -> dict[int, int]:
         """Peak saved-activation bytes per stage held by this process, since construction."""
         return {s: st.peak_bytes for s, st in self.stages.items()}
+
+    def peak_device_activation_bytes(self) -> dict[int, int]:
+        """Peak saved-activation bytes per pipeline device held by this process (all its stages at once)."""
+        return self.model.device_peaks()
 
     def _step(self, batch: tuple[Any, Any], train: bool, step: bool = True) -> dict[str, Any]:
         self.world.check()

@@ -23,6 +23,17 @@ from stagewise.tree import cut, tensors_of
 _RNG = threading.Lock()
 
 
+class HeldBytes:
+    """Saved-activation bytes held by the stages of one device, and their peak."""
+
+    def __init__(self) -> None:
+        self.held = self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+
+
 @dataclass
 class Pending:
     """What one (stage, micro-batch) keeps from its forward until its backward is done."""
@@ -50,6 +61,7 @@ class Stage:
         self.layer_offset = layer_offset
         self.held_bytes = 0
         self.peak_bytes = 0
+        self.device_bytes = HeldBytes()  # shared by the stages of one device (see StageSet)
         self.versions: WeightVersions | None = None  # set for asynchronous schedules
         self.precision = precision or Precision()
         self.checkpoint_every = checkpoint_every  # groups of this many layers checkpointed inside the stage
@@ -90,9 +102,13 @@ class Stage:
             pending.saved_bytes = sum(t.numel() * t.element_size() for t in tensors_of(x))  # the input alone
             pending.like = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in pending.roots]
             pending.roots = []  # the graph without its saved tensors is useless: dropped with the outputs' roots
-        self.held_bytes += pending.saved_bytes
-        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        self._hold(pending.saved_bytes)
         return out, pending
+
+    def _hold(self, nbytes: int) -> None:
+        self.held_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        self.device_bytes.add(nbytes)
 
     def _run(self, x: Any, weights: dict | None, loss: Callable | None, pending: Pending) -> Any:
         with self.precision.autocast(_device_of(x, self.module)):
@@ -137,11 +153,10 @@ class Stage:
                 self._run(x, weights, loss, pending)
         pending.replay = None
         pending.saved_bytes += counter.total
-        self.held_bytes += counter.total
-        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        self._hold(counter.total)
 
     def release(self, pending: Pending) -> None:
-        self.held_bytes -= pending.saved_bytes
+        self._hold(-pending.saved_bytes)
         pending.saved_bytes = 0
 
     def backward(self, pending: Pending, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from stagewise.runtime import ties
 from stagewise.runtime.precision import Precision
-from stagewise.runtime.stage import Stage
+from stagewise.runtime.stage import HeldBytes, Stage
 from stagewise.runtime.world import World
 from stagewise.schedules.schedule import Schedule
 
@@ -43,6 +43,9 @@ class StageSet:
                 built = [build_layer(copies[replica][i], i, seed) for i in range(lo, hi)]
                 mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names, precision, checkpoint_every)
             self.by_rank[rank] = mine
+            device_bytes = HeldBytes()
+            for st in mine.values():
+                st.device_bytes = device_bytes
         # stage index -> Stage, for this process's first data replica (the only one, with processes)
         replica = world.grid.coords(world.local_ranks[0])[1]
         self.stages: dict[int, Stage] = {s: st for r, mine in self.by_rank.items()
@@ -68,6 +71,22 @@ class StageSet:
     def of_rank(self, rank: int) -> dict[int, Stage]:
         """Stage index -> Stage for the stages rank `rank` runs."""
         return self.by_rank[rank]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters of `stages` (the first replica's), by their unsplit names, each listed once."""
+        out, seen = [], set()
+        for s in sorted(self.stages):
+            for name, p in self.stages[s].named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((name, p))
+        return out
+
+    def device_peaks(self) -> dict[int, int]:
+        """Peak saved-activation bytes per pipeline device of the first replica (its stages together)."""
+        replica = self.world.grid.coords(self.world.local_ranks[0])[1]
+        return {self.world.grid.coords(r)[0]: next(iter(st.values())).device_bytes.peak
+                for r, st in self.by_rank.items() if st and self.world.grid.coords(r)[1] == replica}
 
     def all(self) -> list[Stage]:
         return [st for mine in self.by_rank.values() for st in mine.values()]
