@@ -3,6 +3,7 @@ and its backward whole or split into I and W."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Stage:
         self.versions: WeightVersions | None = None  # set for asynchronous schedules
         self.precision = precision or Precision()
         self.checkpoint_every = checkpoint_every  # groups of this many layers checkpointed inside the stage
+        self.replays = False  # whether this process recomputes forwards (set by StageSet)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -89,7 +91,8 @@ class Stage:
         pending = Pending(inputs, [], 0, version if weights is not None else None)
         if keep:
             counter = SavedBytes(list(self.module.parameters()) + list((weights or {}).values()))
-            with counter.hooks():
+            # while other stages of this process recompute, no forward may draw from the generators in between
+            with _RNG if self.replays else contextlib.nullcontext(), counter.hooks():
                 out = self._run(x, weights, loss, pending)
             pending.saved_bytes = counter.total
         else:

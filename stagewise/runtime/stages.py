@@ -44,8 +44,9 @@ class StageSet:
                 mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names, precision, checkpoint_every)
             self.by_rank[rank] = mine
             device_bytes = HeldBytes()
+            replays = any(a.op == "RECOMPUTE" for a in schedule.actions[device])
             for st in mine.values():
-                st.device_bytes = device_bytes
+                st.device_bytes, st.replays = device_bytes, replays
         # stage index -> Stage, for this process's first data replica (the only one, with processes)
         replica = world.grid.coords(world.local_ranks[0])[1]
         self.stages: dict[int, Stage] = {s: st for r, mine in self.by_rank.items()
