@@ -173,13 +173,14 @@ def _two_checkpoints(root: Path) -> Pipeline:
     return pipe
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest", "manifest-edit"])
 def test_damaged_checkpoint_is_refused_and_fallback_loads_the_previous(tmp_path, damage, capfd):
     root = tmp_path / "ckpt"
     pipe = _two_checkpoints(root)
     newest = root / "step-00000004"
     name = {"truncate": "weights-rank00001.safetensors", "flip": "optimizer-rank00000.pt",
-            "delete": "weights-rank00000.safetensors", "manifest": "manifest.json"}[damage]
+            "delete": "weights-rank00000.safetensors", "manifest": "manifest.json",
+            "manifest-edit": "manifest.json"}[damage]
     path = newest / name
     data = path.read_bytes()
     if damage == "truncate":
@@ -188,10 +189,13 @@ def test_damaged_checkpoint_is_refused_and_fallback_loads_the_previous(tmp_path,
         path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
     elif damage == "delete":
         path.unlink()
-    else:
+    elif damage == "manifest":
         path.write_bytes(data[: len(data) // 3])
+    else:  # still valid JSON, one recorded shape changed
+        path.write_text(path.read_text().replace('"shape": [\n    11,', '"shape": [\n    12,', 1))
+        assert path.read_bytes() != data
     expect = {"truncate": "is truncated", "flip": "fails its checksum", "delete": "is missing",
-              "manifest": "cannot be read"}[damage]
+              "manifest": "cannot be read", "manifest-edit": "fails its own checksum"}[damage]
     before = {n: p.detach().clone() for n, p in pipe.named_parameters()}
     with pytest.raises(CheckpointError, match=expect) as info:
         pipe.load_checkpoint(root)

@@ -25,6 +25,7 @@ from safetensors import safe_open
 import stagewise
 from stagewise.runtime.checkpoint import files
 from stagewise.runtime.checkpoint.files import CheckpointError
+from stagewise.runtime.checkpoint.serialize import write_safetensors, write_torch
 from stagewise.runtime.checkpoint.state import (
     Entry,
     capture_rng,
@@ -109,16 +110,14 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
                       if plan.writer[e.identity] == rank and plan.stored[e.identity] == e.name}
             if writes:
                 path = tmp / weights_file(rank)
-                data = safetensors.torch.save({n: t.detach().cpu().contiguous() for n, t in writes.items()},
-                                              metadata={"format": "pt", "writer": "stagewise"})
-                records[path.name] = files.write_durable(path, data)
+                records[path.name] = write_safetensors(path, writes, {"format": "pt", "writer": "stagewise"})
                 _written(rank, path)
             if opt is not None:
                 names = {id(t): plan.stored[e.identity] for e, t in mine}
                 own = {plan.stored[i] for i, w in plan.optimizer_writer.items() if w == rank}
                 payload = optimizer_payload(opt, names, own)
                 path = tmp / optimizer_file(rank)
-                records[path.name] = files.write_durable(path, _torch_bytes(payload))
+                records[path.name] = write_torch(path, payload)
                 groups = {n: (path.name, g) for g, group in enumerate(payload["param_groups"]) for n in group["params"]}
                 _written(rank, path)
             if rank == 0 and extra_blob is not None:

@@ -92,7 +92,8 @@ def publish(tmp: Path, manifest: dict[str, Any], final: Path) -> None:
     A `final` that already exists (saving the same step or folder again) is first moved to a
     hidden name and deleted after the new one is in place: at every instant `final` is either
     the old checkpoint, the new one, or absent, never a mixture."""
-    write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    sealed = {**manifest, "manifest_sha256": manifest_digest(manifest)}
+    write_durable(tmp / MANIFEST, json.dumps(sealed, indent=1).encode())
     fsync_dir(tmp)
     old = None
     if final.exists():
@@ -104,6 +105,12 @@ def publish(tmp: Path, manifest: dict[str, Any], final: Path) -> None:
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's content (without this digest), so a manifest altered in place is caught too."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def checkpoints_in(root: Path) -> list[tuple[int, Path]]:
@@ -139,6 +146,8 @@ def read_manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or overwritten"
     if manifest.get("format") != FORMAT:
         return None, f"{path} is not a stagewise checkpoint manifest (format {manifest.get('format')!r})"
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        return None, f"{path} fails its own checksum (manifest_sha256): it was altered after the save"
     if manifest.get("version", 0) > VERSION:
         return None, (f"{path} has format version {manifest['version']}; this stagewise reads up to {VERSION}: "
                       "upgrade stagewise")

@@ -163,9 +163,10 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     out: dict[str, Any] = {
         "torch": _b64(torch.get_rng_state()),
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {"kind": kind, "keys": _b64(torch.from_numpy(keys.astype(np.uint32).view(np.uint8))), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": _b64(torch.from_numpy(np.array(internal, np.uint32).view(np.uint8))),
+                   "gauss_next": gauss_next},
     }
     if device.type == "cuda":
         out["cuda"] = {"device": device.index, "state": _b64(torch.cuda.get_rng_state(device))}
@@ -175,8 +176,10 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(_unb64(state["torch"]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    keys = _unb64(n["keys"]).numpy().view(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    random.setstate((p["version"], tuple(int(x) for x in _unb64(p["internal"]).numpy().view(np.uint32)),
+                     p["gauss_next"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(_unb64(state["cuda"]["state"]), device)
