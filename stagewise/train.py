@@ -145,6 +145,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
     root = out / "checkpoints"
     start, first_loss = _resume(pipe, cfg, root, attempt, rank, say)
+    if start >= cfg.steps:
+        say(f"the run is already at step {start} of {cfg.steps}: nothing to train (give a larger --steps to go on)")
+        return {"first_loss": first_loss, "steps": cfg.steps, "resumed_from_step": start}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))

@@ -312,3 +312,35 @@ def test_train_restarts_after_a_rank_is_killed(tmp_path_factory):
     assert json.loads((run / "summary.json").read_text())["last_loss"] == resumed[-1]["loss"]
     assert [p.name for _, p in checkpoints_in(run / "checkpoints")] == ["step-00000008", "step-00000006",
                                                                         "step-00000004"]
+
+
+def test_data_parallel_replicas_save_once_and_all_load(tmp_path):
+    """D=2 (a 2 x 2 grid of threads, the runtime's StageSet without a Pipeline): only the first replica writes
+    tensors; a D=1 checkpoint loads into every replica, and the D=2 one into one process."""
+    from stagewise.runtime import checkpoint
+    from stagewise.runtime.stages import StageSet
+    from stagewise.runtime.world import Grid, LocalWorld
+    from stagewise.schedules import build
+
+    torch.set_default_dtype(torch.float64)
+    world = LocalWorld(Grid(2, 2))
+    factories = [lambda i=i: make_layers(blocks=3)[i] for i in range(5)]  # every replica builds its own copies
+    model = StageSet(factories, [3, 2], build("1f1b", 2, 2), world, seed=0)
+    with torch.no_grad():
+        for rank in (1, 3):  # the second replica differs until a load makes it equal
+            for st in model.of_rank(rank).values():
+                for p in st.parameters():
+                    p.add_(1.0)
+    checkpoint.save(tmp_path / "dp", world, model, {}, step=1)
+    manifest = json.loads((tmp_path / "dp" / "step-00000001" / "manifest.json").read_text())
+    assert manifest["D"] == 2 and manifest["P"] == 2 and set(manifest["rng"]) == {"0", "1", "2", "3"}
+    assert sorted(manifest["files"]) == ["weights-rank00000.safetensors", "weights-rank00002.safetensors"]
+    full = stagewise.load_full(tmp_path / "dp")
+    one = Pipeline(make_layers(seed=4, blocks=3), loss_fn, local_devices=None, show_partition=False)
+    one.load_checkpoint(tmp_path / "dp")
+    assert all(torch.equal(p, full[n]) for n, p in one.named_parameters())
+    one.save_checkpoint(tmp_path / "single", step=1)
+    checkpoint.load(tmp_path / "single", world, model, {})
+    for rank in range(4):
+        for st in model.of_rank(rank).values():
+            assert all(torch.equal(p, full[n]) for n, p in st.named_parameters()), rank
