@@ -166,6 +166,8 @@ def _two_checkpoints(root: Path) -> Pipeline:
     torch.set_default_dtype(torch.float64)
     pipe = Pipeline(make_tied_layers(), loss_fn, local_devices=2, microbatches=2, show_partition=False,
                     optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2))
+    pipe.save_checkpoint(root, step=0)  # before any step: the optimizer has no state yet
+    assert pipe.load_checkpoint(root)["step"] == 0
     for i in range(4):
         pipe.train_step(batch(i))
         if i % 2:
@@ -229,7 +231,8 @@ def test_a_save_that_cannot_be_written_names_the_rank_and_folder(tmp_path):
     finally:
         files.on_file_written = None
     assert not (tmp_path / "ckpt" / ".step-00000009.partial").exists()
-    assert [p.name for _, p in checkpoints_in(tmp_path / "ckpt")] == ["step-00000004", "step-00000002"]
+    assert [p.name for _, p in checkpoints_in(tmp_path / "ckpt")] == ["step-00000004", "step-00000002",
+                                                                      "step-00000000"]
     pipe.train_step(batch(0))  # a failed save does not end the pipeline
 
 

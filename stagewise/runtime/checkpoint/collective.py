@@ -104,6 +104,7 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
             return first
         records: dict[str, Any] = {}
         groups: dict[str, tuple[str, int]] = {}
+        stated: list[str] = []  # names whose optimizer state this rank wrote
         path = tmp
         try:
             writes = {e.name: t for e, t in mine
@@ -119,6 +120,7 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
                 path = tmp / optimizer_file(rank)
                 records[path.name] = write_torch(path, payload)
                 groups = {n: (path.name, g) for g, group in enumerate(payload["param_groups"]) for n in group["params"]}
+                stated = sorted(payload["state"])
                 _written(rank, path)
             if rank == 0 and extra_blob is not None:
                 path = tmp / EXTRA_FILE
@@ -126,7 +128,8 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
                 _written(rank, path)
         except OSError as err:
             error = f"rank {rank} cannot write checkpoint file {path} (folder {tmp}): {err}"
-        reports = world.all_gather_object(rank, {"files": records, "groups": groups, "error": error}, everyone)
+        reports = world.all_gather_object(rank, {"files": records, "groups": groups, "stated": stated, "rank": rank,
+                                                 "error": error}, everyone)
         errors = [r["error"] for r in reports if r["error"]]
         status = None
         if rank == 0:
@@ -174,7 +177,7 @@ def _manifest(world: World, schedule: Any, model: StageSet, step: int | None, pl
         "aliases": plan.aliases, "ties": plan.ties, "names": plan.order,
         "optimizer": None if optimizer_class is None else {
             "class": optimizer_class,
-            "state": {plan.stored[i]: optimizer_file(w) for i, w in plan.optimizer_writer.items()},
+            "state": {n: optimizer_file(r["rank"]) for r in reports for n in r["stated"]},
             "groups": groups},
         "files": {n: rec for r in reports for n, rec in sorted(r["files"].items())},
     }
@@ -221,7 +224,7 @@ def load(path: str | Path, world: World, model: StageSet, optimizers: dict[int, 
             why = " | ".join(f"{f}: {'; '.join(p)}" for f, p in skipped)
             return {"error": f"no intact checkpoint in {path}: {why}"}
         mine = [et for st in model.of_rank(rank).values() for et in stage_entries(st)]
-        sources, problems = _match(mine, manifest, chosen, optimizers.get(rank))
+        sources, problems = _match(mine, manifest, optimizers.get(rank))
         gathered = world.all_gather_object(rank, (problems, sorted(set(sources.values()))), everyone)
         problems = sorted({p for ps, _ in gathered for p in ps})
         if strict and (unused := set(manifest["tensors"]) - {n for _, ns in gathered for n in ns}):
@@ -259,7 +262,7 @@ def _verify_share(folder: Path, manifest: dict[str, Any], rank: int, size: int) 
             and (p := files.verify(folder, name, rec)) is not None]
 
 
-def _match(mine: list[tuple[Entry, torch.Tensor]], manifest: dict[str, Any], folder: Path,
+def _match(mine: list[tuple[Entry, torch.Tensor]], manifest: dict[str, Any],
            opt: torch.optim.Optimizer | None) -> tuple[dict[str, str], list[str]]:
     """Where each of this rank's tensors comes from in the checkpoint, and what does not fit."""
     sources, problems = {}, []
