@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "PipelineError", "PeerError", "spawn", "__version__"]
+__all__ = ["CheckpointError", "Pipeline", "PipelineError", "PeerError", "load_full", "spawn", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,10 @@ def __getattr__(name: str):
         from stagewise.pipeline import Pipeline
 
         return Pipeline
+    if name in ("load_full", "CheckpointError"):
+        from stagewise.runtime import checkpoint
+
+        return getattr(checkpoint, name)
     if name in ("PipelineError", "PeerError", "spawn"):
         import stagewise.runtime as runtime
 

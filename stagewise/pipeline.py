@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,7 +113,6 @@ class Pipeline:
                                         max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
                                         scalers=self.loss_scalers)
         self.last_step: dict[str, Any] = {}  # the last step's loss, and what its parts reported (grad_norm, ...)
-        self._everyone = self.world.group(range(self.world.size))
         self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers,
                              self.loss_scalers)
         if show_partition and 0 in self.world.local_ranks:
@@ -207,28 +207,22 @@ class Pipeline:
         machine). With several processes this is a collective: call it on every rank."""
         return self.runner.trace()
 
-    def save_checkpoint(self, folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
-        """Write every stage's weights and optimizer state under `folder`, each file atomically (a temporary
-        name, then a rename). A collective: every rank of the first data replica writes its own stages."""
-        meta = None
-        if 0 in self.world.local_ranks:
-            meta = {"schedule": self.schedule.name, "devices": self.world.grid.pipeline,
-                    "microbatches": self.microbatches, "balance": self.balance,
-                    "placement": list(self.schedule.placement), **(extra or {})}
+    def save_checkpoint(self, folder: str | os.PathLike[str], step: int | None = None,
+                        extra: dict[str, Any] | None = None, keep: int | None = 3) -> Path:
+        """Write weights, optimizer state, every rank's RNG state and `extra` (e.g. the data position; state
+        dicts may hold tensors) as one checkpoint keyed by the unsplit model's names (a collective). With
+        `step`, `folder` is a root and the checkpoint is `folder/step-NNNNNNNN` (the newest `keep` are kept);
+        else `folder` itself. Atomic: nothing is visible until every rank's files are fsynced and rank 0 has
+        renamed the finished folder into place. Format: `stagewise.runtime.checkpoint`."""
+        return checkpoint.save(folder, self.world, self.model, self.optimizers, step=step, extra=extra, keep=keep)
 
-        def save(r: int) -> None:
-            stages = {s: (self.layer_ranges[s], st.module) for s, st in self.model.of_rank(r).items()}
-            if self.world.grid.coords(r)[1] == 0:  # replicas hold the same state: the first one writes it
-                checkpoint.save(folder, stages, {r: self.optimizers[r]} if r in self.optimizers else {},
-                                meta if r == 0 else None)
-            self.world.barrier(r, self._everyone)
-
-        self.world.run(save, "saving a checkpoint")
-
-    def load_checkpoint(self, folder: str | os.PathLike[str]) -> dict[str, Any]:
-        """Load what `save_checkpoint` wrote for this process's stages (same balance); returns meta.json."""
-        return checkpoint.load(folder, self.balance, {s: st.module for s, st in self.stages.items()},
-                               self.optimizers)
+    def load_checkpoint(self, folder: str | os.PathLike[str], fallback: bool = False,
+                        strict: bool = True) -> dict[str, Any]:
+        """Restore weights, optimizer state and RNG from a checkpoint folder or root (its newest), written by
+        any pipeline shape (P, schedule, balance, chunks, D). Files are verified first; a damaged checkpoint
+        is refused unless `fallback` (then the newest intact one is used, and said). Returns the manifest:
+        `step`, `extra`, `path` (what was loaded), `skipped` (damaged ones passed over)."""
+        return checkpoint.load(folder, self.world, self.model, self.optimizers, fallback=fallback, strict=strict)
 
     def peak_activation_bytes(self) -> dict[int, int]:
         """Peak saved-activation bytes per stage held by this process, since construction."""

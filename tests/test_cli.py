@@ -69,9 +69,10 @@ def test_train_writes_its_run_folder_and_learns(tmp_path):
     assert (run / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     trace = json.loads((run / "trace.json").read_text())
     assert len({e["pid"] for e in trace["traceEvents"] if e.get("ph") == "X"}) == 2  # measured and simulated
-    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
-    assert sum(meta["balance"]) == 6 and (run / "checkpoint" / "stage-000.pt").exists()
-    assert (run / "checkpoint" / "stage-001.pt").exists()
+    ckpt = run / "checkpoints" / "step-00000030"
+    meta = json.loads((ckpt / "manifest.json").read_text())
+    assert sum(meta["balance"]) == 6 and meta["step"] == 30 and meta["extra"]["data"]["next_batch"] == 30
+    assert (ckpt / "weights-rank00000.safetensors").exists() and (ckpt / "weights-rank00001.safetensors").exists()
 
 
 def test_bench_against_torch_on_a_tiny_model(tmp_path):
