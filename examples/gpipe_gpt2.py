@@ -77,7 +77,9 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     base = config(name)
-    cfg = config(name, vocab_size=tok.get_vocab_size(), n_positions=max(base.n_positions, args.seq_len))
+    # --full keeps GPT-2's own vocabulary size (124M parameters); the ids of the local tokenizer fit in it
+    vocab = max(tok.get_vocab_size(), base.vocab_size) if args.full else tok.get_vocab_size()
+    cfg = config(name, vocab_size=vocab, n_positions=max(base.n_positions, args.seq_len))
     layers = gpt2_layers(cfg)
     plain = copy.deepcopy(nn.Sequential(*layers)) if args.compare_plain else None
     print(f"{name}: {count_parameters(layers) / 1e6:.2f}M parameters (embedding and head tied), {len(layers)} layers, "

@@ -122,7 +122,10 @@ class ThreadedRun:
                                          for name, p in part.shared.items()}
             part.lane.catch_up()
         grad_mode = torch.is_grad_enabled() and self.graph
-        self.world.run(lambda d: self._walk(d, 0, grad_mode), "the forward")
+        try:
+            self.world.run(lambda d: self._walk(d, 0, grad_mode), "the forward")
+        finally:
+            self.inputs = []
         for part in self.parts:
             part.lane.settle()
         outs = [self.outputs.pop((self.last, n)) for n in range(self.schedule.microbatches)]
