@@ -428,3 +428,34 @@ def test_the_example_runs(tmp_path):
     assert "stage 3" in out and "GPipe:" in out and "plain module:" in out
     losses = [line.split("loss: ")[1] for line in out.splitlines() if "step: 2, loss" in line]
     assert len(losses) == 2 and losses[0] == losses[1]  # GPipe and the plain module agree
+
+
+class BadGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("bad gradient")
+
+
+class FailsBackward(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return BadGrad.apply(x)
+
+
+def test_a_failing_backward_is_named_and_autocast_reaches_the_workers():
+    model = GPipe([nn.Linear(4, 4), FailsBackward(), nn.Linear(4, 2)], [2, 1], devices=["cpu"] * 2, chunks=2,
+                  show_partition=False)
+    with pytest.raises(PipelineError, match=r"partition 0 \(device cpu\) failed at B\(stage 0, mb 0\): "
+                                            r"RuntimeError: bad gradient"):
+        model(torch.randn(4, 4)).sum().backward()
+    plain = mlp().float()
+    model = GPipe(copy.deepcopy(plain), [3, 4], devices=["cpu"] * 2, chunks=2, show_partition=False)
+    x = torch.randn(4, 8, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = model(x), plain(x)
+    assert out.dtype == ref.dtype == torch.bfloat16 and rel(out.float(), ref.float()) <= 2e-2
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

@@ -39,6 +39,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,7 @@ class ThreadedRun:
         self.replicas: list[dict[str, torch.Tensor]] = [{} for _ in self.parts]
         self.events: list[Event] = []
         self.backward_done = False
+        self.autocast: list[tuple[str, torch.dtype]] = []  # the caller's autocast, for the forward workers
         self.handlers: dict[str, Callable[[Action], None]] = {
             F: self._forward, SEND_F: self._send_activation, RECV_F: self._nothing,
             B: self._backward, SEND_B: self._send_grad, RECV_B: self._nothing, STEP: self._nothing,
@@ -122,6 +124,8 @@ class ThreadedRun:
                                          for name, p in part.shared.items()}
             part.lane.catch_up()
         grad_mode = torch.is_grad_enabled() and self.graph
+        self.autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cuda", "cpu")
+                         if torch.is_autocast_enabled(kind)]  # thread-local: handed to the workers
         try:
             self.world.run(lambda d: self._walk(d, 0, grad_mode), "the forward")
         finally:
@@ -184,7 +188,11 @@ class ThreadedRun:
     def _walk(self, device: int, phase: int, grad_mode: bool) -> None:
         part = self.parts[device]
         name = threading.current_thread().name
-        with part.lane.active(), torch.set_grad_enabled(grad_mode):
+        with ExitStack() as ambient:
+            ambient.enter_context(part.lane.active())
+            ambient.enter_context(torch.set_grad_enabled(grad_mode))
+            for kind, dtype in self.autocast if phase == 0 else ():
+                ambient.enter_context(torch.autocast(kind, dtype=dtype))
             for a in self.programs[device][phase]:
                 start = time.perf_counter()
                 try:
