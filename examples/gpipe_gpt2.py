@@ -87,34 +87,31 @@ def main() -> None:
 
     model = stagewise.GPipe(nn.Sequential(*layers), balance=balance, devices=devices, chunks=args.chunks,
                             checkpoint=args.checkpoint)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     first, last = model.devices[0], model.devices[-1]
-    took = []
+    runs = {"GPipe": (model, first, last)}
+    if plain is not None:  # trained step by step alongside, so both are timed under the same machine load
+        runs["plain module"] = (plain, torch.device("cpu"), torch.device("cpu"))
+    optimizers = {what: torch.optim.Adam(m.parameters(), lr=args.lr) for what, (m, _, _) in runs.items()}
+    took: dict[str, list[float]] = {what: [] for what in runs}
     for i, (input_ids, labels) in enumerate(steps):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        logits = model(input_ids.to(first))
-        loss = lm_loss(logits, labels.to(last))  # labels are already shifted; padding (-100) is not counted
-        loss.backward()
-        optimizer.step()
-        took.append(time.perf_counter() - start)
-        if i % args.log_every == 0 or i == len(steps) - 1:
-            print(f"step: {i}, loss: {loss.item():.4f}", flush=True)
-    report("GPipe", took)
-
-    if plain is not None:
-        optimizer = torch.optim.Adam(plain.parameters(), lr=args.lr)
-        took = []
-        for i, (input_ids, labels) in enumerate(steps):
+        for what, (m, to_first, to_last) in runs.items():
             start = time.perf_counter()
-            optimizer.zero_grad()
-            loss = lm_loss(plain(input_ids), labels)
+            optimizers[what].zero_grad()
+            logits = m(input_ids.to(to_first))
+            loss = lm_loss(logits, labels.to(to_last))  # labels are already shifted; padding (-100) is not counted
             loss.backward()
-            optimizer.step()
-            took.append(time.perf_counter() - start)
+            optimizers[what].step()
+            took[what].append(time.perf_counter() - start)
             if i % args.log_every == 0 or i == len(steps) - 1:
-                print(f"plain step: {i}, loss: {loss.item():.4f}", flush=True)
-        report("plain module", took)
+                name = "step" if what == "GPipe" else f"{what} step"
+                print(f"{name}: {i}, loss: {loss.item():.4f}", flush=True)
+    for what, times in took.items():
+        report(what, times)
+    if plain is not None:  # paired: the same step of both, under the same load
+        ratios = sorted(g / p for g, p in zip(took["GPipe"][1:], took["plain module"][1:]))
+        if ratios:
+            print(f"GPipe / plain module, per step: median {ratios[len(ratios) // 2]:.2f} "
+                  f"[{ratios[len(ratios) // 4]:.2f}-{ratios[3 * len(ratios) // 4]:.2f} interquartile]", flush=True)
 
 
 def report(what: str, took: list[float]) -> None:

@@ -15,6 +15,7 @@ and reproducible random numbers are in `stagewise.runtime.recompute`, device cop
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +26,11 @@ from stagewise.partition import PartitionError, PartitionTable, resolve_balance
 from stagewise.partition.profile import MEASURED, layer_facts
 from stagewise.runtime.batchnorm import DeferredBatchNorm
 from stagewise.runtime.copies import Lane
+from stagewise.runtime.host_memory import keep_freed_host_memory
 from stagewise.runtime.microbatch import batch_size
 from stagewise.runtime.recompute import CHECKPOINT_MODES, RandomStreams, checkpoint_stop
 from stagewise.runtime.threaded import Part, ThreadedRun, split_program, timeline
+from stagewise.runtime.workers import WorkerPool
 from stagewise.schedules import build, validate
 from stagewise.schedules.timeline import Event, Timeline
 
@@ -54,6 +57,9 @@ class GPipe(nn.Module):
         show_partition: print the partition table at construction (as `Pipeline` does).
         timeout: seconds a worker waits for another device's activation or gradient before every worker
             stops with an error.
+        keep_host_memory: with a CPU device, set glibc's malloc (process-wide) to keep freed memory, as
+            `Pipeline` does (`stagewise.runtime.host_memory`): calls then do not pay page faults for the
+            activations they allocate again and again.
 
     Semantics: `model(x)` in training mode with gradients enabled returns the output on the last device,
     carrying a graph; `backward()` from it runs the pipelined backward and leaves every parameter's
@@ -68,7 +74,7 @@ class GPipe(nn.Module):
     def __init__(self, module: nn.Sequential | Sequence[nn.Module], balance: Sequence[int] | str,
                  devices: Sequence[DeviceSpec] | None = None, chunks: int = 1, checkpoint: str = "except_last",
                  deferred_batch_norm: bool = False, sample: Any = None, *, show_partition: bool = True,
-                 timeout: float = 300.0):
+                 timeout: float = 300.0, keep_host_memory: bool = True):
         super().__init__()
         names, layers = _named_layers(module)
         if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
@@ -110,6 +116,9 @@ class GPipe(nn.Module):
         self._shared = _shared_parameters(parts)
         self._deferred = [m for m in self.modules() if isinstance(m, DeferredBatchNorm)]
         self._copy_streams: dict[torch.device, Any] = {}
+        self._pool: WorkerPool | None = None
+        self.keeps_host_memory = keep_host_memory and any(d.type == "cpu" for d in self.devices) and \
+            keep_freed_host_memory()
         self._last_events: list[Event] | None = None  # the last call's events (its backward adds its own)
         if show_partition:
             print(self.partition_table().format(), flush=True)
@@ -139,7 +148,7 @@ class GPipe(nn.Module):
         parts = [Part(j, p, Lane.of(d, self._copy_stream(d)), self._shared[j])
                  for j, (p, d) in enumerate(zip(self.partitions, self.devices))]
         run = ThreadedRun(parts, self.schedule, self._programs, checkpoint_stop(self.checkpoint, m) if graph else 0,
-                          self.timeout, streams, graph)
+                          self.timeout, streams, graph, self._workers())
         self._last_events = run.events
         return run.forward(input)
 
@@ -171,6 +180,15 @@ class GPipe(nn.Module):
     def cpu(self) -> GPipe:
         raise TypeError("GPipe places its partitions on their devices itself (devices=); it cannot be moved with "
                         ".cpu()")
+
+    def _workers(self) -> WorkerPool | None:
+        """The worker threads, one per device, started at the first call (none for a single device)."""
+        if len(self.devices) == 1:
+            return None
+        if self._pool is None or self._pool.broken:
+            self._pool = WorkerPool(len(self.devices), self.timeout)
+            weakref.finalize(self, self._pool.close)
+        return self._pool
 
     def _copy_stream(self, device: torch.device) -> Any:
         if device.type != "cuda":

@@ -231,7 +231,7 @@ def test_each_partition_runs_on_its_own_worker_thread_in_the_schedules_order():
     schedule = validate(build("gpipe", 4, 3))
     for d in range(4):
         mine = [e for e in events if e.device == d]
-        assert {e.extra["thread"] for e in mine} == {f"stagewise-rank-{d}"} != {main}
+        assert {e.extra["thread"] for e in mine} == {f"stagewise-gpipe-{d}"} != {main}
         assert [(e.op, e.stage, e.microbatch) for e in mine] == [
             (a.op, a.stage, a.microbatch) for a in schedule.compute_actions(d) if a.op in ("F", "B")]
 

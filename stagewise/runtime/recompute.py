@@ -16,11 +16,11 @@ taken from torch's default generator per call: the worker holds the generator of
 The recomputation seeds it again the same way, so it replays the same masks; and a run is
 reproducible under `torch.manual_seed`, whatever the thread timing.
 
-Holding the generator serialises the forwards of partitions that share it. So a partition's
-first micro-batch of each call also runs under a probe (a dispatch mode that notes any op
-torch tags `nondeterministic_seeded`); a partition that drew nothing there runs its other
-micro-batches without the lock. A partition on a GPU holds that GPU's generator only: random
-ops on the CPU inside a GPU partition are not made reproducible.
+Holding the generator serialises the forwards of partitions that share it. So after a
+partition's first micro-batch of each call the generator's state is compared with the seeded
+one: a partition that drew nothing there runs its other micro-batches without the lock (and
+without seeding). A partition on a GPU holds that GPU's generator only: random ops on the CPU
+inside a GPU partition are not made reproducible.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 CHECKPOINT_MODES = ("always", "except_last", "never")
 
@@ -78,19 +77,6 @@ def _lock(key: str) -> threading.RLock:
         return _locks.setdefault(key, threading.RLock())
 
 
-class _DrawProbe(TorchDispatchMode):
-    """Notes whether any random op ran under it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.drew = False
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if not self.drew and torch.Tag.nondeterministic_seeded in func.tags:
-            self.drew = True
-        return func(*args, **(kwargs or {}))
-
-
 class RandomStreams:
     """A seed per (partition, micro-batch) of one call, and whether each partition draws random numbers."""
 
@@ -113,13 +99,13 @@ class RandomStreams:
         with _lock(key):
             saved = gen.get_state()
             gen.manual_seed(self.seed_of(stage, microbatch))
+            seeded = gen.get_state() if probe else None
             try:
-                with (_DrawProbe() if probe else nullcontext()) as watch:
-                    yield
+                yield
+                if seeded is not None:  # the lock is held: only this forward can have moved the generator
+                    self.draws[stage] = not torch.equal(gen.get_state(), seeded)
             finally:
                 gen.set_state(saved)
-        if probe:
-            self.draws[stage] = watch.drew
 
 
 def partition_call(module: Callable[[Any], Any], stage: int, microbatch: int, device: torch.device,

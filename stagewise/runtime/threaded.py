@@ -5,7 +5,8 @@ inside `loss.backward()`.
 `GPipe` is called like a module instead: its call returns an output, user code makes a loss of
 it, and `loss.backward()` comes later. So a `ThreadedRun` (one call and its backward) walks the
 same lowered action lists as the executor, in two phases, each by one worker thread per
-device (a `LocalWorld`, whose failure policy ends every worker when one fails):
+device (a `WorkerPool`, whose failure policy ends every worker when one fails; with a single
+device, the calling thread):
 
 - at the call, every device walks the forward part of its list (F, SEND_F, RECV_F);
 - in the backward, every device walks the rest (RECV_B, B, SEND_B; STEP is the user's
@@ -53,7 +54,7 @@ from stagewise.runtime.errors import PeerError, PipelineError
 from stagewise.runtime.microbatch import scatter
 from stagewise.runtime.recompute import RandomStreams, partition_call
 from stagewise.runtime.stage import Pending
-from stagewise.runtime.world import Grid, LocalWorld
+from stagewise.runtime.workers import WorkerPool
 from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, B, F, I, W
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event, Timeline
@@ -87,11 +88,13 @@ class ThreadedRun:
     """One call of the model through the partitions, and the backward of its output."""
 
     def __init__(self, parts: Sequence[Part], schedule: Schedule, programs: list[tuple[list[Action], list[Action]]],
-                 checkpoint_stop: int, timeout: float, streams: RandomStreams | None, graph: bool):
+                 checkpoint_stop: int, timeout: float, streams: RandomStreams | None, graph: bool,
+                 pool: WorkerPool | None):
         self.parts, self.schedule, self.programs = list(parts), schedule, programs
         self.checkpoint_stop, self.timeout, self.streams, self.graph = checkpoint_stop, timeout, streams, graph
         self.last = len(self.parts) - 1
-        self.world = LocalWorld(Grid(len(self.parts)), timeout, [p.lane.device for p in self.parts])
+        self.pool = pool  # None: one device, run on the calling thread
+        self.aborted: str | None = None
         self.mail: dict[tuple[str, int, int], Parcel] = {}
         self.mail_ready = threading.Condition()
         self.inputs: list[Any] = []
@@ -127,7 +130,7 @@ class ThreadedRun:
         self.autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cuda", "cpu")
                          if torch.is_autocast_enabled(kind)]  # thread-local: handed to the workers
         try:
-            self.world.run(lambda d: self._walk(d, 0, grad_mode), "the forward")
+            self._run(lambda d: self._walk(d, 0, grad_mode), "the forward")
         finally:
             self.inputs = []
         for part in self.parts:
@@ -165,7 +168,7 @@ class ThreadedRun:
     def backward(self) -> list[torch.Tensor]:
         """Run every device's backward actions; the gradients of the input's tensors that require one
         (concatenated over the micro-batches)."""
-        self.world.run(lambda d: self._walk(d, 1, True), "the backward")
+        self._run(lambda d: self._walk(d, 1, True), "the backward")
         for part in self.parts:
             part.lane.settle()
         for part in self.parts:  # a replica's gradient joins its parameter's, partition by partition
@@ -184,6 +187,17 @@ class ThreadedRun:
             per_mb = [self.input_grads[n][i] for n in range(self.schedule.microbatches)]
             grads.append(torch.stack(per_mb).sum(0) if per_mb[0].dim() == 0 else torch.cat(per_mb))
         return grads
+
+    def _run(self, fn: Callable[[int], None], what: str) -> None:
+        if self.pool is None:
+            fn(0)
+        else:
+            self.pool.run(fn, what, self._abort)
+
+    def _abort(self, why: str) -> None:
+        with self.mail_ready:
+            self.aborted = why
+            self.mail_ready.notify_all()
 
     def _walk(self, device: int, phase: int, grad_mode: bool) -> None:
         part = self.parts[device]
@@ -218,8 +232,8 @@ class ThreadedRun:
         deadline = time.monotonic() + self.timeout
         with self.mail_ready:
             while key not in self.mail:
-                if self.world.hub.aborted:
-                    raise PeerError(self.world.hub.aborted)
+                if self.aborted:
+                    raise PeerError(self.aborted)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     kind, s, n = key
