@@ -459,3 +459,20 @@ def test_a_failing_backward_is_named_and_autocast_reaches_the_workers():
     assert out.dtype == ref.dtype == torch.bfloat16 and rel(out.float(), ref.float()) <= 2e-2
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+class Flat(nn.Module):
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return y.flatten(0, 1), y.sum(-1)  # (B*T, D) and (B, T): the slots split differently
+
+
+def test_output_tensors_with_their_own_first_dimension():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), Flat())
+    model = GPipe(copy.deepcopy(plain), [2, 2], devices=["cpu"] * 2, chunks=3, show_partition=False)
+    x = torch.randn(5, 7, 4)
+    (flat, summed), (ref_flat, ref_summed) = model(x), plain(x)
+    assert flat.shape == (35, 6) and rel(flat, ref_flat) <= TOL and rel(summed, ref_summed) <= TOL
+    (flat.square().sum() + summed.sin().sum()).backward()
+    (ref_flat.square().sum() + ref_summed.sin().sum()).backward()
+    assert grad_error(model, plain) <= TOL

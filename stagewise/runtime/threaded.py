@@ -58,7 +58,7 @@ from stagewise.runtime.workers import WorkerPool
 from stagewise.schedules.actions import RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, B, F, I, W
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event, Timeline
-from stagewise.tree import cut, flatten, map_tensors, tensors_of, unflatten
+from stagewise.tree import Spec, cut, flatten, map_tensors, tensors_of, unflatten
 
 BACKWARD_OPS = frozenset((B, I, W, RECV_B, SEND_B, STEP))
 
@@ -95,6 +95,7 @@ class ThreadedRun:
         self.last = len(self.parts) - 1
         self.pool = pool  # None: one device, run on the calling thread
         self.aborted: str | None = None
+        self.waited = threading.local()  # when the current action of this thread stopped waiting for a message
         self.mail: dict[tuple[str, int, int], Parcel] = {}
         self.mail_ready = threading.Condition()
         self.inputs: list[Any] = []
@@ -103,7 +104,7 @@ class ThreadedRun:
         self.grads: dict[tuple[int, int], list[torch.Tensor]] = {}  # (stage, mb) -> input gradients not yet sent
         self.output_grads: dict[int, list[torch.Tensor]] = {}  # mb -> gradients of the last stage's roots
         self.input_grads: dict[int, list[torch.Tensor]] = {}  # mb -> gradients of the first stage's input leaves
-        self.sizes: list[int] = []  # micro-batch sizes of the output
+        self.sizes: list[list[int]] = []  # per output tensor slot, the micro-batches' sizes along dim 0
         self.root_slots: list[int] = []  # the output's tensors (in flatten order) that carry a gradient
         self.replicas: list[dict[str, torch.Tensor]] = [{} for _ in self.parts]
         self.events: list[Event] = []
@@ -135,7 +136,18 @@ class ThreadedRun:
             self.inputs = []
         for part in self.parts:
             part.lane.settle()
-        outs = [self.outputs.pop((self.last, n)) for n in range(self.schedule.microbatches)]
+        spec, pieces = self._gather([self.outputs.pop((self.last, n)) for n in range(self.schedule.microbatches)])
+        leaves = [t for t in tensors_of(on_first) if t.requires_grad and t.is_floating_point()]
+        if not self.graph or not (self.root_slots or leaves):
+            return unflatten(spec, [torch.cat(p) for p in pieces])
+        token = torch.empty(0, dtype=torch.float32, requires_grad=True)
+        phony = _Input.apply(self, token, *leaves)
+        out = _Output.apply(self, phony, *(t for p in pieces for t in p))
+        return unflatten(spec, list(out))
+
+    def _gather(self, outs: list[Any]) -> tuple[Spec, list[list[torch.Tensor]]]:
+        """The last partition's outputs, checked to agree: their structure, and per tensor slot the micro-batches'
+        pieces (detached); notes each slot's micro-batch sizes and which slots carry a gradient."""
         flats = [flatten(o) for o in outs]
         spec = flats[0][1]
         for n, (tensors, s) in enumerate(flats):
@@ -143,27 +155,17 @@ class ThreadedRun:
                 raise PipelineError(f"partition {self.last} returned a different structure for micro-batch {n} "
                                     "than for micro-batch 0; every micro-batch must give the same structure",
                                     stage=self.last, microbatch=n)
-            for t in tensors:
-                if t.dim() == 0:
-                    raise PipelineError(f"partition {self.last} returned a 0-dimensional tensor; GPipe concatenates "
-                                        "the micro-batches' outputs along dim 0, so every output tensor needs a "
-                                        "batch dimension", stage=self.last, microbatch=n)
-        slots = len(flats[0][0])
-        roots = [i for i in range(slots) if flats[0][0][i].requires_grad]
-        for n, (tensors, _) in enumerate(flats):
-            if [i for i in range(slots) if tensors[i].requires_grad] != roots:
+            if any(t.dim() == 0 for t in tensors):
+                raise PipelineError(f"partition {self.last} returned a 0-dimensional tensor; GPipe concatenates "
+                                    "the micro-batches' outputs along dim 0, so every output tensor needs a "
+                                    "batch dimension", stage=self.last, microbatch=n)
+            if [t.requires_grad for t in tensors] != [t.requires_grad for t in flats[0][0]]:
                 raise PipelineError(f"partition {self.last}'s outputs that carry a gradient differ between micro-batch "
                                     f"0 and micro-batch {n}", stage=self.last, microbatch=n)
-        self.sizes = [len(tensors[0]) if tensors else 0 for tensors, _ in flats]
-        self.root_slots = roots
-        pieces = [t.detach() for i in range(slots) for t in (f[0][i] for f in flats)]
-        leaves = [t for t in tensors_of(on_first) if t.requires_grad and t.is_floating_point()]
-        if not self.graph or not (roots or leaves):
-            return unflatten(spec, [torch.cat(pieces[i * len(flats):(i + 1) * len(flats)]) for i in range(slots)])
-        token = torch.empty(0, dtype=torch.float32, requires_grad=True)
-        phony = _Input.apply(self, token, *leaves)
-        out = _Output.apply(self, phony, *pieces)
-        return unflatten(spec, list(out))
+        slots = range(len(flats[0][0]))
+        self.root_slots = [i for i in slots if flats[0][0][i].requires_grad]
+        self.sizes = [[len(tensors[i]) for tensors, _ in flats] for i in slots]
+        return spec, [[tensors[i].detach() for tensors, _ in flats] for i in slots]
 
     def backward(self) -> list[torch.Tensor]:
         """Run every device's backward actions; the gradients of the input's tensors that require one
@@ -209,6 +211,7 @@ class ThreadedRun:
                 ambient.enter_context(torch.autocast(kind, dtype=dtype))
             for a in self.programs[device][phase]:
                 start = time.perf_counter()
+                self.waited.until = None
                 try:
                     self.handlers[a.op](a)
                 except (PipelineError, PeerError):
@@ -218,8 +221,12 @@ class ThreadedRun:
                                         f"{type(err).__name__}: {err}", stage=a.stage, microbatch=a.microbatch,
                                         action=str(a), rank=device) from err
                 if a.op in (F, B):
+                    extra: dict[str, Any] = {"thread": name}
+                    if self.waited.until is not None:  # the event shows the computation alone, as the executor's
+                        extra["wait_s"] = self.waited.until - start
+                        start = self.waited.until
                     self.events.append(Event(device, start, time.perf_counter(), a.op, a.stage, a.microbatch,
-                                             extra={"thread": name}))
+                                             extra=extra))
 
     # ---- messages between workers ------------------------------------------------------------------
 
@@ -243,6 +250,7 @@ class ThreadedRun:
                                         "is legitimately long)", stage=s, microbatch=n)
                 self.mail_ready.wait(min(left, 0.05))
             parcel = self.mail.pop(key)
+        self.waited.until = time.perf_counter()
         return receive(parcel, lane)
 
     # ---- handlers ----------------------------------------------------------------------------------
@@ -333,7 +341,7 @@ class _Output(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, run: ThreadedRun, phony: torch.Tensor, *pieces: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.run = run
-        m = len(run.sizes)
+        m = len(run.sizes[0])
         outs = tuple(torch.cat(pieces[i:i + m]) for i in range(0, len(pieces), m))
         fixed = [t for i, t in enumerate(outs) if i not in run.root_slots]
         if fixed:
@@ -348,11 +356,11 @@ class _Output(torch.autograd.Function):
                                "backpropagated and freed (retain_graph is not supported); call the model again")
         last = run.parts[-1].lane
         last.catch_up()
-        m = len(run.sizes)
+        m = len(run.sizes[0])
         per_slot = {}
         for i in run.root_slots:
             g = grads[i]
-            per_slot[i] = g.split(run.sizes) if g is not None else None
+            per_slot[i] = g.split(run.sizes[i]) if g is not None else None
         for n in range(m):
             roots = run.pending[(run.last, n)].roots
             run.output_grads[n] = [per_slot[i][n] if per_slot[i] is not None else torch.zeros_like(r)
