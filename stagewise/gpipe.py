@@ -181,6 +181,12 @@ class GPipe(nn.Module):
         raise TypeError("GPipe places its partitions on their devices itself (devices=); it cannot be moved with "
                         ".cpu()")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For copy.deepcopy and pickle: without the worker threads and streams (a copy starts its own)."""
+        state = dict(self.__dict__)
+        state.update(_pool=None, _copy_streams={}, _last_events=None)
+        return state
+
     def _workers(self) -> WorkerPool | None:
         """The worker threads, one per device, started at the first call (none for a single device)."""
         if len(self.devices) == 1:

@@ -413,6 +413,9 @@ def test_the_plain_modules_state_dict_and_names():
     x = torch.randn(4, 8)
     assert rel(model(x), plain(x)) <= TOL
     assert isinstance(stagewise.GPipe, type) and len(model.partitions) == 4
+    model(x).sum().backward()
+    twin = copy.deepcopy(model)  # its own workers; the same weights, the partitions still on their devices
+    assert twin.partitions[2][0] is twin.get_submodule("4") and rel(twin(x), plain(x)) <= TOL
 
 
 def test_the_example_runs(tmp_path):

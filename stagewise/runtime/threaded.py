@@ -265,8 +265,11 @@ class ThreadedRun:
         x = cut(x, keep_grad=torch.is_grad_enabled())
         module: Callable[[Any], Any] = part.module
         if self.replicas[s]:
-            replicas, layers = self.replicas[s], part.module
-            module = lambda inp: functional_call(layers, replicas, (inp,))  # noqa: E731
+            replicas = self.replicas[s]
+
+            def module(inp: Any) -> Any:  # the partition with its shared parameters replaced by their replicas
+                return functional_call(part.module, replicas, (inp,))
+
         run = partition_call(module, s, n, part.lane.device, self.streams)
         if torch.is_grad_enabled() and n < self.checkpoint_stop:
             # the random numbers are handled by `run` itself (see stagewise.runtime.recompute)
@@ -300,7 +303,6 @@ class ThreadedRun:
     def _send_grad(self, a: Action) -> None:
         s, n = a.stage, a.microbatch
         self._post(("B", s - 1, n), send(self.grads.pop((s, n)), self.parts[s].lane, self.parts[s - 1].lane))
-
 
 
 def timeline(events: list[Event], schedule: Schedule) -> Timeline:
