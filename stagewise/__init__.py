@@ -2,11 +2,15 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "Pipeline", "PipelineError", "PeerError", "load_full", "spawn", "__version__"]
+__all__ = ["CheckpointError", "GPipe", "Pipeline", "PipelineError", "PeerError", "load_full", "spawn", "__version__"]
 
 
 def __getattr__(name: str):
     # torch is imported only when the runtime is used, so `stagewise simulate` starts fast.
+    if name == "GPipe":
+        from stagewise.gpipe import GPipe
+
+        return GPipe
     if name == "Pipeline":
         from stagewise.pipeline import Pipeline
 
