@@ -33,6 +33,15 @@ class StepRunner(Protocol):
     def reduce(self, action: Action) -> None: ...
 
 
+class Watch(Protocol):
+    """Called around every action (see `stagewise.runtime.guards.RankWatch`): `begin` before it runs, `end` after
+    it ran, with the run-state holding what it produced; an exception from either fails the action."""
+
+    def begin(self, action: Action) -> None: ...
+
+    def end(self, action: Action, state: RunState) -> None: ...
+
+
 @dataclass
 class RunResult:
     """One pass over a device's program.
@@ -86,11 +95,12 @@ class Executor:
     """Runs device `device`'s program of a lowered schedule over its `stages` (stage index -> Stage)."""
 
     def __init__(self, schedule: Schedule, device: int, stages: dict[int, Stage], transport: Transport,
-                 loss_fn: LossFn | None, step: StepRunner | None = None, rank: int | None = None):
+                 loss_fn: LossFn | None, step: StepRunner | None = None, rank: int | None = None,
+                 watch: Watch | None = None):
         if not schedule.lowered:
             raise ValueError("the executor runs lowered schedules (see stagewise.schedules.validate / lower)")
         self.schedule, self.device, self.stages, self.transport = schedule, device, stages, transport
-        self.loss_fn, self.step = loss_fn, step
+        self.loss_fn, self.step, self.watch = loss_fn, step, watch
         self.rank = device if rank is None else rank
         self.program = schedule.actions[device]
         self.last = schedule.num_stages - 1
@@ -139,7 +149,11 @@ class Executor:
         """Run one action through its handler and record its event; errors name the action."""
         timing = _Timing(time.perf_counter(), dict(extra or {}))
         try:
+            if self.watch is not None:
+                self.watch.begin(a)
             self.handlers[a.op](a, st, timing)
+            if self.watch is not None:
+                self.watch.end(a, st)
         except (PipelineError, PeerError):
             raise
         except TransportTimeout as err:
