@@ -7,6 +7,19 @@ import json
 import os
 import sys
 
+from stagewise.cli_options import (
+    MODELS,
+    PARTITION_HELP,
+    check_train,
+    existing_path,
+    nonnegative_int,
+    partition_spec,
+    port,
+    positive_float,
+    positive_int,
+    schedule_spec,
+    writable_folder,
+)
 from stagewise.schedules import SCHEDULES, Costs, ScheduleError, build, load, save, simulate, validate
 from stagewise.schedules.registry import names
 
@@ -67,10 +80,8 @@ def _parent(path: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """`stagewise run -n P script.py ...`: torchrun on this machine, one process per pipeline device."""
-    from torch.distributed import run as torchrun
+    from stagewise.runtime import status
 
-    if not args.script:
-        raise SystemExit("stagewise run: give the script to run, e.g. `stagewise run -n 2 train.py`")
     if args.nnodes > 1:  # several machines (or launcher invocations): a static rendezvous at the master's address
         argv = ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank), "--master_addr", args.master_addr,
                 "--master_port", str(args.master_port), "--nproc_per_node", str(args.nproc)]
@@ -78,19 +89,15 @@ def _run(args: argparse.Namespace) -> int:
         argv = ["--standalone", "--nproc_per_node", str(args.nproc)]
     if args.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    torchrun.main(argv + [args.script, *args.script_args])
-    return 0
+    first = args.node_rank * args.nproc
+    return status.launch(argv + [args.script, *args.script_args], range(first, first + args.nproc))
 
 
-def _positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _check_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.script:
+        parser.error("give the script to run, e.g. `stagewise run -n 2 train.py`")
+    if args.node_rank >= args.nnodes:
+        parser.error(f"argument --node-rank: must be below --nnodes ({args.nnodes}), got {args.node_rank}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -101,12 +108,12 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if "RANK" not in os.environ and cfg.stages * cfg.dp > 1:
-        from torch.distributed import run as torchrun
+        from stagewise.runtime import status
 
         os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.stages)))
         n = cfg.stages * cfg.dp
-        torchrun.main(["--standalone", "--nproc_per_node", str(n), "-m", "stagewise.cli", *sys.argv[1:]])
-        return 0
+        return status.launch(["--standalone", "--nproc_per_node", str(n), "-m", "stagewise.cli", *sys.argv[1:]],
+                             range(n))
     train(cfg)
     return 0
 
@@ -193,63 +200,74 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--width", type=int, default=100, help="text timeline width in columns")
     sim.set_defaults(func=_simulate)
 
-    run = sub.add_parser("run", help="launch a script on P local processes (a thin torchrun)")
-    run.add_argument("-n", "--nproc", type=_positive, default=2,
-                     help="processes on this node (pipeline devices x data replicas; default %(default)s)")
-    run.add_argument("--nnodes", type=_positive, default=1, help="machines (launcher invocations) in the job")
-    run.add_argument("--node-rank", dest="node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
+    run = sub.add_parser("run", help="launch a script on P local processes (a thin torchrun)", formatter_class=defaults)
+    run.add_argument("-n", "--nproc", type=positive_int, default=2,
+                     help="processes on this node (pipeline devices x data replicas)")
+    run.add_argument("--nnodes", type=positive_int, default=1, help="machines (launcher invocations) in the job")
+    run.add_argument("--node-rank", dest="node_rank", type=nonnegative_int, default=0,
+                     help="this machine's index, 0..nnodes-1")
     run.add_argument("--master-addr", dest="master_addr", default="127.0.0.1", help="node 0's address")
-    run.add_argument("--master-port", dest="master_port", type=int, default=29500, help="a free port on node 0")
-    run.add_argument("--threads", type=int, default=None, help="intra-op threads per process (OMP_NUM_THREADS)")
-    run.add_argument("script", nargs="?", help="the Python script every rank runs")
+    run.add_argument("--master-port", dest="master_port", type=port, default=29500, help="a free port on node 0")
+    run.add_argument("--threads", type=positive_int, default=None,
+                     help="intra-op threads per process (OMP_NUM_THREADS)")
+    run.add_argument("script", nargs="?", type=existing_path, help="the Python script every rank runs")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run, check=lambda a: _check_run(run, a))
 
-    pa = sub.add_parser("partition", help="print how a built-in GPT-2 is cut into stages (no training)")
-    pa.add_argument("--model", default="gpt2", help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
-    pa.add_argument("--stages", type=int, default=4, help="pipeline devices")
-    pa.add_argument("--method", default="type:GPT2Block",
-                    help="uniform, parameters, type:REGEX, time, memory, auto, or counts like 4,3,3,4")
-    pa.add_argument("--schedule", default="1f1b",
-                    help=f"the schedule, one of {names()} (memory and auto depend on it; default %(default)s)")
-    pa.add_argument("--microbatches", type=int, default=8)
-    pa.add_argument("--chunks", type=int, default=None)
-    pa.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="for measured methods")
-    pa.add_argument("--seq-len", dest="seq_len", type=int, default=128, help="for measured methods")
-    pa.add_argument("--vocab-size", dest="vocab_size", type=int, default=None)
-    pa.add_argument("--memory-limit", dest="memory_limit", type=float, default=None, help="GiB per device")
+    pa = sub.add_parser("partition", help="print how a built-in GPT-2 is cut into stages (no training)",
+                        formatter_class=defaults)
+    pa.add_argument("--model", default="gpt2", choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
+    pa.add_argument("--stages", type=positive_int, default=4, help="pipeline devices")
+    pa.add_argument("--method", type=partition_spec, default="type:GPT2Block", help=PARTITION_HELP)
+    pa.add_argument("--schedule", type=schedule_spec, default="1f1b", metavar="NAME",
+                    help=f"the schedule (memory and auto depend on it), one of: {names()}")
+    pa.add_argument("--microbatches", type=positive_int, default=8, help="micro-batches per batch")
+    pa.add_argument("--chunks", type=positive_int, default=None, help="virtual stages per device")
+    pa.add_argument("--batch-size", dest="batch_size", type=positive_int, default=16, help="for measured methods")
+    pa.add_argument("--seq-len", dest="seq_len", type=positive_int, default=128, help="for measured methods")
+    pa.add_argument("--vocab-size", dest="vocab_size", type=positive_int, default=None, help="the model's by default")
+    pa.add_argument("--memory-limit", dest="memory_limit", type=positive_float, default=None, help="GiB per device")
     pa.add_argument("--json", action="store_true", help="print one JSON object")
     pa.set_defaults(func=_partition)
 
     from stagewise.train import TrainConfig
 
     d = TrainConfig()
-    tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)")
-    tr.add_argument("--stages", type=int, default=d.stages, help="pipeline devices (processes)")
-    tr.add_argument("--dp", type=_positive, default=d.dp,
-                    help="data-parallel replicas of the pipeline: stages x dp processes (default %(default)s)")
-    tr.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None,
+    tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)",
+                        formatter_class=defaults, description="Every option is checked before anything starts.")
+    tr.add_argument("--stages", type=positive_int, default=d.stages, help="pipeline devices (processes)")
+    tr.add_argument("--dp", type=positive_int, default=d.dp,
+                    help="data-parallel replicas of the pipeline: stages x dp processes")
+    tr.add_argument("--max-grad-norm", dest="max_grad_norm", type=positive_float, default=None,
                     help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
-    tr.add_argument("--schedule", default=d.schedule, help=f"one of {names()} (default %(default)s)")
-    tr.add_argument("--microbatches", type=int, default=d.microbatches)
-    tr.add_argument("--steps", type=int, default=d.steps)
-    tr.add_argument("--model", default=d.model, help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
+    tr.add_argument("--schedule", type=schedule_spec, default=d.schedule, metavar="NAME",
+                    help=f"one of: {names()}; or a schedule file (.csv)")
+    tr.add_argument("--microbatches", type=positive_int, default=d.microbatches, help="micro-batches per batch")
+    tr.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps")
+    tr.add_argument("--model", default=d.model, choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
     tr.add_argument("--pretrained", default=None, help="Hugging Face GPT-2 weights (name or local folder)")
-    tr.add_argument("--data", default=None, help="a text file or folder (default: the built-in corpus)")
-    tr.add_argument("--dataset", default=None, help="'squad': SQuAD contexts via Hugging Face datasets")
-    tr.add_argument("--seq-len", dest="seq_len", type=int, default=d.seq_len)
-    tr.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size)
-    tr.add_argument("--lr", type=float, default=d.lr)
-    tr.add_argument("--partition", default=d.partition, help="uniform, parameters, type:REGEX, or counts 4,3,3,4")
-    tr.add_argument("--chunks", type=int, default=None, help="virtual stages per device (interleaved, zbv)")
-    tr.add_argument("--vocab-size", dest="vocab_size", type=int, default=d.vocab_size)
-    tr.add_argument("--out", default=d.out, help="run folder")
-    tr.add_argument("--seed", type=int, default=d.seed)
-    tr.add_argument("--log-every", dest="log_every", type=int, default=d.log_every)
-    tr.add_argument("--trace-step", dest="trace_step", type=int, default=d.trace_step)
-    tr.add_argument("--timeout", type=float, default=d.timeout, help="seconds any wait on another stage may take")
-    tr.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
-    tr.set_defaults(func=_train)
+    tr.add_argument("--data", type=existing_path, default=None,
+                    help="a text file or folder; none: the built-in corpus")
+    tr.add_argument("--dataset", default=None, choices=["squad"], help="SQuAD contexts via Hugging Face datasets")
+    tr.add_argument("--seq-len", dest="seq_len", type=positive_int, default=d.seq_len, help="tokens per sample")
+    tr.add_argument("--batch-size", dest="batch_size", type=positive_int, default=d.batch_size,
+                    help="samples per batch (at least dp x microbatches)")
+    tr.add_argument("--lr", type=positive_float, default=d.lr, help="AdamW learning rate")
+    tr.add_argument("--partition", type=partition_spec, default=d.partition, help=PARTITION_HELP)
+    tr.add_argument("--chunks", type=positive_int, default=None,
+                    help="virtual stages per device (interleaved, looped-bfs, zbv, v-half, v-min, dualpipev)")
+    tr.add_argument("--vocab-size", dest="vocab_size", type=positive_int, default=d.vocab_size,
+                    help="tokenizer vocabulary (trained on the corpus)")
+    tr.add_argument("--out", type=writable_folder, default=d.out, help="run folder")
+    tr.add_argument("--seed", type=int, default=d.seed, help="model and data order")
+    tr.add_argument("--log-every", dest="log_every", type=positive_int, default=d.log_every, help="steps per log line")
+    tr.add_argument("--trace-step", dest="trace_step", type=positive_int, default=d.trace_step,
+                    help="the step whose timeline is drawn")
+    tr.add_argument("--timeout", type=positive_float, default=d.timeout,
+                    help="seconds any wait on another stage may take")
+    tr.add_argument("--threads", type=positive_int, default=None, help="intra-op threads per process")
+    tr.set_defaults(func=_train, check=lambda a: check_train(tr, a))
     # Every option goes to the benchmark script unparsed (`stagewise bench --help` shows its own help).
     be = sub.add_parser("bench", help="benchmark against torch.distributed.pipelining (see `stagewise bench --help`)",
                         prefix_chars="+", add_help=False)
@@ -261,10 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("partition", "method"):
-        value = getattr(args, name, None)
-        if isinstance(value, str) and "," in value:
-            setattr(args, name, [int(x) for x in value.split(",")])
+    if getattr(args, "check", None) is not None:  # what depends on several options, before anything starts
+        args.check(args)
     try:
         return args.func(args)
     except (ScheduleError, ValueError) as err:

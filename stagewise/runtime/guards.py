@@ -89,12 +89,16 @@ def _sample(t: torch.Tensor) -> list[Any]:
 def fingerprint(batch: Any, call: str, settings: str) -> dict[str, str]:
     """What ranks must agree on before a step, as short texts (see the module's notes)."""
     fields = {"call": call, "settings": settings}
-    if batch is not None:
-        tensors, spec = flatten(batch)
+    if batch is None:
+        return fields
+    parts = {"inputs": batch[0], "labels": batch[1]} if isinstance(batch, tuple | list) and len(batch) == 2 else \
+        {"batch": batch}
+    for name, tree in parts.items():
+        tensors, spec = flatten(tree)
         riders = [repr(x)[:60] for x in spec.leaves if not isinstance(x, TensorSlot)]
-        fields["structure"] = f"{spec.treespec}" + (f" with values {riders}" if riders else "")
-        fields["shapes"] = describe(spec)
-        fields["data sample"] = "; ".join(str(_sample(t)) for t in tensors)
+        fields[f"{name} structure"] = f"{spec.treespec}" + (f" with values {riders}" if riders else "")
+        fields[f"{name} shapes"] = describe(spec)
+        fields[f"{name} sample"] = "; ".join(str(_sample(t)) for t in tensors)
     return fields
 
 
@@ -122,9 +126,10 @@ def disagreement(every: dict[int, dict[str, str]]) -> str:
             values.setdefault(every[r].get(k), []).append(r)
         shown = "; ".join(f"{_ranks(rs)}: {str(v)[:160]}" for v, rs in values.items())
         details.append(f"{k} ({shown})")
-    return (f"the ranks were not given the same batch: {_ranks(others)} disagree with {_ranks(reference)} on "
-            f"{'; '.join(details)}. Every rank must call the same method with the same batch and the same Pipeline "
-            f"settings; stagewise compares the settings, the call, the batch's structure, shapes and dtypes and "
+    verb = "disagrees" if len(others) == 1 else "disagree"
+    return (f"the ranks disagree before the step: {_ranks(others)} {verb} with {_ranks(reference)} on "
+            f"{'; '.join(details)}. Every rank must construct the same Pipeline and call the same method with the "
+            f"same batch; stagewise compares the settings, the call, and the batch's structure, shapes, dtypes and "
             f"{SAMPLES} sampled elements per tensor before each step")
 
 
@@ -170,7 +175,8 @@ class RankWatch:
 
     def __init__(self, rank: int, stages: dict[int, Stage], last_stage: int, status: RankStatus | None):
         self.rank, self.stages, self.last, self.status = rank, stages, last_stage, status
-        self.sums: dict[tuple[int, int, str], torch.Tensor] = {}  # (stage, mb, what) -> sum, until the step
+        self.sums: dict[tuple[int, int, str], torch.Tensor] = {}  # (stage, mb, what) -> sum
+        self.fresh: set[tuple[int, int, str]] = set()  # kept since the last `take`
         self.step = 0
         if status is not None:
             status.prefix = f"stage {', '.join(map(str, sorted(stages)))} (rank {rank}): "
@@ -200,10 +206,22 @@ class RankWatch:
             key = (s, n, what)
             old = self.sums.get(key)  # accumulating calls (step=False) meet the same micro-batch again
             self.sums[key] = total if old is None else old + total
+            self.fresh.add(key)
 
-    def take(self) -> dict[tuple[int, int, str], torch.Tensor]:
-        sums, self.sums = self.sums, {}
-        return sums
+    def take(self, keep: bool) -> tuple[dict[tuple[int, int, str], torch.Tensor], set[tuple[int, int, str]]]:
+        """(every sum kept, the keys kept since the last take). A synchronous step takes them all; an unflushed
+        run (steps per micro-batch) keeps them for later steps, as far back as micro-batches can be in flight."""
+        sums, fresh = self.sums, self.fresh
+        self.fresh = set()
+        if not keep:
+            self.sums = {}
+        elif sums:
+            newest = max(n for _, n, _ in sums)
+            self.sums = {k: v for k, v in sums.items() if k[1] >= newest - 4 * (self.last + 1)}
+        return sums, fresh
+
+    def clear(self) -> None:
+        self.sums, self.fresh = {}, set()
 
     def _none(self, a: Action) -> PipelineError:
         stage = self.stages[a.stage]
@@ -230,10 +248,10 @@ class NonFiniteGuard(StepPart):
         self.asynchronous = asynchronous
 
     def __call__(self, ctx: StepContext) -> None:
-        sums = self.watches[ctx.rank].take()
+        sums, fresh = self.watches[ctx.rank].take(keep=self.asynchronous)
         grads = [p.grad for p in self.model.owned[ctx.rank] if p.grad is not None]
         norm = ctx.report.get("grad_norm")  # measured by ClipGradNorm over every stage: the gradients are known
-        checked = [v for (_, _, what), v in sums.items() if what == "loss"]
+        checked = [v for k, v in sums.items() if k[2] == "loss" and k in fresh]
         if norm is None:
             total = _total(grads)
             checked += [total] if total is not None else []

@@ -53,8 +53,8 @@ def _not_joined(err: BaseException, timeout: float) -> str | None:
     keys = re.search(r"wait timeout after \d+ms, keys: (.*)", text)
     if joined:  # rank 0 serves the store and counts the processes that connected
         n = int(joined.group(1))
-        who = (f"ranks {', '.join(map(str, range(1, size)))}" if n == 1 else f"{size - n} of ranks 1..{size - 1}")
-        what = f"only {n} of {size} processes joined; {who} did not"
+        who = "rank 1" if size == 2 else f"ranks 1..{size - 1}" if n == 1 else f"{size - n} of ranks 1..{size - 1}"
+        what = f"only {n} of {size} processes joined; {who} did not join"
     elif keys:  # every rank publishes its address under a key ending in its rank
         missing = sorted({int(k) for k in re.findall(r"/(\d+)(?=\s|,|$)", keys.group(1))})
         what = f"rank(s) {', '.join(map(str, missing)) or '?'} did not join"

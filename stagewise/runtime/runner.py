@@ -104,6 +104,8 @@ class Runner:
         self.steps += 1
         for watch in self.watches.values():
             watch.step = self.steps
+            if self.schedule.asynchronous:  # each run is a program of its own; a synchronous step may accumulate
+                watch.clear()
 
         def on_rank(rank: int) -> tuple[RunResult, torch.Tensor]:
             self.check.agree(rank, fields)

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,22 +80,25 @@ def _ending(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-def explain(failures: dict[int, Any], statuses: dict[int, str], first: int | None = None) -> str:
-    """One line per rank: how it ended (`failures`: rank -> torchrun's ProcessFailure) and where it was."""
+def explain(failures: dict[int, Any], statuses: dict[int, str], first: int | None = None,
+            ranks: Sequence[int] = ()) -> str:
+    """One line per rank (`ranks`, and any that failed or left a status): how it ended (`failures`: rank ->
+    torchrun's ProcessFailure) and where it was."""
     lines = ["stagewise: the job failed; each rank's last status:"]
-    for rank in sorted(set(failures) | set(statuses)):
+    for rank in sorted(set(ranks) | set(failures) | set(statuses)):
         failure = failures.get(rank)
-        how = _ending(getattr(failure, "exitcode", None)) if failure is not None else "did not fail"
+        how = _ending(getattr(failure, "exitcode", None)) if failure is not None else "exited with code 0"
         where = statuses.get(rank)
         if where is None:
-            where = "no status: it never reached the Pipeline (it failed or exited before building it)"
+            where = "none: it never reached the Pipeline (it failed or exited before constructing it)"
         mark = "  <- first failure" if rank == first else ""
         lines.append(f"  rank {rank} {how}; last status: {where}{mark}")
     return "\n".join(lines)
 
 
-def launch(argv: list[str]) -> int:
-    """`torchrun.main(argv)` with a status folder; on failure print where every rank was. Returns the exit code."""
+def launch(argv: list[str], ranks: Sequence[int] = ()) -> int:
+    """`torchrun.main(argv)` with a status folder; on failure print where every rank was (`ranks`: those this
+    node starts). Returns the exit code."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -105,7 +109,7 @@ def launch(argv: list[str]) -> int:
             torchrun.main(argv)
         except ChildFailedError as err:
             first = err.get_first_failure()[0] if err.failures else None
-            print(f"{err}\n{explain(err.failures, read(folder), first)}", file=sys.stderr, flush=True)
+            print(f"{err}\n{explain(err.failures, read(folder), first, ranks)}", file=sys.stderr, flush=True)
             return 1
         finally:
             if previous is None:

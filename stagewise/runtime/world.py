@@ -357,7 +357,12 @@ class DistWorld(World):
         self.status = for_rank(int(os.environ.get("RANK", "0")))
         if self.status is not None:
             self.status.set("joining the process group (constructing the Pipeline)")
-        self.rank, size = launch.init_from_env(timeout, backend)
+        try:
+            self.rank, size = launch.init_from_env(timeout, backend)
+        except Exception as err:
+            if self.status is not None:
+                self.status.set(f"failed: {err}")
+            raise
         if self.status is not None:
             self.status.set("constructing the Pipeline")
         if data < 1 or size % data:
