@@ -140,17 +140,17 @@ def mismatch(rank: int, world: int, what: str) -> str:
 
 
 def nonfinite(rank: int, world: int, policy: str) -> dict:
-    """A NaN in stage 1's output for micro-batch 2 (2 ranks)."""
+    """A NaN in stage 0's output for micro-batch 2 (2 ranks)."""
     from stagewise import Pipeline
 
-    pipe = Pipeline(layers(Counted(2, "nan")), mse, microbatches=4, partition=[3, 4], timeout=10,
+    pipe = Pipeline(layers(Counted(2, "nan")), mse, microbatches=4, partition=[4, 3], timeout=10,
                     show_partition=False, on_nonfinite=policy, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
     before = [p.detach().clone() for p in pipe.parameters()]
     loss = pipe.train_step(batch(8))
     unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, pipe.parameters()))
+    skipped = pipe.last_step.get("skipped")
     finite = pipe.train_step(batch(8)).item()
-    return {"loss": loss.item(), "unchanged": unchanged, "skipped": pipe.last_step.get("skipped"), "next": finite,
-            "first_skipped": unchanged}
+    return {"loss": loss.item(), "unchanged": unchanged, "skipped": skipped, "next": finite}
 
 
 def early_exit(rank: int, world: int, who: int) -> str:

@@ -179,7 +179,9 @@ def test_nan_in_an_accumulating_call_is_named_at_the_step():
 
 def test_nan_under_an_asynchronous_schedule_raises():
     p = pipe(Counted(2, "nan"), schedule="pipedream", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
-    raises(r"non-finite .*stage 0's output for micro-batch 2", p.train, iter([batch(8)] * 2), 2)
+    # each rank decides alone here: the first to stop names what it saw (its own stage's output, or the loss)
+    raises(r"non-finite .*(stage 0's output for micro-batch 2|the loss of micro-batch 2)", p.train,
+           iter([batch(8)] * 2), 2)
 
 
 def test_eval_returns_a_nan_loss_without_stopping():
@@ -431,12 +433,12 @@ def test_ranks_that_disagree_are_refused_naming_what_differs(what, pattern):
 def test_nan_under_processes(policy):
     if policy == "raise":
         errors = _spawn_fails(nonfinite, 2, ("raise",), 60)
-        _both(errors, r"non-finite .*stage 1's output for micro-batch 2 \(rank 1")
+        _both(errors, r"non-finite .*stage 0's output for micro-batch 2 \(rank 0")
         return
     with within(60):
         results = spawn(nonfinite, 2, args=("skip",), timeout=120)
     for r in results:
-        assert r["unchanged"] and "stage 1's output for micro-batch 2" in r["skipped"]
+        assert r["unchanged"] and "stage 0's output for micro-batch 2" in r["skipped"]
         assert r["next"] == results[0]["next"] and math.isfinite(r["next"])  # the next step ran, alike everywhere
 
 

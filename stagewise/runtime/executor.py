@@ -312,7 +312,17 @@ class Executor:
         return f"{where}: {cause}"
 
     def _check_signature(self, st: RunState, s: int, n: int, out: Any) -> None:
-        """Micro-batches of one batch must agree on every dimension but the batch one (batches may differ)."""
+        """Micro-batches of one batch must agree on every dimension but the batch one (batches may differ); None
+        is refused on the stage that returned it (the next stage would fail on it, and be blamed)."""
+        if out is None:
+            layers = list(self.stages[s].module)
+            last = f"layer {self.stages[s].layer_offset + len(layers) - 1} ({type(layers[-1]).__name__})" if layers \
+                else "none"
+            raise PipelineError(f"stage {s} (rank {self.rank}) returned None at F(stage {s}, mb {n}): its last layer, "
+                                f"{last}, returned None, so stage {s + 1} would have nothing to work on. Every stage "
+                                "but the last must return its output (a tensor, or a tuple, list or dict of tensors); "
+                                "check that layer's forward for a missing `return`", stage=s, microbatch=n,
+                                action=f"F(stage {s}, mb {n})", rank=self.rank)
         spec = flatten(out)[1]
         shape = shape_key(spec)
         key = (s, n // self.schedule.batch_microbatches)

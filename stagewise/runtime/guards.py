@@ -12,8 +12,7 @@
   ranks that disagree and what differs. Threads of one process share the batch object, so the
   check runs only when some ranks live in other processes.
 - `RankWatch`: called by the executor around each action. It records where the rank is (the
-  launcher's status file, `stagewise.runtime.status`), refuses a stage output of `None` on the
-  stage that returned it (not on the next one, which would fail on it), and keeps, for each
+  launcher's status file, `stagewise.runtime.status`) and keeps, for each
   (stage, micro-batch), a 0-dim sum of the forward outputs that carry a gradient, of the loss and
   of the input gradients the backward sends back. A sum is finite exactly when every summed value
   is (up to an overflow of the sum itself, at 3e38 in float32), costs one read of the tensor
@@ -192,11 +191,8 @@ class RankWatch:
                 if st.train:
                     self._keep(s, n, "loss", [st.losses[n]])
                 return
-            out = st.outputs.get((s, n))
-            if out is None:
-                raise self._none(a)
             if st.train:
-                self._keep(s, n, "output", [t for t in flatten(out)[0] if t.requires_grad])
+                self._keep(s, n, "output", [t for t in flatten(st.outputs.get((s, n)))[0] if t.requires_grad])
         elif a.op in (B, I) and st.train and s > 0:
             self._keep(s, n, "input gradient", [g for g in st.grad_in.get((s, n)) or () if g is not None])
 
@@ -222,16 +218,6 @@ class RankWatch:
 
     def clear(self) -> None:
         self.sums, self.fresh = {}, set()
-
-    def _none(self, a: Action) -> PipelineError:
-        stage = self.stages[a.stage]
-        layers = list(stage.module)
-        last = f"layer {stage.layer_offset + len(layers) - 1} ({type(layers[-1]).__name__})" if layers else "none"
-        return PipelineError(
-            f"stage {a.stage} (rank {self.rank}) returned None at {a}: its last layer, {last}, returned None, so "
-            f"stage {a.stage + 1} would have nothing to work on. Every stage but the last must return its output "
-            "(a tensor, or a tuple, list or dict of tensors); check that layer's forward for a missing `return`",
-            stage=a.stage, microbatch=a.microbatch, action=str(a), rank=self.rank)
 
 
 # ---- at the step -----------------------------------------------------------------------------------
