@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data-parallel replicas of the pipeline: stages x dp processes")
     tr.add_argument("--max-grad-norm", dest="max_grad_norm", type=positive_float, default=None,
                     help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
+    tr.add_argument("--on-nonfinite", dest="on_nonfinite", default=d.on_nonfinite, choices=["raise", "skip"],
+                    help="a step with a NaN/inf loss or gradient: stop, naming where it appeared, or skip it")
     tr.add_argument("--schedule", type=schedule_spec, default=d.schedule, metavar="NAME",
                     help=f"one of: {names()}; or a schedule file (.csv)")
     tr.add_argument("--microbatches", type=positive_int, default=d.microbatches, help="micro-batches per batch")

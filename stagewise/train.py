@@ -28,6 +28,7 @@ class TrainConfig:
     stages: int = 4
     dp: int = 1  # data-parallel replicas of the pipeline: stages x dp processes
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
+    on_nonfinite: str = "raise"  # a NaN/inf loss or gradient: stop naming where it appeared, or "skip" the step
     schedule: str = "1f1b"
     microbatches: int = 8
     steps: int = 300
@@ -130,6 +131,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches,
                     partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout, sample=sample,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
+                    on_nonfinite=cfg.on_nonfinite,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")

@@ -344,6 +344,7 @@ def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     (["--dataset", "nope"], r"argument --dataset: invalid choice: 'nope' \(choose from 'squad'\)"),
     (["--dp", "0"], r"argument --dp: must be >= 1, got 0"),
     (["--vocab-size", "x"], r"argument --vocab-size: expected an integer >= 1, got 'x'"),
+    (["--on-nonfinite", "ignore"], r"argument --on-nonfinite: invalid choice: 'ignore' \(choose from 'raise'"),
 ])
 def test_train_refuses_a_bad_option_before_anything_starts(capsys, tmp_path, argv, pattern):
     out = tmp_path / "run"

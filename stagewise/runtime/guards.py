@@ -173,7 +173,7 @@ class RankWatch:
     """What one rank's executor reports around each action (see the module's notes)."""
 
     def __init__(self, rank: int, stages: dict[int, Stage], last_stage: int, status: RankStatus | None):
-        self.rank, self.stages, self.last, self.status = rank, stages, last_stage, status
+        self.rank, self.last, self.status = rank, last_stage, status
         self.sums: dict[tuple[int, int, str], torch.Tensor] = {}  # (stage, mb, what) -> sum
         self.fresh: set[tuple[int, int, str]] = set()  # kept since the last `take`
         self.step = 0
