@@ -37,6 +37,7 @@ class TrainConfig:
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
     precision: str = "fp32"  # fp32, bf16 or fp16 (dynamic loss scaling)
     activation_checkpointing: str = "never"  # never, except_last, always, or a number of layers per group
+    on_nonfinite: str = "raise"  # a NaN/inf loss or gradient: stop naming where it appeared, or "skip" the step
     schedule: str = "1f1b"
     microbatches: int = 8
     steps: int = 300
@@ -147,6 +148,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout, sample=sample,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
                     precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
+                    on_nonfinite=cfg.on_nonfinite,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
