@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from stagewise.partition import PartitionTable, resolve_balance
+from stagewise.partition.measure import plan_if_auto
 from stagewise.partition.profile import layer_facts
 from stagewise.runtime import checkpoint
 from stagewise.runtime.feed import MicrobatchFeed
@@ -34,61 +35,60 @@ from stagewise.schedules.timeline import Timeline
 class Pipeline:
     """Train a model given as a list of layers on a pipeline of devices.
 
-    Run one process per device (`torchrun --nproc_per_node=P script.py` or
-    `stagewise run -n P script.py`); every rank constructs the same `Pipeline` and calls
-    `train_step` with the same batch. With `local_devices=P` the P devices instead run
-    as threads of this one process (handy for notebooks and tests).
+    Run one process per device (`torchrun --nproc_per_node=P script.py` or `stagewise run -n P script.py`); every
+    rank constructs the same `Pipeline` and calls `train_step` with the same batch. With `local_devices=P` the P
+    devices instead run as threads of this one process (handy for notebooks and tests).
 
     Args:
         layers: an `nn.Sequential`, a list of modules, or zero-argument factories (each rank
             then builds only its own layers; `seed` makes that deterministic).
         loss_fn: `(last stage output, labels) -> scalar`, the mean over that micro-batch.
-        schedule: a registered name (see `stagewise simulate --list`), the path of a schedule file
-            (.csv/.txt, `stagewise.schedules.files`), or a `Schedule` built by hand for P devices
-            (validated before anything runs).
-        microbatches: m (default 4; taken from the schedule when a `Schedule` or a file is given); a batch of B
-            samples gives micro-batches of B//m or B//m + 1 samples.
+        schedule: a registered name (see `stagewise simulate --list`), the path of a schedule file (.csv/.txt), a
+            `Schedule` built by hand for P devices (validated before anything runs), or "auto": the planner
+            (`stagewise.partition.plan`) measures the layers on `sample` and picks schedule, m and balance within
+            `memory_limit` (bytes or text like "2GiB"); `self.plan` holds its table. `planner`: its options.
+        microbatches: m (default 4; from the schedule if a `Schedule` or file is given) or "auto"; sizes B//m or B//m+1.
         partition: a balance list with one layer count per stage (devices x chunks), or a method:
             "uniform", "parameters", "type:REGEX" (DeepSpeed's), "time", "memory" or "auto" (these three
             measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
         chunks: virtual stages per device (interleaved, looped-bfs; V-shaped: 2); default from the schedule.
         optimizer: `params -> torch.optim.Optimizer`, built over each rank's parameters.
-        data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank
-            is given the same batch; replica r trains on its share and the gradients are reduced over the
-            replicas (REDUCE actions, after each stage's last backward) before the step.
-        max_grad_norm: clip the gradients by their global norm (every stage and replica, tied parameters once),
-            as `torch.nn.utils.clip_grad_norm_` does on one device; `last_step["grad_norm"]` is the norm.
-            A non-finite norm skips the step on every rank with a warning. `track_grad_norm` measures it only.
+        data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank is
+            given the same batch; replica r trains on its share; gradients are reduced over replicas before the step.
+        max_grad_norm: clip the gradients by their global norm (every stage and replica, tied parameters once), as
+            `clip_grad_norm_` on one device; `last_step["grad_norm"]` is the norm (a non-finite one skips the step).
         timeout: seconds any wait on another device may take before every rank stops with an error.
         vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
-        show_partition: print the partition table on rank 0 at start-up (DeepSpeed-style);
-            `partition_table()` returns it as data either way.
-        keep_host_memory: on CPU, set glibc's malloc (process-wide) to keep freed memory instead of
-            handing it back to the kernel, so steps do not pay page faults for their activations
-            (4-7% of a step measured here); the process then keeps its peak heap. See
-            `stagewise.runtime.host_memory`.
+        show_partition: print the partition table on rank 0 at start-up; `partition_table()` returns it as data.
+        keep_host_memory: on CPU, set glibc's malloc (process-wide) to keep freed memory, so steps do not pay page
+            faults for their activations (4-7% of a step here); see `stagewise.runtime.host_memory`.
     """
 
     def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-                 schedule: str | Schedule = "1f1b", microbatches: int | None = None,
+                 schedule: str | Schedule = "1f1b", microbatches: int | str | None = None,
                  partition: str | Sequence[int] = "uniform", chunks: int | None = None,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
-                 local_devices: int | None = None, backend: str | None = None,
-                 sample: tuple[Any, Any] | None = None, memory_limit: float | None = None,
+                 local_devices: int | None = None, backend: str | None = None, sample: tuple[Any, Any] | None = None,
+                 memory_limit: float | str | None = None, planner: dict | None = None,
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
                  data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
-        check_spec(schedule)  # an unknown name fails here, before any process group is set up
+        if schedule != "auto":
+            check_spec(schedule)  # an unknown name fails here, before any process group is set up
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
+        layer_list = as_layer_list(layers)
+        self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition, chunks,
+                                 memory_limit, planner)  # None unless the schedule or m is "auto"
+        if self.plan is not None:
+            schedule, microbatches, chunks, partition = self.plan.choice.settings()
         self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks,
                                          data_parallel=data_parallel, **options)
         self.microbatches = self.schedule.microbatches
         self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
-        layer_list = as_layer_list(layers)
         self.device = self.world.device(self.world.local_ranks[0])
         self.profiles = self.world.compute_once(lambda: layer_facts(layer_list, partition, sample, self.microbatches,
                                                                     loss_fn, self.device))

@@ -1,0 +1,316 @@
+"""What one configuration costs: step time and device memory of a balance under a schedule, with or without
+recompute (activation checkpointing), from layer profiles measured at one micro-batch size. No torch.
+
+The planner (`stagewise.partition.plan`) asks this model about every candidate it keeps. It extends
+`Planner` (time) and `Footprint` (memory) with what choosing the schedule and m together needs:
+
+- **Profiles per micro-batch size.** A layer's time is not linear in its micro-batch (per-call overheads
+  dominate small ones, caches large ones), so `ProfileSet` holds profiles measured at every micro-batch
+  size the search tries, and interpolates between measured sizes otherwise.
+- **Recompute** (`recompute=True`, activation checkpointing of whole stages): a stage keeps only its input
+  for each micro-batch in flight, and its backward runs the forward again first. Memory per in-flight
+  micro-batch drops from the stage's saved activations to its input; during a backward the stage's
+  activations exist again for that one micro-batch. With a split backward (I then W) the recomputed
+  activations live from I until W. Time: B (or I; W on the first stage, whose I is empty) gains F.
+- **The loss** saves tensors too (a cross-entropy over a large vocabulary keeps its log-probabilities, often
+  the largest activation of the model). They are held from the last stage's forward to its backward and
+  count in `memory`; `saved_peak` leaves them out, as the runtime's per-stage count
+  (`Pipeline.peak_activation_bytes`, the trace's `saved_bytes`) does, so the two can be compared exactly.
+- **Shared cores.** With `cores`, ranks that share C cores (CPU ranks of one machine) cannot compute more
+  than C at once: the step is at least all ranks' work / C.
+- **The optimizer step** costs `step_per_param` seconds per parameter held, after the device's last action.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from stagewise.partition.costs import LayerProfile, ParamCounter
+from stagewise.partition.solver import ExactSums, check_balance, ranges
+from stagewise.schedules import B, Costs, F, I, Schedule, Simulation, W, simulate
+
+
+@dataclass(frozen=True)
+class SizeProfile:
+    """Layer profiles measured at one micro-batch size (`samples` per micro-batch).
+
+    `layers[l].saved_bytes` are what layer l saves for its backward alone (the loss excluded, as a stage
+    counts it); `loss_bytes` what the loss saves on top; `input_bytes` the model input of one micro-batch
+    (what the first stage keeps under recompute); `noise` the relative spread of the layers' forward +
+    backward times between repeated profile runs (see `stagewise.partition.measure`).
+    """
+
+    samples: int
+    layers: tuple[LayerProfile, ...]
+    input_bytes: int = 0
+    loss_bytes: int = 0
+    noise: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "layers": [x.to_dict() for x in self.layers],
+                "input_bytes": self.input_bytes, "loss_bytes": self.loss_bytes, "noise": self.noise}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SizeProfile:
+        layers = tuple(LayerProfile(**{**x, "shared": {int(k): v for k, v in x.get("shared", {}).items()}})
+                       for x in data["layers"])
+        return cls(int(data["samples"]), layers, int(data.get("input_bytes", 0)), int(data.get("loss_bytes", 0)),
+                   float(data.get("noise", 0.0)))
+
+
+@dataclass(frozen=True)
+class ProfileSet:
+    """Profiles of one model at several micro-batch sizes, and the optimizer's cost per parameter."""
+
+    sizes: dict[int, SizeProfile]
+    step_per_param: float = 0.0  # optimizer step seconds per parameter
+    runs: int = 1  # profile runs per size (the noise estimate needs 2 or more)
+    repeats: int = 1  # timed repetitions per layer and run (the fastest counts)
+    seconds: float = 0.0  # wall time of the measurement
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(next(iter(self.sizes.values())).layers)
+
+    def at(self, samples: int) -> SizeProfile:
+        """The profile at `samples` per micro-batch: measured, or interpolated linearly (per layer and field)
+        between the nearest measured sizes around it (extrapolated from the nearest two outside them)."""
+        if samples in self.sizes:
+            return self.sizes[samples]
+        known = sorted(self.sizes)
+        if len(known) == 1:
+            return _scaled(self.sizes[known[0]], samples)
+        lo = max([k for k in known if k < samples], default=known[0])
+        hi = min([k for k in known if k > samples], default=known[-1])
+        if lo == hi:
+            lo, hi = (known[0], known[1]) if samples < known[0] else (known[-2], known[-1])
+        return _between(self.sizes[lo], self.sizes[hi], samples)
+
+    def to_dict(self) -> dict:
+        return {"sizes": {str(k): v.to_dict() for k, v in sorted(self.sizes.items())},
+                "step_per_param": self.step_per_param, "runs": self.runs, "repeats": self.repeats,
+                "seconds": self.seconds, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProfileSet:
+        return cls({int(k): SizeProfile.from_dict(v) for k, v in data["sizes"].items()},
+                   float(data.get("step_per_param", 0.0)), int(data.get("runs", 1)), int(data.get("repeats", 1)),
+                   float(data.get("seconds", 0.0)), dict(data.get("meta", {})))
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    return max(0.0, a + (b - a) * t)
+
+
+def _between(a: SizeProfile, b: SizeProfile, samples: int) -> SizeProfile:
+    t = (samples - a.samples) / (b.samples - a.samples)
+    layers = []
+    for x, y in zip(a.layers, b.layers):
+        ig = None if x.input_grad is None or y.input_grad is None else _lerp(x.input_grad, y.input_grad, t)
+        layers.append(replace(x, forward=_lerp(x.forward, y.forward, t), backward=_lerp(x.backward, y.backward, t),
+                              input_grad=ig, output_bytes=round(_lerp(x.output_bytes, y.output_bytes, t)),
+                              saved_bytes=round(_lerp(x.saved_bytes, y.saved_bytes, t))))
+    return SizeProfile(samples, tuple(layers), round(_lerp(a.input_bytes, b.input_bytes, t)),
+                       round(_lerp(a.loss_bytes, b.loss_bytes, t)), max(a.noise, b.noise))
+
+
+def _scaled(a: SizeProfile, samples: int) -> SizeProfile:
+    """One measured size only: everything proportional to the samples."""
+    k = samples / a.samples
+    layers = tuple(replace(x, forward=x.forward * k, backward=x.backward * k,
+                           input_grad=None if x.input_grad is None else x.input_grad * k,
+                           output_bytes=round(x.output_bytes * k), saved_bytes=round(x.saved_bytes * k))
+                   for x in a.layers)
+    return SizeProfile(samples, layers, round(a.input_bytes * k), round(a.loss_bytes * k), a.noise)
+
+
+# Per action kind (F, B, I, W): how the bytes a device holds change, as multiples of the stage's activations A
+# and its input X; and a transient on top of the level after the action (recompute's rebuilt activations).
+_KINDS = {F: 0, B: 1, I: 2, W: 3}
+_KEEP = {  # (dA, dX, transient A, transient X) per kind
+    False: ((1, 0, 0, 0), (-1, 0, 0, 0), (0, 0, 0, 0), (-1, 0, 0, 0)),
+    True: ((0, 1, 0, 0), (0, -1, 1, 1), (1, 0, 0, 0), (-1, -1, 0, 0)),
+}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a balance is predicted to cost: seconds per step and bytes per device."""
+
+    balance: list[int]
+    step_s: float  # the whole step: the schedule, at least the shared cores' floor, then the optimizer step
+    makespan_s: float  # the schedule alone, simulated
+    bubble: float  # idle share of all devices over the step
+    bubble_per_device: list[float]
+    busy_s: list[float]  # compute seconds per device in one step (optimizer step included)
+    memory: list[float]  # peak bytes per device: parameters and optimizer state, activations, the loss's
+    saved_peak: list[float]  # peak saved-activation bytes per device as the runtime counts them (no loss)
+
+
+class CostModel:
+    """Step time and memory of balances under `schedule`, from one `SizeProfile`.
+
+    `bytes_per_param`: weights + gradients + optimizer state per parameter (fp32 Adam: 16); a tied
+    parameter counts once per device holding it. `latency`, `bandwidth`: a message between stages on
+    different devices costs latency + output bytes / bandwidth. `cores`: how many ranks can compute at
+    once (None: all); `replicas`: data-parallel copies of the pipeline sharing those cores.
+    """
+
+    def __init__(self, schedule: Schedule, profile: SizeProfile, *, recompute: bool = False,
+                 bytes_per_param: float = 16.0, latency: float = 0.0, bandwidth: float = math.inf,
+                 step_per_param: float = 0.0, cores: int | None = None, replicas: int = 1):
+        self.schedule, self.profile, self.recompute = schedule, profile, recompute
+        self.layers = list(profile.layers)
+        self.bytes_per_param, self.step_per_param = float(bytes_per_param), float(step_per_param)
+        self.latency, self.bandwidth = float(latency), float(bandwidth)
+        self.cores, self.replicas = cores, replicas
+        L, sc = len(self.layers), schedule
+        self.forward = ExactSums([x.forward for x in self.layers])
+        self.backward = ExactSums([x.backward for x in self.layers])
+        measured = sc.split_backward and all(x.input_grad is not None for x in self.layers)
+        self.input_grad = ExactSums([x.input_grad or 0.0 for x in self.layers]) if measured else None
+        self.params = ParamCounter([x.params for x in self.layers], [x.shared for x in self.layers])
+        self._param_prefix = np.concatenate([[0.0], np.cumsum([float(x.params) for x in self.layers])])
+        self._act_prefix = np.concatenate([[0], np.cumsum([int(x.saved_bytes) for x in self.layers])]).astype(np.int64)
+        self._inputs = np.array([profile.input_bytes] + [x.output_bytes for x in self.layers[:-1]], dtype=np.int64)
+        self._time_prefix = np.concatenate([[0.0], np.cumsum([x.forward + x.backward for x in self.layers])])
+        self._fwd_prefix = np.concatenate([[0.0], np.cumsum([x.forward for x in self.layers])])
+        self._uses = [(layer, key, n, owner) for layer, key, n, owner in self.params.uses]
+        self.num_layers = L
+        # per device: the stage and coefficients of every F/B/I/W action, in program order
+        keep = _KEEP[recompute]
+        self._programs = []
+        for d in range(sc.num_devices):
+            acts = [a for a in sc.compute_actions(d) if a.op in _KINDS]
+            st = np.array([a.stage for a in acts], dtype=np.int64)
+            co = np.array([keep[_KINDS[a.op]] for a in acts], dtype=np.int64).reshape(-1, 4)
+            self._programs.append((st, co))
+        self._device_stages = [np.array(sc.stages_of(d), dtype=np.int64) for d in range(sc.num_devices)]
+        self._sims: dict[tuple[int, ...], Simulation] = {}
+
+    # ---- time ----
+
+    def stage_times(self, balance: Sequence[int]) -> dict[str, list[float]]:
+        """Per stage and micro-batch: F, the whole backward B, and its I (None without a split)."""
+        spans = ranges(balance)
+        f = [self.forward(lo, hi) for lo, hi in spans]
+        b = [self.backward(lo, hi) for lo, hi in spans]
+        i = None
+        if self.input_grad is not None:
+            # The first stage's input needs no gradient: its I is empty and W runs the whole backward.
+            i = [0.0 if lo == 0 else min(self.input_grad(lo, hi), b[k]) for k, (lo, hi) in enumerate(spans)]
+        if self.recompute:  # the forward runs again before the backward (in I where split, else in B)
+            b = [x + y for x, y in zip(b, f)]
+            if i is not None:
+                i = [x + y if lo > 0 else 0.0 for x, y, (lo, _) in zip(i, f, spans)]
+        return {"f": f, "b": b, "i": i}
+
+    def costs(self, balance: Sequence[int]) -> Costs:
+        t = self.stage_times(balance)
+        sent = [float(self.layers[hi - 1].output_bytes) for _, hi in ranges(balance)[:-1]]
+        return Costs(f=t["f"], b=t["b"], i=t["i"], latency=self.latency, bytes=sent or 0.0, bandwidth=self.bandwidth)
+
+    def simulation(self, balance: Sequence[int]) -> Simulation:
+        key = tuple(balance)
+        if key not in self._sims:
+            self._sims[key] = simulate(self.schedule, self.costs(balance))
+        return self._sims[key]
+
+    def work_per_microbatch(self) -> float:
+        """Forward + backward seconds of one micro-batch through every layer (recompute included)."""
+        extra = self._fwd_prefix[-1] if self.recompute else 0.0
+        return float(self._time_prefix[-1] + extra)
+
+    def floor(self) -> float:
+        """The shared cores' bound on the schedule's time: every rank's work / cores (0 without `cores`)."""
+        if not self.cores:
+            return 0.0
+        P = self.schedule.num_devices
+        work = self.schedule.microbatches * self.work_per_microbatch() * self.replicas
+        return work / min(self.cores, P * self.replicas)
+
+    def device_params(self, balances: np.ndarray) -> np.ndarray:
+        """Parameters held per device, shape (n, devices), for balances of shape (n, stages)."""
+        hi = np.cumsum(balances, axis=1)
+        lo = hi - balances
+        per_stage = self._param_prefix[hi] - self._param_prefix[lo]
+        P = self.schedule.num_devices
+        out = np.zeros((balances.shape[0], P))
+        placement = np.asarray(self.schedule.placement)
+        for d in range(P):
+            out[:, d] = per_stage[:, placement == d].sum(axis=1)
+        if self._uses:
+            # a tied parameter is held once by every device with a user of it but without its first user
+            stage_of = (hi[:, :, None] <= np.arange(self.num_layers)[None, None, :]).sum(axis=1)  # (n, L)
+            dev_of = placement[stage_of]
+            keys: dict[int, tuple[int, int, list[int]]] = {}
+            for layer, key, n, owner in self._uses:
+                keys.setdefault(key, (n, owner, []))[2].append(layer)
+            for n, owner, users in keys.values():
+                for d in range(P):
+                    holds = (dev_of[:, users] == d).any(axis=1)
+                    out[:, d] += n * (holds & (dev_of[:, owner] != d))
+        return out
+
+    def optimizer_times(self, balances: np.ndarray) -> np.ndarray:
+        """Seconds of the optimizer step per device, shape (n, devices)."""
+        return self.device_params(balances) * self.step_per_param
+
+    def lower_bounds(self, balances: np.ndarray) -> np.ndarray:
+        """A bound no simulation of these balances goes below: each device must run all its work (a step can
+        not be shorter than the busiest device), the cores' floor, then the optimizer step."""
+        hi = np.cumsum(balances, axis=1)
+        lo = hi - balances
+        work = self._time_prefix[hi] - self._time_prefix[lo]
+        if self.recompute:
+            work = work + self._fwd_prefix[hi] - self._fwd_prefix[lo]
+        placement = np.asarray(self.schedule.placement)
+        m = self.schedule.microbatches
+        busiest = np.max(np.stack([work[:, placement == d].sum(axis=1) * m
+                                   for d in range(self.schedule.num_devices)], axis=1), axis=1)
+        bound = np.maximum(busiest, self.floor())
+        return (bound + self.optimizer_times(balances).max(axis=1)) * (1.0 - 1e-9)
+
+    # ---- memory ----
+
+    def activation_peaks(self, balances: np.ndarray, loss: bool = True) -> np.ndarray:
+        """Peak activation bytes per device, shape (n, devices), swept over each device's program in order.
+
+        With `loss`, the loss's saved tensors count on the last stage (held from its forward to its backward)."""
+        hi = np.cumsum(balances, axis=1)
+        lo = hi - balances
+        act = (self._act_prefix[hi] - self._act_prefix[lo]).astype(np.float64)
+        if loss:
+            act[:, -1] += self.profile.loss_bytes
+        x = self._inputs[lo].astype(np.float64)
+        out = np.zeros((balances.shape[0], self.schedule.num_devices))
+        for d, (st, co) in enumerate(self._programs):
+            if not len(st):
+                continue
+            a, xi = act[:, st], x[:, st]
+            level = np.cumsum(a * co[:, 0] + xi * co[:, 1], axis=1)
+            out[:, d] = np.maximum(0.0, (level + a * co[:, 2] + xi * co[:, 3]).max(axis=1))
+        return out
+
+    def memory(self, balances: np.ndarray) -> np.ndarray:
+        """Peak bytes per device, shape (n, devices): parameter state plus activations (the loss's included)."""
+        return self.device_params(balances) * self.bytes_per_param + self.activation_peaks(balances)
+
+    # ---- one balance ----
+
+    def estimate(self, balance: Sequence[int]) -> Estimate:
+        balance = check_balance(balance, self.num_layers, self.schedule.num_stages)
+        arr = np.array([balance], dtype=np.int64)
+        sim = self.simulation(balance)
+        opt = self.optimizer_times(arr)[0]
+        span = max(sim.makespan, self.floor())
+        step = span + float(opt.max())
+        busy = [(1.0 - b) * sim.makespan + o for b, o in zip(sim.bubble_per_device, opt.tolist())]
+        per_device = [1.0 - x / step if step > 0 else 0.0 for x in busy]
+        return Estimate(balance, step, sim.makespan, float(np.mean(per_device)), per_device, busy,
+                        self.memory(arr)[0].tolist(), self.activation_peaks(arr, loss=False)[0].tolist())

@@ -1,0 +1,224 @@
+"""Measure a model for the planner (`ProfileSet`), and plan a `Pipeline` whose schedule, m or balance is "auto".
+
+`measure(layers, sample, loss_fn, sizes)` profiles every layer (`profile_layers`: forward, whole backward,
+input-gradient backward, saved-activation and output bytes, the loss measured with the last layer) at every
+micro-batch size the search will try, `runs` times, interleaving the sizes so that a slow spell of a shared
+machine touches them all. Each time is the fastest of all runs (other work only ever adds time); the
+**noise** of a size is the per-layer spread between runs, summed over the layers, relative to the
+total: each run is first scaled to the fastest run's total (a busier machine slows every layer and every
+candidate alike, which changes no ranking), then sum over layers of (largest - smallest scaled time) /
+sum of the fastest times. The loss's saved bytes are measured apart (the last layer alone, then with the loss).
+The optimizer's cost per parameter is timed on one flat tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from stagewise.partition.costmodel import ProfileSet, SizeProfile
+from stagewise.partition.costs import LayerProfile, parse_bytes
+from stagewise.partition.plan import Plan, default_microbatches, search
+from stagewise.partition.profile import describe_layers, profile_layers
+from stagewise.runtime.activations import SavedBytes
+from stagewise.runtime.microbatch import batch_size, split_sizes
+from stagewise.tree import map_tensors, tensors_of
+
+AUTO = "auto"
+
+
+def first_samples(tree: Any, n: int) -> Any:
+    """The first `n` samples of a batch (dim 0 of every tensor that has one)."""
+    return map_tensors(tree, lambda t: t[:n] if t.dim() > 0 else t)
+
+
+def _nbytes(x: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors_of(x))
+
+
+def _alone_saved_bytes(layer: nn.Module, layers: Sequence[nn.Module], x: Any) -> int:
+    """Bytes the last layer saves without the loss: run the layers up to it, then it alone under the counter."""
+    with torch.no_grad():
+        for m in layers:
+            x = m(x)
+    x = map_tensors(x, lambda t: t.detach().requires_grad_(t.is_floating_point()))
+    counter = SavedBytes(layer.parameters())
+    with torch.enable_grad(), counter.hooks():
+        layer(x)
+    return counter.total
+
+
+def optimizer_seconds_per_param(numel: int, repeats: int = 3) -> float:
+    """Seconds an AdamW step takes per parameter (fp32, on one flat tensor of the model's size)."""
+    n = max(int(numel), 1 << 16)
+    p = nn.Parameter(torch.zeros(n))
+    p.grad = torch.full_like(p, 1e-3)
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    opt.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return min(times) / n
+
+
+def measure(layers: nn.Sequential | Sequence[nn.Module], sample: tuple[Any, Any],
+            loss_fn: Callable[[Any, Any], torch.Tensor] | None, sizes: Sequence[int], *, runs: int = 3,
+            repeats: int = 3, device: torch.device | str | None = None, threads: int | None = None) -> ProfileSet:
+    """Profiles of `layers` at every micro-batch size in `sizes` (samples), each measured `runs` times.
+
+    `sample = (inputs, labels)` is a batch at least max(sizes) samples large; its first n samples make the
+    micro-batch of size n. `threads` sets torch's intra-op threads for the measurement (use what each rank
+    will have), and restores them after.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    mods = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
+    have = batch_size(sample[0])
+    sizes = sorted({int(n) for n in sizes})
+    if sizes[-1] > have:
+        raise ValueError(f"the sample holds {have} samples; the planner needs micro-batches of up to {sizes[-1]}")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        measured: dict[int, list[list[LayerProfile]]] = {n: [] for n in sizes}
+        for _ in range(runs):
+            for n in sizes:
+                x, y = first_samples(sample[0], n), first_samples(sample[1], n)
+                measured[n].append(profile_layers(mods, x, device=device, repeats=repeats, loss_fn=loss_fn,
+                                                  labels=y if loss_fn is not None else None))
+        out = {}
+        for n in sizes:
+            x = first_samples(sample[0], n)
+            if device is not None:
+                x = map_tensors(x, lambda t: t.to(device))
+            alone = _alone_saved_bytes(mods[-1], mods[:-1], x) if loss_fn is not None else None
+            out[n] = _combine(n, measured[n], _nbytes(x), alone)
+        step = optimizer_seconds_per_param(sum(p.numel() for p in {id(p): p for m in mods
+                                                                     for p in m.parameters()}.values()))
+    finally:
+        torch.set_num_threads(before)
+    return ProfileSet(out, step, runs, repeats, time.perf_counter() - t0, {"threads": threads or before})
+
+
+def _combine(samples: int, runs: list[list[LayerProfile]], input_bytes: int, last_alone: int | None) -> SizeProfile:
+    """The fastest of every run per layer and field, and the noise (see the module docstring)."""
+    layers = []
+    for per_run in zip(*runs):
+        first = per_run[0]
+        grads = [x.input_grad for x in per_run if x.input_grad is not None]
+        layers.append(replace(first, forward=min(x.forward for x in per_run),
+                              backward=min(x.backward for x in per_run), input_grad=min(grads) if grads else None))
+    # A run on a busier machine is slower everywhere, which moves every candidate alike and changes no ranking:
+    # each run is scaled to the fastest run's total before the per-layer spread is taken.
+    totals = [sum(x.time for x in run) for run in runs]
+    scale = [min(totals) / t if t > 0 else 1.0 for t in totals]
+    spread = sum(max(x.time * k for x, k in zip(per_run, scale)) - min(x.time * k for x, k in zip(per_run, scale))
+                 for per_run in zip(*runs))
+    total = sum(x.time for x in layers)
+    loss_bytes = 0
+    if last_alone is not None:
+        loss_bytes = max(0, layers[-1].saved_bytes - last_alone)
+        layers[-1] = replace(layers[-1], saved_bytes=last_alone)
+    return SizeProfile(samples, tuple(layers), input_bytes, loss_bytes, spread / total if total > 0 else 0.0)
+
+
+def microbatch_sizes(batch: int, devices: int, data_parallel: int, microbatches: Sequence[int] | None) -> list[int]:
+    """The micro-batch sizes (the largest of each split) the search will need."""
+    per_replica = -(-batch // data_parallel)
+    ms = list(microbatches) if microbatches else default_microbatches(per_replica, devices)
+    return sorted({split_sizes(per_replica, m)[0] for m in ms if 1 <= m <= per_replica})
+
+
+def default_cores(device: torch.device) -> int | None:
+    """Ranks on CPU share this machine's cores (`stagewise train` and threads start them here); None on GPUs."""
+    return os.cpu_count() if device.type == "cpu" else None
+
+
+def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+               sample: tuple[Any, Any], devices: int, *, data_parallel: int = 1, schedule: str = AUTO,
+               microbatches: int | str | None = AUTO, partition: str | Sequence[int] = AUTO,
+               chunks: int | None = None, memory_limit: float | str | None = None, device: torch.device | None = None,
+               threads: int | None = None, runs: int = 3, repeats: int = 3, recompute: Sequence[bool] = (False,),
+               cores: int | None | str = AUTO, tokens_per_sample: int | None = None, top: int = 5,
+               max_microbatches: int | None = None) -> tuple[Plan, ProfileSet]:
+    """Measure `layers` on `sample` and search: the `Plan` and the profiles it used.
+
+    What is not "auto" is held fixed: a schedule name, an int m, a partition method or balance (then
+    evaluated, not searched, for every configuration), `chunks`. `sample` is a whole batch like the ones to
+    train on (its size is the batch). `tokens_per_sample` defaults to the length of dim 1 of an integer
+    input (token ids), else throughput is in samples/s.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    batch = batch_size(sample[0])
+    P = devices
+    per_replica = -(-batch // data_parallel)
+    if microbatches in (AUTO, None):
+        cap = max_microbatches or 32
+        ms = default_microbatches(per_replica, P, cap)
+    else:
+        ms = [int(microbatches)]
+    names = None if schedule == AUTO else [schedule]
+    balance_fn = None
+    if partition != AUTO:
+        from stagewise.partition import resolve_balance
+
+        described = describe_layers(layers)
+
+        def balance_fn(sc: Any) -> list[int]:
+            return resolve_balance(partition, len(described), sc.num_stages, layers=described)
+
+        if isinstance(partition, str) and partition in ("time", "memory"):
+            raise ValueError(f"partition={partition!r} with a planned schedule or m: use partition='auto' (the "
+                             "planner balances by simulated step time under the memory limit) or a fixed method")
+    sizes = microbatch_sizes(batch, P, data_parallel, ms)
+    profiles = measure(layers, sample, loss_fn, sizes, runs=runs, repeats=repeats, device=device, threads=threads)
+    if tokens_per_sample is None:
+        ids = next(iter(tensors_of(sample[0])), None)
+        integer = ids is not None and not ids.is_floating_point() and ids.dim() >= 2
+        tokens_per_sample = int(math.prod(ids.shape[1:])) if integer else None
+    plan = search(profiles, P, batch, data_parallel=data_parallel, schedules=names, microbatches=ms,
+                  chunks=[chunks] if chunks else None, recompute=recompute, memory_limit=parse_bytes(memory_limit),
+                  balance=balance_fn, cores=default_cores(device) if cores == AUTO else cores,
+                  tokens_per_sample=tokens_per_sample, top=top)
+    plan.stats["profile_s"] = profiles.seconds
+    return plan, profiles
+
+
+def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | None, world: Any, schedule: Any,
+                 microbatches: Any, partition: Any, chunks: int | None, memory_limit: Any,
+                 options: dict | None) -> Plan | None:
+    """For `Pipeline`: the plan when its schedule or m is "auto" (computed by one process, handed to all), else
+    None. `options` go to `plan_model` (runs, repeats, recompute, cores, max_microbatches, top)."""
+    if schedule != AUTO and microbatches != AUTO:
+        return None
+    if sample is None:
+        raise ValueError("schedule='auto' or microbatches='auto' measures the layers: pass sample=(inputs, labels), "
+                         "a batch like the ones you will train on")
+    if not all(isinstance(x, nn.Module) for x in layers):
+        raise ValueError("the planner measures the layers themselves; with layer factories give the schedule, "
+                         "microbatches and partition explicitly")
+    device = world.device(world.local_ranks[0])
+    threads = None if device.type != "cpu" else torch.get_num_threads()
+    grid = world.grid
+
+    def run() -> Plan:
+        return plan_model(layers, loss_fn, sample, grid.pipeline, data_parallel=grid.data, schedule=schedule,
+                          microbatches=microbatches, partition=partition, chunks=chunks, memory_limit=memory_limit,
+                          device=device, threads=threads, **(options or {}))[0]
+
+    plan = world.compute_once(run)
+    if plan.choice.recompute:
+        raise ValueError("the plan chose recompute, which this runtime cannot run yet; search without it "
+                         "(options={'recompute': (False,)})")
+    return plan
