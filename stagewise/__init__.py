@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "PipelineError", "PeerError", "spawn", "__version__"]
+__all__ = ["Pipeline", "PipelineError", "PeerError", "check", "spawn", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,10 @@ def __getattr__(name: str):
         from stagewise.pipeline import Pipeline
 
         return Pipeline
+    if name == "check":  # one call that proves a model and schedule exact (stagewise.parity)
+        from stagewise.parity import check
+
+        return check
     if name in ("PipelineError", "PeerError", "spawn"):
         import stagewise.runtime as runtime
 

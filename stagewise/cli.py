@@ -1,4 +1,4 @@
-"""The `stagewise` command line: simulate, run, train, partition, bench."""
+"""The `stagewise` command line: simulate, run, train, partition, plan, check, bench."""
 
 from __future__ import annotations
 
@@ -91,6 +91,11 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _count_or_auto(text: str) -> int | str:
+    """An argparse type: an integer >= 1, or "auto"."""
+    return text if text == "auto" else _positive(text)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -221,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--json", action="store_true", help="print one JSON object")
     pa.set_defaults(func=_partition)
 
+    from stagewise.plan_cli import add_parsers
     from stagewise.train import TrainConfig
 
+    add_parsers(sub)  # plan, check
     d = TrainConfig()
     tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)")
     tr.add_argument("--stages", type=int, default=d.stages, help="pipeline devices (processes)")
@@ -230,8 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data-parallel replicas of the pipeline: stages x dp processes (default %(default)s)")
     tr.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None,
                     help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
-    tr.add_argument("--schedule", default=d.schedule, help=f"one of {names()} (default %(default)s)")
-    tr.add_argument("--microbatches", type=int, default=d.microbatches)
+    tr.add_argument("--schedule", default=d.schedule,
+                    help=f"one of {names()}, or auto: the planner's choice (default %(default)s)")
+    tr.add_argument("--microbatches", type=_count_or_auto, default=d.microbatches, help="m, or auto (default)")
+    tr.add_argument("--plan", action="store_true", help="let the planner choose schedule, m and partition (overrides "
+                    "--schedule, --microbatches, --partition); the choice is printed and saved as plan.json")
+    tr.add_argument("--memory-limit", dest="memory_limit", default=d.memory_limit,
+                    help="bytes per device for the planner and the memory/auto partitions, e.g. 2GiB")
     tr.add_argument("--steps", type=int, default=d.steps)
     tr.add_argument("--model", default=d.model, help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
     tr.add_argument("--pretrained", default=None, help="Hugging Face GPT-2 weights (name or local folder)")
@@ -240,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seq-len", dest="seq_len", type=int, default=d.seq_len)
     tr.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size)
     tr.add_argument("--lr", type=float, default=d.lr)
-    tr.add_argument("--partition", default=d.partition, help="uniform, parameters, type:REGEX, or counts 4,3,3,4")
+    tr.add_argument("--partition", default=d.partition,
+                    help="auto (default), uniform, parameters, type:REGEX, time, memory, or counts 4,3,3,4")
     tr.add_argument("--chunks", type=int, default=None, help="virtual stages per device (interleaved, zbv)")
     tr.add_argument("--vocab-size", dest="vocab_size", type=int, default=d.vocab_size)
     tr.add_argument("--out", default=d.out, help="run folder")

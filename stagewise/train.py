@@ -28,8 +28,8 @@ class TrainConfig:
     stages: int = 4
     dp: int = 1  # data-parallel replicas of the pipeline: stages x dp processes
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
-    schedule: str = "1f1b"
-    microbatches: int = 8
+    schedule: str = "auto"  # "auto": the planner chooses (with m and the partition when those are "auto" too)
+    microbatches: int | str = "auto"
     steps: int = 300
     model: str = "gpt2-tiny"
     data: str | None = None  # a text file or folder; default: the built-in corpus
@@ -38,7 +38,9 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 1e-3
-    partition: str = "type:GPT2Block"
+    partition: str = "auto"
+    plan: bool = False  # schedule, microbatches and partition all "auto"
+    memory_limit: str | None = None  # bytes per device (text such as 2GiB), for the planner
     chunks: int | None = None
     vocab_size: int = 8192
     out: str = "runs/gpt2"
@@ -116,26 +118,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                          f"were started; start {n} (torchrun --nproc_per_node={n}) or run `stagewise train` "
                          "directly and let it start them")
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    if cfg.plan:
+        cfg.schedule, cfg.microbatches, cfg.partition = "auto", "auto", "auto"
+    planned = "auto" in (cfg.schedule, cfg.microbatches)
     out = Path(cfg.out)
     say = _Printer(rank == 0)
     say(f"stagewise train: {cfg.model if not cfg.pretrained else cfg.pretrained} on {cfg.stages} stage(s)"
         f"{f' x {cfg.dp} data-parallel replicas' if cfg.dp > 1 else ''}, "
-        f"schedule {cfg.schedule}, {cfg.microbatches} micro-batches, {cfg.steps} steps")
+        f"schedule {cfg.schedule}, {cfg.microbatches} micro-batches, {cfg.steps} steps"
+        f"{' (auto: chosen by the planner)' if planned else ''}")
     t0 = time.perf_counter()
     tok, batches = prepare_data(cfg, rank, world)
     say(f"data: {len(batches)} batches of {cfg.batch_size} x <= {cfg.seq_len} tokens, vocabulary "
         f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s)")
     layers = build_layers(cfg, tok.get_vocab_size())
-    sample = next(iter(batches)) if cfg.partition in ("time", "memory", "auto") else None
-    pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches,
-                    partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout, sample=sample,
+    sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
+    pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
+                    chunks=cfg.chunks, timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
+    if pipe.plan is not None:
+        say(pipe.plan.format())
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if pipe.plan is not None:
+            (out / "plan.json").write_text(json.dumps(pipe.plan.to_dict(), indent=2))
+    prediction: dict[str, Any] | None = None
     metrics = open(out / "metrics.jsonl", "w") if rank == 0 else None
     history: list[tuple[int, float, float]] = []
     data = iter(_forever(batches))
@@ -152,7 +163,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             history.append((step, loss, tokens / took))
             progress.update(step, loss, tokens / took)
             if step == min(cfg.trace_step, cfg.steps):
-                _save_timelines(pipe, out, rank)
+                trace = _save_timelines(pipe, out, rank)
+                if trace is not None and pipe.plan is not None:
+                    prediction = _check_prediction(pipe, trace, took, cfg.dp, progress)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tps = window_tokens / window_time
                 norm = pipe.last_step.get("grad_norm", float("nan"))
@@ -172,8 +185,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     first, last = history[0][1], sum(h[1] for h in history[-10:]) / len(history[-10:])
     steady = history[len(history) // 5:] or history
     summary = {"first_loss": first, "last_loss_mean10": last, "tokens_per_s": sum(h[2] for h in steady) / len(steady),
-               "steps": cfg.steps, "stages": cfg.stages, "dp": cfg.dp, "schedule": cfg.schedule,
-               "seconds": time.perf_counter() - t0}
+               "steps": cfg.steps, "stages": cfg.stages, "dp": cfg.dp, "schedule": pipe.schedule.name,
+               "microbatches": pipe.microbatches, "balance": pipe.balance, "seconds": time.perf_counter() - t0}
+    if prediction is not None:
+        summary["prediction"] = prediction
     say(f"done: loss {first:.3f} -> {last:.3f} (mean of the last 10 steps), {summary['tokens_per_s']:,.0f} tokens/s, "
         f"{summary['seconds']:.0f} s; wrote {out}/metrics.jsonl, timeline.png, trace.json, checkpoint/")
     if rank == 0:
@@ -189,14 +204,25 @@ def _forever(batches):
         epoch += 1
 
 
-def _save_timelines(pipe: Any, out: Path, rank: int) -> None:
-    """The measured timeline of this step beside the simulation of the same schedule with its measured costs."""
+def _check_prediction(pipe: Any, trace: Any, step_s: float, dp: int, progress: _Progress) -> dict[str, Any]:
+    """The plan's prediction against the traced step: busy time, bubble and saved-activation bytes per device."""
+    from stagewise.partition.plan import format_comparison
+
+    rows = [d * dp for d in range(pipe.schedule.num_devices)]  # replica 0's devices (rows are ranks when dp > 1)
+    result = pipe.plan.compare(trace, step_s, rows)
+    progress.print(format_comparison(result))
+    return result
+
+
+def _save_timelines(pipe: Any, out: Path, rank: int) -> Any:
+    """The measured timeline of this step beside the simulation of the same schedule with its measured costs;
+    returns the measured timeline on rank 0 (None elsewhere)."""
     from stagewise.schedules import Costs, simulate
     from stagewise.viz import render_png, write_chrome_trace
 
     measured = pipe.last_trace()  # collective
     if rank != 0:
-        return
+        return None
     compute = [e for e in measured.events if e.op in ("F", "B", "I", "W")]
     costs: dict[str, list[float]] = {}
     for op in ("F", "B", "I", "W"):
@@ -216,6 +242,7 @@ def _save_timelines(pipe: Any, out: Path, rank: int) -> None:
     measured.title = f"measured: {pipe.schedule.describe()}, {measured.makespan * 1e3:.1f} ms"
     render_png([measured, sim.timeline], str(out / "timeline.png"))
     write_chrome_trace([measured, sim.timeline], str(out / "trace.json"))
+    return measured
 
 
 class _Printer:

@@ -49,17 +49,20 @@ class SizeProfile:
     input_bytes: int = 0
     loss_bytes: int = 0
     noise: float = 0.0
+    weight_grad: tuple[float, ...] | None = None  # W seconds per layer as the runtime splits the backward
 
     def to_dict(self) -> dict:
         return {"samples": self.samples, "layers": [x.to_dict() for x in self.layers],
-                "input_bytes": self.input_bytes, "loss_bytes": self.loss_bytes, "noise": self.noise}
+                "input_bytes": self.input_bytes, "loss_bytes": self.loss_bytes, "noise": self.noise,
+                "weight_grad": list(self.weight_grad) if self.weight_grad is not None else None}
 
     @classmethod
     def from_dict(cls, data: dict) -> SizeProfile:
         layers = tuple(LayerProfile(**{**x, "shared": {int(k): v for k, v in x.get("shared", {}).items()}})
                        for x in data["layers"])
+        w = data.get("weight_grad")
         return cls(int(data["samples"]), layers, int(data.get("input_bytes", 0)), int(data.get("loss_bytes", 0)),
-                   float(data.get("noise", 0.0)))
+                   float(data.get("noise", 0.0)), tuple(w) if w is not None else None)
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,10 @@ def _between(a: SizeProfile, b: SizeProfile, samples: int) -> SizeProfile:
         layers.append(replace(x, forward=_lerp(x.forward, y.forward, t), backward=_lerp(x.backward, y.backward, t),
                               input_grad=ig, output_bytes=round(_lerp(x.output_bytes, y.output_bytes, t)),
                               saved_bytes=round(_lerp(x.saved_bytes, y.saved_bytes, t))))
+    w = None if a.weight_grad is None or b.weight_grad is None else tuple(
+        _lerp(x, y, t) for x, y in zip(a.weight_grad, b.weight_grad))
     return SizeProfile(samples, tuple(layers), round(_lerp(a.input_bytes, b.input_bytes, t)),
-                       round(_lerp(a.loss_bytes, b.loss_bytes, t)), max(a.noise, b.noise))
+                       round(_lerp(a.loss_bytes, b.loss_bytes, t)), max(a.noise, b.noise), w)
 
 
 def _scaled(a: SizeProfile, samples: int) -> SizeProfile:
@@ -126,7 +131,8 @@ def _scaled(a: SizeProfile, samples: int) -> SizeProfile:
                            input_grad=None if x.input_grad is None else x.input_grad * k,
                            output_bytes=round(x.output_bytes * k), saved_bytes=round(x.saved_bytes * k))
                    for x in a.layers)
-    return SizeProfile(samples, layers, round(a.input_bytes * k), round(a.loss_bytes * k), a.noise)
+    w = None if a.weight_grad is None else tuple(x * k for x in a.weight_grad)
+    return SizeProfile(samples, layers, round(a.input_bytes * k), round(a.loss_bytes * k), a.noise, w)
 
 
 # Per action kind (F, B, I, W): how the bytes a device holds change, as multiples of the stage's activations A
@@ -174,6 +180,9 @@ class CostModel:
         self.backward = ExactSums([x.backward for x in self.layers])
         measured = sc.split_backward and all(x.input_grad is not None for x in self.layers)
         self.input_grad = ExactSums([x.input_grad or 0.0 for x in self.layers]) if measured else None
+        # W as the runtime runs it (measured apart: I + W can exceed B); else B - I
+        w = profile.weight_grad
+        self.weight_grad = ExactSums(list(w)) if measured and w is not None else None
         self.params = ParamCounter([x.params for x in self.layers], [x.shared for x in self.layers])
         self._param_prefix = np.concatenate([[0.0], np.cumsum([float(x.params) for x in self.layers])])
         self._act_prefix = np.concatenate([[0], np.cumsum([int(x.saved_bytes) for x in self.layers])]).astype(np.int64)
@@ -195,25 +204,32 @@ class CostModel:
 
     # ---- time ----
 
-    def stage_times(self, balance: Sequence[int]) -> dict[str, list[float]]:
-        """Per stage and micro-batch: F, the whole backward B, and its I (None without a split)."""
+    def stage_times(self, balance: Sequence[int]) -> dict[str, list[float] | None]:
+        """Per stage and micro-batch: F, the whole backward B, and its I and W (None without a split)."""
         spans = ranges(balance)
         f = [self.forward(lo, hi) for lo, hi in spans]
         b = [self.backward(lo, hi) for lo, hi in spans]
-        i = None
+        i = w = None
         if self.input_grad is not None:
             # The first stage's input needs no gradient: its I is empty and W runs the whole backward.
-            i = [0.0 if lo == 0 else min(self.input_grad(lo, hi), b[k]) for k, (lo, hi) in enumerate(spans)]
-        if self.recompute:  # the forward runs again before the backward (in I where split, else in B)
+            i = [0.0 if lo == 0 else self.input_grad(lo, hi) for lo, hi in spans]
+            if self.weight_grad is not None:
+                w = [b[k] if lo == 0 else self.weight_grad(lo, hi) for k, (lo, hi) in enumerate(spans)]
+            else:
+                i = [min(x, y) for x, y in zip(i, b)]
+                w = [y - x for x, y in zip(i, b)]
+        if self.recompute:  # the forward runs again before the backward (in I where split, W on the first stage)
             b = [x + y for x, y in zip(b, f)]
-            if i is not None:
+            if i is not None and w is not None:
                 i = [x + y if lo > 0 else 0.0 for x, y, (lo, _) in zip(i, f, spans)]
-        return {"f": f, "b": b, "i": i}
+                w = [x + y if lo == 0 else x for x, y, (lo, _) in zip(w, f, spans)]
+        return {"f": f, "b": b, "i": i, "w": w}
 
     def costs(self, balance: Sequence[int]) -> Costs:
         t = self.stage_times(balance)
         sent = [float(self.layers[hi - 1].output_bytes) for _, hi in ranges(balance)[:-1]]
-        return Costs(f=t["f"], b=t["b"], i=t["i"], latency=self.latency, bytes=sent or 0.0, bandwidth=self.bandwidth)
+        return Costs(f=t["f"], b=t["b"], i=t["i"], w=t["w"], latency=self.latency, bytes=sent or 0.0,
+                     bandwidth=self.bandwidth)
 
     def simulation(self, balance: Sequence[int]) -> Simulation:
         key = tuple(balance)
@@ -261,9 +277,9 @@ class CostModel:
         """Seconds of the optimizer step per device, shape (n, devices)."""
         return self.device_params(balances) * self.step_per_param
 
-    def lower_bounds(self, balances: np.ndarray) -> np.ndarray:
-        """A bound no simulation of these balances goes below: each device must run all its work (a step can
-        not be shorter than the busiest device), the cores' floor, then the optimizer step."""
+    def busiest(self, balances: np.ndarray) -> np.ndarray:
+        """The busiest device's compute per step, shape (n,): no simulation of a balance is shorter (slightly
+        lowered, so that float rounding never lifts it above the simulated makespan)."""
         hi = np.cumsum(balances, axis=1)
         lo = hi - balances
         work = self._time_prefix[hi] - self._time_prefix[lo]
@@ -271,9 +287,14 @@ class CostModel:
             work = work + self._fwd_prefix[hi] - self._fwd_prefix[lo]
         placement = np.asarray(self.schedule.placement)
         m = self.schedule.microbatches
-        busiest = np.max(np.stack([work[:, placement == d].sum(axis=1) * m
-                                   for d in range(self.schedule.num_devices)], axis=1), axis=1)
-        bound = np.maximum(busiest, self.floor())
+        per_device = np.stack([work[:, placement == d].sum(axis=1) * m for d in range(self.schedule.num_devices)],
+                              axis=1)
+        return per_device.max(axis=1) * (1.0 - 1e-9)
+
+    def lower_bounds(self, balances: np.ndarray) -> np.ndarray:
+        """A bound no balance's predicted step goes below: the busiest device's work, the cores' floor, then
+        the optimizer step."""
+        bound = np.maximum(self.busiest(balances), self.floor())
         return (bound + self.optimizer_times(balances).max(axis=1)) * (1.0 - 1e-9)
 
     # ---- memory ----

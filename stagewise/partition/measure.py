@@ -1,14 +1,16 @@
 """Measure a model for the planner (`ProfileSet`), and plan a `Pipeline` whose schedule, m or balance is "auto".
 
-`measure(layers, sample, loss_fn, sizes)` profiles every layer (`profile_layers`: forward, whole backward,
-input-gradient backward, saved-activation and output bytes, the loss measured with the last layer) at every
-micro-batch size the search will try, `runs` times, interleaving the sizes so that a slow spell of a shared
-machine touches them all. Each time is the fastest of all runs (other work only ever adds time); the
-**noise** of a size is the per-layer spread between runs, summed over the layers, relative to the
-total: each run is first scaled to the fastest run's total (a busier machine slows every layer and every
-candidate alike, which changes no ranking), then sum over layers of (largest - smallest scaled time) /
-sum of the fastest times. The loss's saved bytes are measured apart (the last layer alone, then with the loss).
-The optimizer's cost per parameter is timed on one flat tensor.
+`measure(layers, sample, loss_fn, sizes)` runs every layer as a one-layer stage through the runtime's own
+`Stage` (`profile_as_stages`: forward with the saved-bytes hooks and, after the last layer, the loss as the
+executor computes it; the whole backward; the split backward, I then W), so that times and bytes are what
+the pipeline will see, not what the bare layers cost. It does so at every micro-batch size the search will
+try, `runs` times, interleaving the sizes so that a slow spell of a shared machine touches them all. Each
+time is the fastest of all runs (other work only ever adds time); the **noise** of a size is the per-layer
+spread between runs, summed over the layers, relative to the total: each run is first scaled to the
+fastest run's total (a busier machine slows every layer and every candidate alike, which changes no
+ranking), then sum over layers of (largest - smallest scaled time) / sum of the fastest times. The loss's
+saved bytes are counted apart (the stage's count leaves them out, as the runtime's does). The optimizer's
+cost per parameter is timed on one flat tensor.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from torch import nn
 
 from stagewise.partition.costmodel import ProfileSet, SizeProfile
 from stagewise.partition.costs import LayerProfile, parse_bytes
-from stagewise.partition.plan import Plan, default_microbatches, search
-from stagewise.partition.profile import describe_layers, profile_layers
+from stagewise.partition.plan import MAX_MICROBATCHES, Plan, default_microbatches, search
+from stagewise.partition.profile import describe_layers
 from stagewise.runtime.activations import SavedBytes
 from stagewise.runtime.microbatch import batch_size, split_sizes
 from stagewise.tree import map_tensors, tensors_of
@@ -43,16 +45,82 @@ def _nbytes(x: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors_of(x))
 
 
-def _alone_saved_bytes(layer: nn.Module, layers: Sequence[nn.Module], x: Any) -> int:
-    """Bytes the last layer saves without the loss: run the layers up to it, then it alone under the counter."""
-    with torch.no_grad():
-        for m in layers:
-            x = m(x)
-    x = map_tensors(x, lambda t: t.detach().requires_grad_(t.is_floating_point()))
-    counter = SavedBytes(layer.parameters())
-    with torch.enable_grad(), counter.hooks():
-        layer(x)
-    return counter.total
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def profile_as_stages(layers: Sequence[nn.Module], sample_input: Any, loss_fn: LossFn | None, labels: Any,
+                      device: torch.device, repeats: int = 3) -> tuple[list[LayerProfile], list[float], int]:
+    """Every layer run as a one-layer pipeline stage, through the runtime's own `Stage`: its forward (with the
+    saved-bytes hooks, the loss after the last layer as the executor computes it), whole backward, and split
+    backward (I, then W), each the fastest of `repeats` after one warm-up. Returns the profiles (`input_grad`:
+    I; `saved_bytes`: what the stage counts, the loss excluded), the W seconds per layer, and the bytes the
+    loss saves. Parameters' `.grad` and the random number generators are left as they were."""
+    from stagewise.runtime.stage import Stage
+    from stagewise.tree import flatten
+
+    counts = describe_layers(layers)
+    grads = [(p, p.grad) for m in layers for p in m.parameters()]
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    out_profiles, weight, loss_bytes = [], [], 0
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            x = sample_input
+            for i, layer in enumerate(layers):
+                last = i == len(layers) - 1 and loss_fn is not None
+                stage = Stage(0 if i == 0 else 1, [layer], i)
+                times: dict[str, list[float]] = {"F": [], "B": [], "I": [], "W": []}
+                nxt: Any = None
+                for r in range(repeats + 1):
+                    for split in (False, True):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        out, pending = stage.forward(x)
+                        if last:
+                            counter = SavedBytes(layer.parameters())
+                            with counter.hooks():
+                                loss = loss_fn(out, labels) * 1.0
+                            loss_bytes = counter.total
+                            pending.roots = [loss]
+                        else:
+                            pending.roots = [t for t in flatten(out)[0] if t.requires_grad]
+                        _sync(device)
+                        t1 = time.perf_counter()
+                        seeds = None if last else [torch.ones_like(t) for t in pending.roots]
+                        if not split:
+                            stage.backward(pending, seeds)
+                            _sync(device)
+                            t2 = t3 = time.perf_counter()
+                        else:
+                            stage.backward_input(pending, seeds)
+                            _sync(device)
+                            t2 = time.perf_counter()
+                            stage.backward_weight(pending)
+                            _sync(device)
+                            t3 = time.perf_counter()
+                        nxt = out
+                        if r == 0:
+                            continue  # warm-up
+                        if split:
+                            times["I"].append(t2 - t1)
+                            times["W"].append(t3 - t2)
+                        else:
+                            times["F"].append(t1 - t0)
+                            times["B"].append(t2 - t1)
+                base = counts[i]
+                out_profiles.append(replace(base, forward=min(times["F"]), backward=min(times["B"]),
+                                            output_bytes=_nbytes(nxt), saved_bytes=stage.peak_bytes,
+                                            input_grad=min(times["I"])))
+                weight.append(min(times["W"]))
+                x = map_tensors(nxt, lambda t: t.detach().requires_grad_(t.is_floating_point()))
+    finally:
+        for p, g in grads:
+            p.grad = g
+    return out_profiles, weight, loss_bytes
 
 
 def optimizer_seconds_per_param(numel: int, repeats: int = 3) -> float:
@@ -91,19 +159,16 @@ def measure(layers: nn.Sequential | Sequence[nn.Module], sample: tuple[Any, Any]
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        measured: dict[int, list[list[LayerProfile]]] = {n: [] for n in sizes}
+        dev = torch.device(device) if device is not None else next(
+            (p.device for m in mods for p in m.parameters()), torch.device("cpu"))
+        for m in mods:
+            m.to(dev)
+        measured: dict[int, list[tuple[list[LayerProfile], list[float], int]]] = {n: [] for n in sizes}
         for _ in range(runs):
             for n in sizes:
-                x, y = first_samples(sample[0], n), first_samples(sample[1], n)
-                measured[n].append(profile_layers(mods, x, device=device, repeats=repeats, loss_fn=loss_fn,
-                                                  labels=y if loss_fn is not None else None))
-        out = {}
-        for n in sizes:
-            x = first_samples(sample[0], n)
-            if device is not None:
-                x = map_tensors(x, lambda t: t.to(device))
-            alone = _alone_saved_bytes(mods[-1], mods[:-1], x) if loss_fn is not None else None
-            out[n] = _combine(n, measured[n], _nbytes(x), alone)
+                x, y = (map_tensors(first_samples(t, n), lambda t: t.to(dev)) for t in sample)
+                measured[n].append(profile_as_stages(mods, x, loss_fn, y, dev, repeats))
+        out = {n: _combine(n, measured[n], _nbytes(first_samples(sample[0], n))) for n in sizes}
         step = optimizer_seconds_per_param(sum(p.numel() for p in {id(p): p for m in mods
                                                                      for p in m.parameters()}.values()))
     finally:
@@ -111,14 +176,17 @@ def measure(layers: nn.Sequential | Sequence[nn.Module], sample: tuple[Any, Any]
     return ProfileSet(out, step, runs, repeats, time.perf_counter() - t0, {"threads": threads or before})
 
 
-def _combine(samples: int, runs: list[list[LayerProfile]], input_bytes: int, last_alone: int | None) -> SizeProfile:
+def _combine(samples: int, measured: list[tuple[list[LayerProfile], list[float], int]], input_bytes: int
+             ) -> SizeProfile:
     """The fastest of every run per layer and field, and the noise (see the module docstring)."""
+    runs = [m[0] for m in measured]
     layers = []
     for per_run in zip(*runs):
         first = per_run[0]
         grads = [x.input_grad for x in per_run if x.input_grad is not None]
         layers.append(replace(first, forward=min(x.forward for x in per_run),
                               backward=min(x.backward for x in per_run), input_grad=min(grads) if grads else None))
+    weight = tuple(min(w) for w in zip(*(m[1] for m in measured)))
     # A run on a busier machine is slower everywhere, which moves every candidate alike and changes no ranking:
     # each run is scaled to the fastest run's total before the per-layer spread is taken.
     totals = [sum(x.time for x in run) for run in runs]
@@ -126,11 +194,8 @@ def _combine(samples: int, runs: list[list[LayerProfile]], input_bytes: int, las
     spread = sum(max(x.time * k for x, k in zip(per_run, scale)) - min(x.time * k for x, k in zip(per_run, scale))
                  for per_run in zip(*runs))
     total = sum(x.time for x in layers)
-    loss_bytes = 0
-    if last_alone is not None:
-        loss_bytes = max(0, layers[-1].saved_bytes - last_alone)
-        layers[-1] = replace(layers[-1], saved_bytes=last_alone)
-    return SizeProfile(samples, tuple(layers), input_bytes, loss_bytes, spread / total if total > 0 else 0.0)
+    return SizeProfile(samples, tuple(layers), input_bytes, measured[0][2], spread / total if total > 0 else 0.0,
+                       weight)
 
 
 def microbatch_sizes(batch: int, devices: int, data_parallel: int, microbatches: Sequence[int] | None) -> list[int]:
@@ -146,29 +211,28 @@ def default_cores(device: torch.device) -> int | None:
 
 
 def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-               sample: tuple[Any, Any], devices: int, *, data_parallel: int = 1, schedule: str = AUTO,
-               microbatches: int | str | None = AUTO, partition: str | Sequence[int] = AUTO,
+               sample: tuple[Any, Any], devices: int, *, data_parallel: int = 1, schedule: str | Sequence[str] = AUTO,
+               microbatches: int | Sequence[int] | str | None = AUTO, partition: str | Sequence[int] = AUTO,
                chunks: int | None = None, memory_limit: float | str | None = None, device: torch.device | None = None,
                threads: int | None = None, runs: int = 3, repeats: int = 3, recompute: Sequence[bool] = (False,),
                cores: int | None | str = AUTO, tokens_per_sample: int | None = None, top: int = 5,
                max_microbatches: int | None = None) -> tuple[Plan, ProfileSet]:
     """Measure `layers` on `sample` and search: the `Plan` and the profiles it used.
 
-    What is not "auto" is held fixed: a schedule name, an int m, a partition method or balance (then
-    evaluated, not searched, for every configuration), `chunks`. `sample` is a whole batch like the ones to
-    train on (its size is the batch). `tokens_per_sample` defaults to the length of dim 1 of an integer
-    input (token ids), else throughput is in samples/s.
+    What is not "auto" is held fixed or narrowed: a schedule name (or a list to choose from), m (an int or a
+    list), a partition method or balance (then evaluated, not searched, for every configuration), `chunks`.
+    `sample` is a whole batch like the ones to train on (its size is the batch). `tokens_per_sample`
+    defaults to the length of dim 1 of an integer input (token ids), else throughput is in samples/s.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     batch = batch_size(sample[0])
     P = devices
     per_replica = -(-batch // data_parallel)
     if microbatches in (AUTO, None):
-        cap = max_microbatches or 32
-        ms = default_microbatches(per_replica, P, cap)
+        ms = default_microbatches(per_replica, P, max_microbatches or MAX_MICROBATCHES)
     else:
-        ms = [int(microbatches)]
-    names = None if schedule == AUTO else [schedule]
+        ms = [int(microbatches)] if isinstance(microbatches, int) else [int(m) for m in microbatches]
+    names = None if schedule == AUTO else [schedule] if isinstance(schedule, str) else list(schedule)
     balance_fn = None
     if partition != AUTO:
         from stagewise.partition import resolve_balance

@@ -281,16 +281,28 @@ def best_balance(model: CostModel, limit: float = math.inf, *, fixed: Sequence[i
     lbs = model.lower_bounds(comps)
     if not exhaustive and lbs.min() > bound:
         return None, "bound"
+    busiest = model.busiest(comps)
     best: Estimate | None = None
     for k in np.lexsort((peak, lbs)).tolist():
-        if best is not None and not exhaustive and lbs[k] > best.step_s:
-            break  # every balance left is bounded above the best
+        if best is not None and not exhaustive:
+            if lbs[k] > best.step_s:
+                break  # every balance left is bounded above the best
+            if busiest[k] > best.makespan_s:
+                continue  # at best a tie on the step (the cores' floor) that it would lose on the makespan
         stats.simulations += 1
         e = model.estimate(comps[k].tolist())
-        if best is None or shorter(e.step_s, best.step_s) or (
-                not shorter(best.step_s, e.step_s) and max(e.memory) < max(best.memory)):
+        if best is None or _better(e, best):
             best = e
     return best, ""
+
+
+def _better(e: Estimate, best: Estimate) -> bool:
+    """A shorter step; on a tie (the shared cores' floor binds both), a shorter schedule alone, then less memory."""
+    if shorter(e.step_s, best.step_s) or shorter(best.step_s, e.step_s):
+        return shorter(e.step_s, best.step_s)
+    if shorter(e.makespan_s, best.makespan_s) or shorter(best.makespan_s, e.makespan_s):
+        return shorter(e.makespan_s, best.makespan_s)
+    return max(e.memory) < max(best.memory)
 
 
 def _local_search(model: CostModel, limit: float, stats: _Stats) -> tuple[Estimate | None, str]:
