@@ -173,6 +173,8 @@ def test_memory_limit_errors_and_parsing():
         search(synthetic(random.Random(5), 6), 2, 8, memory_limit=10)
     assert default_microbatches(16, 4) == [4, 8, 16] and default_microbatches(16, 2) == [2, 4, 8, 16]
     assert default_microbatches(3, 4) == [3]
+    one = search(synthetic(random.Random(6), 3), 1, 8, data_parallel=2)  # one stage, two replicas
+    assert one.choice.balance == [3] and one.choice.samples == 4 // one.choice.microbatches
 
 
 # ---- on real layers ----

@@ -243,6 +243,8 @@ def measured_saved_peaks(trace: Timeline, rows: Sequence[int]) -> list[float]:
 
 def compositions_array(num_layers: int, num_stages: int) -> np.ndarray:
     """Every balance of `num_layers` into `num_stages` non-empty stages, shape (count, stages)."""
+    if num_stages == 1:
+        return np.array([[num_layers]], dtype=np.int64)
     cuts = np.array(list(itertools.combinations(range(1, num_layers), num_stages - 1)), dtype=np.int64)
     cuts = cuts.reshape(-1, num_stages - 1)
     edges = np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), num_layers)], axis=1)
