@@ -2,11 +2,16 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "PipelineError", "PeerError", "check", "spawn", "__version__"]
+__all__ = ["CheckpointError", "GPipe", "Pipeline", "PipelineError", "PeerError", "check", "load_full", "spawn",
+           "__version__"]
 
 
 def __getattr__(name: str):
     # torch is imported only when the runtime is used, so `stagewise simulate` starts fast.
+    if name == "GPipe":
+        from stagewise.gpipe import GPipe
+
+        return GPipe
     if name == "Pipeline":
         from stagewise.pipeline import Pipeline
 
@@ -15,6 +20,10 @@ def __getattr__(name: str):
         from stagewise.parity import check
 
         return check
+    if name in ("load_full", "CheckpointError"):
+        from stagewise.runtime import checkpoint
+
+        return getattr(checkpoint, name)
     if name in ("PipelineError", "PeerError", "spawn"):
         import stagewise.runtime as runtime
 

@@ -100,20 +100,44 @@ def _count_or_auto(text: str) -> int | str:
 
 def _train(args: argparse.Namespace) -> int:
     """`stagewise train`: start one process per stage (unless already under torchrun) and train GPT-2."""
-    from dataclasses import fields
+    from stagewise.train import train
 
-    from stagewise.train import TrainConfig, train
-
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if "RANK" not in os.environ and cfg.stages * cfg.dp > 1:
+    cfg = _train_config(args)
+    n = cfg.stages * cfg.dp
+    if "RANK" not in os.environ and (n > 1 or cfg.max_restarts):
         from torch.distributed import run as torchrun
 
-        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.stages)))
-        n = cfg.stages * cfg.dp
-        torchrun.main(["--standalone", "--nproc_per_node", str(n), "-m", "stagewise.cli", *sys.argv[1:]])
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // n)))
+        restarts = ["--max-restarts", str(cfg.max_restarts)] if cfg.max_restarts else []
+        torchrun.main(["--standalone", "--nproc_per_node", str(n), *restarts, "-m", "stagewise.cli",
+                       *sys.argv[1:]])
         return 0
     train(cfg)
     return 0
+
+
+def _train_config(args: argparse.Namespace):
+    """The options given, over the resumed run's config.json (with --resume), over the defaults."""
+    from dataclasses import asdict, fields
+    from pathlib import Path
+
+    from stagewise.runtime.checkpoint.files import parse_step
+    from stagewise.train import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    values = asdict(TrainConfig())
+    if args.resume:
+        run = Path(args.resume)
+        if parse_step(run.name) is not None:  # a checkpoint of the run: RUN/checkpoints/step-N
+            run = run.parent.parent
+        saved = run / "config.json"
+        if not saved.is_file():
+            raise ValueError(f"--resume {args.resume}: {saved} not found; give the folder of a `stagewise train` run")
+        known = {f.name for f in fields(TrainConfig)}
+        values.update({k: v for k, v in json.loads(saved.read_text()).items() if k in known})
+        given["out"] = str(run)
+    values.update(given)
+    return TrainConfig(**values)
 
 
 def _partition(args: argparse.Namespace) -> int:
@@ -232,36 +256,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)  # plan, check
     d = TrainConfig()
     tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)")
-    tr.add_argument("--stages", type=int, default=d.stages, help="pipeline devices (processes)")
-    tr.add_argument("--dp", type=_positive, default=d.dp,
-                    help="data-parallel replicas of the pipeline: stages x dp processes (default %(default)s)")
-    tr.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None,
-                    help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
-    tr.add_argument("--schedule", default=d.schedule,
-                    help=f"one of {names()}, or auto: the planner's choice (default %(default)s)")
-    tr.add_argument("--microbatches", type=_count_or_auto, default=d.microbatches, help="m, or auto (default)")
-    tr.add_argument("--plan", action="store_true", help="let the planner choose schedule, m and partition (overrides "
-                    "--schedule, --microbatches, --partition); the choice is printed and saved as plan.json")
-    tr.add_argument("--memory-limit", dest="memory_limit", default=d.memory_limit,
-                    help="bytes per device for the planner and the memory/auto partitions, e.g. 2GiB")
-    tr.add_argument("--steps", type=int, default=d.steps)
-    tr.add_argument("--model", default=d.model, help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
-    tr.add_argument("--pretrained", default=None, help="Hugging Face GPT-2 weights (name or local folder)")
-    tr.add_argument("--data", default=None, help="a text file or folder (default: the built-in corpus)")
-    tr.add_argument("--dataset", default=None, help="'squad': SQuAD contexts via Hugging Face datasets")
-    tr.add_argument("--seq-len", dest="seq_len", type=int, default=d.seq_len)
-    tr.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size)
-    tr.add_argument("--lr", type=float, default=d.lr)
-    tr.add_argument("--partition", default=d.partition,
-                    help="auto (default), uniform, parameters, type:REGEX, time, memory, or counts 4,3,3,4")
-    tr.add_argument("--chunks", type=int, default=None, help="virtual stages per device (interleaved, zbv)")
-    tr.add_argument("--vocab-size", dest="vocab_size", type=int, default=d.vocab_size)
-    tr.add_argument("--out", default=d.out, help="run folder")
-    tr.add_argument("--seed", type=int, default=d.seed)
-    tr.add_argument("--log-every", dest="log_every", type=int, default=d.log_every)
-    tr.add_argument("--trace-step", dest="trace_step", type=int, default=d.trace_step)
-    tr.add_argument("--timeout", type=float, default=d.timeout, help="seconds any wait on another stage may take")
-    tr.add_argument("--threads", type=int, default=None, help="intra-op threads per process")
+
+    def opt(*names: str, **kw) -> None:  # default None: with --resume, options given replace the run's config
+        dest = kw.get("dest", names[0].lstrip("-").replace("-", "_"))
+        if kw.get("action") != "store_true":
+            kw["help"] = f"{kw.get('help', '')} (default: {getattr(d, dest)})".lstrip()
+        tr.add_argument(*names, default=None, **kw)
+
+    opt("--stages", type=int, help="pipeline devices (processes)")
+    opt("--dp", type=_positive, help="data-parallel replicas of the pipeline: stages x dp processes")
+    opt("--precision", choices=["fp32", "bf16", "fp16"], help="compute precision of the stages")
+    opt("--activation-checkpointing", dest="activation_checkpointing",
+        help="never, except_last, always, N layers per checkpointed group, or auto (the planner's choice)")
+    opt("--max-grad-norm", dest="max_grad_norm", type=float,
+        help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
+    opt("--schedule", help=f"one of {names()}, or auto: the planner's choice")
+    opt("--microbatches", type=_count_or_auto, help="m, or auto: the planner's choice")
+    opt("--plan", action="store_true", help="the planner chooses schedule, m, partition and activation "
+        "checkpointing (overrides those options); its table is printed and saved as plan.json")
+    opt("--memory-limit", dest="memory_limit", help="bytes per device for the planner and the memory/auto "
+        "partitions, e.g. 2GiB")
+    opt("--steps", type=int, help="the run's total steps (a resumed run stops there too)")
+    opt("--model", help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
+    opt("--pretrained", help="Hugging Face GPT-2 weights (name or local folder)")
+    opt("--data", help="a text file or folder (default: the built-in corpus)")
+    opt("--dataset", help="'squad': SQuAD contexts via Hugging Face datasets")
+    opt("--seq-len", dest="seq_len", type=int)
+    opt("--batch-size", dest="batch_size", type=int)
+    opt("--lr", type=float)
+    opt("--partition", help="auto, uniform, parameters, type:REGEX, time, memory, or counts 4,3,3,4")
+    opt("--chunks", type=int, help="virtual stages per device (interleaved, zbv)")
+    opt("--vocab-size", dest="vocab_size", type=int)
+    opt("--out", help="run folder")
+    opt("--seed", type=int)
+    opt("--log-every", dest="log_every", type=int)
+    opt("--trace-step", dest="trace_step", type=int, help="the step whose timeline is drawn (0: none)")
+    opt("--timeout", type=float, help="seconds any wait on another stage may take")
+    opt("--threads", type=int, help="intra-op threads per process")
+    opt("--save-every", dest="save_every", type=int,
+        help="checkpoint every K steps into RUN/checkpoints (0: at the end only)")
+    opt("--keep", type=int, help="checkpoints kept")
+    opt("--resume", help="continue the run in this folder (or from one of its checkpoints) up to its --steps")
+    opt("--fallback", action="store_true",
+        help="with --resume: if the newest checkpoint is damaged, use the newest intact one (restarts always do)")
+    opt("--max-restarts", dest="max_restarts", type=int,
+        help="when a rank dies, restart every rank from the newest intact checkpoint up to R times (torchrun's)")
     tr.set_defaults(func=_train)
     # Every option goes to the benchmark script unparsed (`stagewise bench --help` shows its own help).
     be = sub.add_parser("bench", help="benchmark against torch.distributed.pipelining (see `stagewise bench --help`)",

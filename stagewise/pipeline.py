@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,15 +20,15 @@ from stagewise.partition import PartitionTable, resolve_balance
 from stagewise.partition.measure import plan_if_auto
 from stagewise.partition.profile import layer_facts
 from stagewise.runtime import checkpoint
-from stagewise.runtime.feed import MicrobatchFeed
 from stagewise.runtime.host_memory import keep_freed_host_memory
+from stagewise.runtime.precision import LossScaler, Precision
 from stagewise.runtime.runner import Runner
 from stagewise.runtime.stages import LayerSpec, StageSet, as_layer_list
 from stagewise.runtime.step import training_step
 from stagewise.runtime.ties import Ties
-from stagewise.runtime.versions import stashing
 from stagewise.runtime.world import make_world
-from stagewise.schedules import Schedule, ScheduleError, build, validate
+from stagewise.schedules import Schedule, ScheduleError
+from stagewise.schedules.recompute import check_mode
 from stagewise.schedules.registry import check_spec, resolve_schedule
 from stagewise.schedules.timeline import Timeline
 
@@ -35,9 +36,10 @@ from stagewise.schedules.timeline import Timeline
 class Pipeline:
     """Train a model given as a list of layers on a pipeline of devices.
 
-    Run one process per device (`torchrun --nproc_per_node=P script.py` or `stagewise run -n P script.py`); every
-    rank constructs the same `Pipeline` and calls `train_step` with the same batch. With `local_devices=P` the P
-    devices instead run as threads of this one process (handy for notebooks and tests).
+    Run one process per device (`torchrun --nproc_per_node=P script.py` or
+    `stagewise run -n P script.py`); every rank constructs the same `Pipeline` and calls
+    `train_step` with the same batch. With `local_devices=P` the P devices instead run
+    as threads of this one process (handy for notebooks and tests).
 
     Args:
         layers: an `nn.Sequential`, a list of modules, or zero-argument factories (each rank
@@ -47,7 +49,8 @@ class Pipeline:
             `Schedule` built by hand for P devices (validated before anything runs), or "auto": the planner
             (`stagewise.partition.plan`) measures the layers on `sample` and picks schedule, m and balance within
             `memory_limit` (bytes or text like "2GiB"); `self.plan` holds its table. `planner`: its options.
-        microbatches: m (default 4; from the schedule if a `Schedule` or file is given) or "auto"; sizes B//m or B//m+1.
+        microbatches: m (default 4; taken from the schedule when a `Schedule` or a file is given), or "auto"; a
+            batch of B samples gives micro-batches of B//m or B//m + 1 samples.
         partition: a balance list with one layer count per stage (devices x chunks), or a method:
             "uniform", "parameters", "type:REGEX" (DeepSpeed's), "time", "memory" or "auto" (these three
             measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
@@ -59,9 +62,13 @@ class Pipeline:
             `clip_grad_norm_` on one device; `last_step["grad_norm"]` is the norm (a non-finite one skips the step).
         timeout: seconds any wait on another device may take before every rank stops with an error.
         vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
-        show_partition: print the partition table on rank 0 at start-up; `partition_table()` returns it as data.
-        keep_host_memory: on CPU, set glibc's malloc (process-wide) to keep freed memory, so steps do not pay page
-            faults for their activations (4-7% of a step here); see `stagewise.runtime.host_memory`.
+        show_partition: print the partition table on rank 0 at start-up (`partition_table()` returns it).
+        keep_host_memory: on CPU, keep freed memory in glibc's malloc (process-wide): no page faults per step
+            (4-7% of a step here); see `stagewise.runtime.host_memory`.
+        precision: "fp32", "bf16" or "fp16": forwards under autocast, low-precision stage I/O; fp16 scales the
+            loss dynamically (`last_step["loss_scale"]`, `loss_scalers`). See `stagewise.runtime.precision`.
+        activation_checkpointing: "never", "except_last", "always" or N layers per checkpointed group: which
+            forwards keep only their input and recompute (RECOMPUTE actions); "auto": the planner's choice.
     """
 
     def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
@@ -73,7 +80,8 @@ class Pipeline:
                  local_devices: int | None = None, backend: str | None = None, sample: tuple[Any, Any] | None = None,
                  memory_limit: float | str | None = None, planner: dict | None = None,
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
-                 data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False):
+                 data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False,
+                 precision: str = "fp32", activation_checkpointing: str | int = "never"):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
         if schedule != "auto":
@@ -82,11 +90,12 @@ class Pipeline:
                                 data_parallel=data_parallel)
         layer_list = as_layer_list(layers)
         self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition, chunks,
-                                 memory_limit, planner)  # None unless the schedule or m is "auto"
+                                 memory_limit, activation_checkpointing, planner)  # None unless schedule or m is "auto"
         if self.plan is not None:
-            schedule, microbatches, chunks, partition = self.plan.choice.settings()
-        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks,
-                                         data_parallel=data_parallel, **options)
+            schedule, microbatches, chunks, partition, activation_checkpointing = self.plan.choice.settings()
+        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks, data_parallel,
+                                         check_mode(activation_checkpointing), **options)
+        self.precision = Precision(precision)
         self.microbatches = self.schedule.microbatches
         self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
         self.device = self.world.device(self.world.local_ranks[0])
@@ -95,7 +104,9 @@ class Pipeline:
         self.balance = resolve_balance(partition, len(layer_list), self.schedule.num_stages, layers=self.profiles,
                                        schedule=self.schedule, memory_limit=memory_limit)
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()
-        self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed)
+        self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed, self.precision,
+                              activation_checkpointing if isinstance(activation_checkpointing, int) else None)
+        self.loss_scalers = {r: LossScaler() for r in self.world.local_ranks} if precision == "fp16" else {}
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
         ties = Ties(self.world, self.model.tied)
         if self.schedule.asynchronous and ties:
@@ -104,10 +115,11 @@ class Pipeline:
                              "Untie them or use a synchronous schedule")
         self.optimizers = {r: optimizer(ps) for r, ps in self.model.owned.items() if optimizer is not None and ps}
         self.step_parts = training_step(self.world, self.model, ties, asynchronous=self.schedule.asynchronous,
-                                        max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm)
+                                        max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
+                                        scalers=self.loss_scalers)
         self.last_step: dict[str, Any] = {}  # the last step's loss, and what its parts reported (grad_norm, ...)
-        self._everyone = self.world.group(range(self.world.size))
-        self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers)
+        self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers,
+                             self.loss_scalers)
         if show_partition and 0 in self.world.local_ranks:
             print(self.partition_table().format(), flush=True)
 
@@ -126,13 +138,7 @@ class Pipeline:
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This process's parameters (of its first data replica), named as `nn.Sequential(*layers)` names them
         (a parameter shared by two layers keeps its first name, and is listed once per process)."""
-        out, seen = [], set()
-        for s in sorted(self.stages):
-            for name, p in self.stages[s].named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append((name, p))
-        return out
+        return self.model.named_parameters()
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_parameters()]
@@ -191,16 +197,10 @@ class Pipeline:
             raise ScheduleError("an asynchronous Schedule object runs one batch per train_step; to run several "
                                 "batches unflushed, pass the schedule by name")
         name, chunks, options = self._rebuild
-        schedule = validate(build(name, self.world.grid.pipeline, self.microbatches, chunks, batches=steps,
-                                  **options))
-        keep = self.world.grid.pipeline // self.microbatches + 2  # batches that can still be in flight
-        feed = MicrobatchFeed(it, self.microbatches, self.device, keep=keep, replicas=self.world.grid.data)
-        feeds = {self.world.grid.coords(r)[1]: feed.microbatches(self.world.grid.coords(r)[1])
-                 for r in self.world.local_ranks}
-        self.version_peaks: dict[int, int] = {}
-        with stashing(schedule, self.model.all(), self.version_peaks):
-            losses = self.runner.run(feeds, True, schedule, batches=steps)
-        return losses.tolist()
+        schedule = resolve_schedule(name, self.world.grid.pipeline, self.microbatches, chunks, batches=steps,
+                                    data_parallel=self.world.grid.data, **options)
+        losses, self.version_peaks = self.runner.unflushed(it, schedule, steps)
+        return losses
 
     def close(self) -> None:
         """Stop this pipeline's failure watchdog thread (one per multi-process pipeline); idempotent. Call it
@@ -212,32 +212,30 @@ class Pipeline:
         machine). With several processes this is a collective: call it on every rank."""
         return self.runner.trace()
 
-    def save_checkpoint(self, folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
-        """Write every stage's weights and optimizer state under `folder`, each file atomically (a temporary
-        name, then a rename). A collective: every rank of the first data replica writes its own stages."""
-        meta = None
-        if 0 in self.world.local_ranks:
-            meta = {"schedule": self.schedule.name, "devices": self.world.grid.pipeline,
-                    "microbatches": self.microbatches, "balance": self.balance,
-                    "placement": list(self.schedule.placement), **(extra or {})}
+    def save_checkpoint(self, folder: str | os.PathLike[str], step: int | None = None,
+                        extra: dict[str, Any] | None = None, keep: int | None = 3) -> Path:
+        """Write weights, optimizer state, every rank's RNG state and `extra` (e.g. the data position; state
+        dicts may hold tensors) as one checkpoint keyed by the unsplit model's names (a collective). With
+        `step`, `folder` is a root and the checkpoint is `folder/step-NNNNNNNN` (the newest `keep` are kept);
+        else `folder` itself. Atomic: nothing is visible until every rank's files are fsynced and rank 0 has
+        renamed the finished folder into place. Format: `stagewise.runtime.checkpoint`."""
+        return checkpoint.save(folder, self.world, self.model, self.optimizers, step=step, extra=extra, keep=keep)
 
-        def save(r: int) -> None:
-            stages = {s: (self.layer_ranges[s], st.module) for s, st in self.model.of_rank(r).items()}
-            if self.world.grid.coords(r)[1] == 0:  # replicas hold the same state: the first one writes it
-                checkpoint.save(folder, stages, {r: self.optimizers[r]} if r in self.optimizers else {},
-                                meta if r == 0 else None)
-            self.world.barrier(r, self._everyone)
-
-        self.world.run(save, "saving a checkpoint")
-
-    def load_checkpoint(self, folder: str | os.PathLike[str]) -> dict[str, Any]:
-        """Load what `save_checkpoint` wrote for this process's stages (same balance); returns meta.json."""
-        return checkpoint.load(folder, self.balance, {s: st.module for s, st in self.stages.items()},
-                               self.optimizers)
+    def load_checkpoint(self, folder: str | os.PathLike[str], fallback: bool = False,
+                        strict: bool = True) -> dict[str, Any]:
+        """Restore weights, optimizer state and RNG from a checkpoint folder or root (its newest), written by
+        any pipeline shape (P, schedule, balance, chunks, D). Files are verified first; a damaged checkpoint
+        is refused unless `fallback` (then the newest intact one is used, and said). Returns the manifest:
+        `step`, `extra`, `path` (what was loaded), `skipped` (damaged ones passed over)."""
+        return checkpoint.load(folder, self.world, self.model, self.optimizers, fallback=fallback, strict=strict)
 
     def peak_activation_bytes(self) -> dict[int, int]:
         """Peak saved-activation bytes per stage held by this process, since construction."""
         return {s: st.peak_bytes for s, st in self.stages.items()}
+
+    def peak_device_activation_bytes(self) -> dict[int, int]:
+        """Peak saved-activation bytes per pipeline device held by this process (all its stages at once)."""
+        return self.model.device_peaks()
 
     def _step(self, batch: tuple[Any, Any], train: bool, step: bool = True) -> dict[str, Any]:
         self.world.check()

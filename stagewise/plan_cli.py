@@ -88,7 +88,7 @@ def _plan(args: argparse.Namespace) -> int:
     plan, profiles = plan_model(
         layers, loss_fn, batch, args.stages, data_parallel=args.dp,
         schedule=args.schedules or "auto", microbatches=args.microbatches or "auto", memory_limit=args.memory_limit,
-        threads=threads, runs=args.runs, repeats=args.repeats, recompute=(False, True) if args.recompute else (False,),
+        threads=threads, runs=args.runs, repeats=args.repeats, recompute=args.activation_checkpointing,
         cores=args.cores if args.cores is not None else "auto", top=args.top,
         max_microbatches=args.max_microbatches or MAX_MICROBATCHES)
     data = {"model": what, **plan.to_dict(), "threads": threads}
@@ -100,8 +100,6 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         print(f"{what}: {len(layers)} layers, {args.stages} devices, batch {args.batch}, {threads} thread(s) per rank")
         print(plan.format())
-        if plan.choice.recompute:
-            print("note: the choice uses recompute, which the runtime cannot run yet (activation checkpointing)")
     return 0
 
 
@@ -140,9 +138,10 @@ def add_parsers(sub: Any) -> None:
                     help="m to consider, e.g. 4,8,16 (default: divisors of the per-replica batch from P up to "
                          "--max-microbatches)")
     pl.add_argument("--max-microbatches", dest="max_microbatches", type=int, default=None)
-    pl.add_argument("--recompute", action="store_true",
-                    help="also consider recompute (activation checkpointing of whole stages): predictions only, "
-                         "until the runtime runs it")
+    pl.add_argument("--activation-checkpointing", "--recompute", dest="activation_checkpointing", default="auto",
+                    choices=["auto", "never", "except_last", "always"],
+                    help="recompute modes to consider: auto (every one: they only win under a memory limit; "
+                         "default) or one held fixed")
     pl.add_argument("--runs", type=int, default=3, help="profile runs per micro-batch size (the noise estimate)")
     pl.add_argument("--repeats", type=int, default=3, help="timed repetitions per layer and run (the fastest counts)")
     pl.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default cores / ranks)")

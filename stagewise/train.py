@@ -3,17 +3,24 @@
 Every rank runs `train(config)`: it prepares the data (rank 0 trains the tokenizer and
 caches it, the others then load it), builds the model as a list of layers, keeps its own
 stages through `Pipeline`, and trains. Rank 0 prints the partition table, a progress bar
-and `step N loss X` lines, and writes metrics.jsonl, timeline.png, trace.json and the
-final checkpoint to the run folder.
+and `step N loss X` lines, and writes metrics.jsonl, timeline.png, trace.json and
+checkpoints/step-NNNNNNNN/ (every `save_every` steps and at the end) to the run folder.
+
+Resuming: `resume` (or a restart by torchrun under `--max-restarts`, seen as
+TORCHELASTIC_RESTART_COUNT > 0) loads the run's newest checkpoint (weights, optimizer, RNG)
+and the data position saved with it, and trains on to the run's total `steps`; the losses
+are those of an uninterrupted run. metrics.jsonl goes on in the same folder (lines past the
+checkpoint are dropped, then run again); events.jsonl records every resume and what it lost.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +35,8 @@ class TrainConfig:
     stages: int = 4
     dp: int = 1  # data-parallel replicas of the pipeline: stages x dp processes
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (dynamic loss scaling)
+    activation_checkpointing: str = "never"  # never, except_last, always, a number of layers per group, or auto
     schedule: str = "auto"  # "auto": the planner chooses (with m and the partition when those are "auto" too)
     microbatches: int | str = "auto"
     steps: int = 300
@@ -39,7 +48,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     partition: str = "auto"
-    plan: bool = False  # schedule, microbatches and partition all "auto"
+    plan: bool = False  # the planner chooses schedule, microbatches, partition and activation checkpointing
     memory_limit: str | None = None  # bytes per device (text such as 2GiB), for the planner
     chunks: int | None = None
     vocab_size: int = 8192
@@ -49,6 +58,11 @@ class TrainConfig:
     trace_step: int = 5  # the step whose measured timeline is drawn and saved
     timeout: float = 120.0
     threads: int | None = None
+    save_every: int = 0  # steps between checkpoints (0: only the final one)
+    keep: int = 3  # checkpoints kept in RUN/checkpoints
+    resume: str | None = None  # a run folder (or one of its checkpoints) to continue
+    fallback: bool = False  # resume from the newest intact checkpoint when the newest is damaged
+    max_restarts: int = 0  # torchrun restarts of the whole group after a rank dies
 
 
 def _texts(cfg: TrainConfig) -> list[str]:
@@ -119,53 +133,69 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                          "directly and let it start them")
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     if cfg.plan:
-        cfg.schedule, cfg.microbatches, cfg.partition = "auto", "auto", "auto"
+        cfg.schedule = cfg.microbatches = cfg.partition = cfg.activation_checkpointing = "auto"
     planned = "auto" in (cfg.schedule, cfg.microbatches)
     out = Path(cfg.out)
+    plan = _saved_plan(out) if planned and cfg.resume else None  # a resumed run keeps the plan it started with
     say = _Printer(rank == 0)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     say(f"stagewise train: {cfg.model if not cfg.pretrained else cfg.pretrained} on {cfg.stages} stage(s)"
         f"{f' x {cfg.dp} data-parallel replicas' if cfg.dp > 1 else ''}, "
         f"schedule {cfg.schedule}, {cfg.microbatches} micro-batches, {cfg.steps} steps"
-        f"{' (auto: chosen by the planner)' if planned else ''}")
+        + (" (auto: chosen by the planner)" if planned else "")
+        + (f" (restart {attempt} of at most {cfg.max_restarts})" if attempt else ""))
     t0 = time.perf_counter()
     tok, batches = prepare_data(cfg, rank, world)
     say(f"data: {len(batches)} batches of {cfg.batch_size} x <= {cfg.seq_len} tokens, vocabulary "
         f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s)")
     layers = build_layers(cfg, tok.get_vocab_size())
     sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
-    pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
-                    chunks=cfg.chunks, timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
+    schedule, microbatches, chunks, partition, checkpointing = (
+        plan.choice.settings() if plan is not None else
+        (cfg.schedule, cfg.microbatches, cfg.chunks, cfg.partition, _checkpointing(cfg.activation_checkpointing)))
+    pipe = Pipeline(layers, lm_loss, schedule=schedule, microbatches=microbatches, partition=partition, chunks=chunks,
+                    timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
+                    precision=cfg.precision, activation_checkpointing=checkpointing,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
-    if pipe.plan is not None:
-        say(pipe.plan.format())
+    plan = plan or pipe.plan
+    if plan is not None:
+        say(plan.format() if pipe.plan is not None else f"the plan of {out / 'plan.json'}: {plan.choice.label}")
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
+    root = out / "checkpoints"
+    start, first_loss = _resume(pipe, cfg, root, attempt, rank, say)
+    if start >= cfg.steps:
+        say(f"the run is already at step {start} of {cfg.steps}: nothing to train (give a larger --steps to go on)")
+        return {"first_loss": first_loss, "steps": cfg.steps, "resumed_from_step": start}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        if pipe.plan is not None:
-            (out / "plan.json").write_text(json.dumps(pipe.plan.to_dict(), indent=2))
+        if plan is not None:
+            _write_json(out / "plan.json", plan.to_dict())
     prediction: dict[str, Any] | None = None
-    metrics = open(out / "metrics.jsonl", "w") if rank == 0 else None
+    metrics = _open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
     history: list[tuple[int, float, float]] = []
-    data = iter(_forever(batches))
-    progress = _Progress(rank == 0, cfg.steps)
+    data = iter(_batches_from(batches, start))
+    progress = _Progress(rank == 0, cfg.steps, start)
+    kill = _kill_hook(rank, attempt)
     window_tokens, window_time = 0, 0.0
+    saved = start if start else None
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(start + 1, cfg.steps + 1):
             inputs, labels = next(data)
-            start = time.perf_counter()
+            begin = time.perf_counter()
             loss = pipe.train_step((inputs, labels)).item()
-            took = time.perf_counter() - start
+            took = time.perf_counter() - begin
+            first_loss = loss if first_loss is None else first_loss
             tokens = int((labels != -100).sum())
             window_tokens, window_time = window_tokens + tokens, window_time + took
             history.append((step, loss, tokens / took))
             progress.update(step, loss, tokens / took)
-            if step == min(cfg.trace_step, cfg.steps):
+            if cfg.trace_step and step == min(cfg.trace_step, cfg.steps):
                 trace = _save_timelines(pipe, out, rank)
-                if trace is not None and pipe.plan is not None:
-                    prediction = _check_prediction(pipe, trace, took, cfg.dp, progress)
+                if trace is not None and plan is not None:
+                    prediction = _check_prediction(plan, pipe, trace, took, cfg.dp, progress)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tps = window_tokens / window_time
                 norm = pipe.last_step.get("grad_norm", float("nan"))
@@ -177,39 +207,140 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                               "elapsed_s": time.perf_counter() - t0}) + "\n")
                     metrics.flush()
                 window_tokens, window_time = 0, 0.0
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                pipe.save_checkpoint(root, step=step, keep=cfg.keep,
+                                     extra={"data": _position(batches, step), "first_loss": first_loss})
+                saved = step
+            if rank == 0:
+                _write_json(out / "progress.json", {"step": step, "loss": loss, "attempt": attempt,
+                                                    "checkpoint": saved})
+            if kill == step:
+                os.kill(os.getpid(), signal.SIGKILL)  # the test hook: die as a crash would, mid-run
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
-    pipe.save_checkpoint(out / "checkpoint", extra={"step": cfg.steps, "config": asdict(cfg)})
-    first, last = history[0][1], sum(h[1] for h in history[-10:]) / len(history[-10:])
+    last = sum(h[1] for h in history[-10:]) / len(history[-10:]) if history else float("nan")
     steady = history[len(history) // 5:] or history
-    summary = {"first_loss": first, "last_loss_mean10": last, "tokens_per_s": sum(h[2] for h in steady) / len(steady),
+    summary = {"first_loss": first_loss, "last_loss_mean10": last,
+               "last_loss": history[-1][1] if history else None,
+               "tokens_per_s": sum(h[2] for h in steady) / len(steady) if steady else 0.0,
                "steps": cfg.steps, "stages": cfg.stages, "dp": cfg.dp, "schedule": pipe.schedule.name,
-               "microbatches": pipe.microbatches, "balance": pipe.balance, "seconds": time.perf_counter() - t0}
+               "microbatches": pipe.microbatches, "balance": pipe.balance,
+               "resumed_from_step": start,
+               "seconds": time.perf_counter() - t0}
     if prediction is not None:
         summary["prediction"] = prediction
-    say(f"done: loss {first:.3f} -> {last:.3f} (mean of the last 10 steps), {summary['tokens_per_s']:,.0f} tokens/s, "
-        f"{summary['seconds']:.0f} s; wrote {out}/metrics.jsonl, timeline.png, trace.json, checkpoint/")
+    drawn = "timeline.png, trace.json, " if cfg.trace_step and start < min(cfg.trace_step, cfg.steps) else ""
+    say(f"done: loss {first_loss:.3f} -> {last:.3f} (mean of the last 10 steps), {summary['tokens_per_s']:,.0f} "
+        f"tokens/s, {summary['seconds']:.0f} s; wrote {out}/metrics.jsonl, {drawn}checkpoints/")
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _forever(batches):
-    epoch = 0
+def _checkpointing(value: str) -> str | int:
+    return int(value) if value.isdigit() else value
+
+
+def _resume(pipe: Any, cfg: TrainConfig, root: Path, attempt: int, rank: int, say: Any) -> tuple[int, float | None]:
+    """(step to continue after, the run's first loss): load the checkpoint to resume from, if any, and say so."""
+    from stagewise.runtime.checkpoint import checkpoints_in
+
+    restarted = attempt > 0
+    if cfg.resume is None and not restarted:
+        return 0, None
+    source = Path(cfg.resume) if cfg.resume and not restarted and (Path(cfg.resume) / "manifest.json").exists() \
+        else root
+    progress_file = Path(cfg.out) / "progress.json"
+    reached = json.loads(progress_file.read_text()).get("step") if progress_file.exists() else None
+    if not checkpoints_in(root) and source == root:
+        if not restarted:
+            raise SystemExit(f"stagewise train: --resume {cfg.resume}: no checkpoint in {root}")
+        say(f"restart {attempt}: no checkpoint in {root} yet; starting again from step 0"
+            + (f" (the previous attempt had reached step {reached})" if reached else ""))
+        _event(Path(cfg.out), rank, {"event": "restart", "attempt": attempt, "from_step": 0, "reached": reached})
+        return 0, None
+    manifest = pipe.load_checkpoint(source, fallback=cfg.fallback or restarted)
+    step = int(manifest["step"])
+    again = f"step {reached} is" if reached == step + 1 else f"steps {step + 1}-{reached} are"
+    lost = f"; the previous attempt had reached step {reached}: {again} lost and run again" \
+        if reached and reached > step else ""
+    skipped = f" (skipped damaged: {', '.join(f for f, _ in manifest['skipped'])})" if manifest["skipped"] else ""
+    say(f"{f'restart {attempt}: ' if restarted else ''}resuming from {manifest['path']} (step {step}){skipped}{lost}")
+    _event(Path(cfg.out), rank, {"event": "restart" if restarted else "resume", "attempt": attempt, "from_step": step,
+                                 "checkpoint": manifest["path"], "reached": reached,
+                                 "skipped": [f for f, _ in manifest["skipped"]]})
+    extra = manifest.get("extra") or {}
+    if extra.get("data", {}).get("next_batch") != step:
+        raise SystemExit(f"stagewise train: checkpoint {manifest['path']} has no data position of step {step}: it "
+                         "was not written by `stagewise train`")
+    return step, extra.get("first_loss")
+
+
+def _event(out: Path, rank: int, record: dict[str, Any]) -> None:
+    if rank == 0:
+        with open(out / "events.jsonl", "a") as f:
+            f.write(json.dumps({**record, "time": time.time()}) + "\n")
+
+
+def _open_metrics(path: Path, start: int) -> Any:
+    """metrics.jsonl for appending; on a resume, the lines past `start` (steps about to run again) are dropped."""
+    if start == 0 or not path.exists():
+        return open(path, "w")
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    path.write_text("".join(line + "\n" for line in keep))
+    return open(path, "a")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _kill_hook(rank: int, attempt: int) -> int | None:
+    """STAGEWISE_TEST_KILL_AFTER_STEP=RANK:STEP: that rank SIGKILLs itself after STEP, in the first attempt only
+    (for the restart test)."""
+    spec = os.environ.get("STAGEWISE_TEST_KILL_AFTER_STEP")
+    if not spec or attempt:
+        return None
+    who, step = (int(x) for x in spec.split(":"))
+    return step if who == rank else None
+
+
+def _position(batches: Any, consumed: int) -> dict[str, int]:
+    """The data position after `consumed` batches: the next batch is batch `index` of epoch `epoch`."""
+    epoch, index = divmod(consumed, len(batches))
+    return {"next_batch": consumed, "epoch": epoch, "index": index, "batches_per_epoch": len(batches)}
+
+
+def _batches_from(batches: Any, start: int):
+    """Every batch from the `start`-th on, epoch after epoch (each epoch its own order), as `iter(batches)`
+    would give them; the skipped ones are not built."""
+    from stagewise.data import collate
+
+    epoch, index = divmod(start, len(batches))
     while True:
-        batches.set_epoch(epoch)
-        yield from batches
-        epoch += 1
+        for b in batches.batch_indices(epoch)[index:]:
+            yield collate([batches.sequences[i] for i in b], batches.pad_id)
+        epoch, index = epoch + 1, 0
 
 
-def _check_prediction(pipe: Any, trace: Any, step_s: float, dp: int, progress: _Progress) -> dict[str, Any]:
+def _saved_plan(out: Path) -> Any:
+    """The plan a run folder holds (plan.json), or None."""
+    from stagewise.partition.plan import Plan
+
+    path = out / "plan.json"
+    return Plan.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+
+def _check_prediction(plan: Any, pipe: Any, trace: Any, step_s: float, dp: int, progress: Any) -> dict[str, Any]:
     """The plan's prediction against the traced step: busy time, bubble and saved-activation bytes per device."""
     from stagewise.partition.plan import format_comparison
 
     rows = [d * dp for d in range(pipe.schedule.num_devices)]  # replica 0's devices (rows are ranks when dp > 1)
-    result = pipe.plan.compare(trace, step_s, rows)
+    result = plan.compare(trace, step_s, rows)
     progress.print(format_comparison(result))
     return result
 
@@ -237,12 +368,13 @@ def _save_timelines(pipe: Any, out: Path, rank: int) -> Any:
         sim = simulate(pipe.schedule, Costs(f=costs["F"], b=costs["B"]))
     sim.timeline.title = f"simulated with the measured per-stage costs: makespan {sim.makespan * 1e3:.1f} ms"
     sim.timeline.unit = "s"
+    full = replace(measured, events=list(measured.events))
     shown = [e for e in measured.events if e.op in ("F", "B", "I", "W", "STEP", "OVERLAP_F_B")]
     measured.events = shown
     measured.title = f"measured: {pipe.schedule.describe()}, {measured.makespan * 1e3:.1f} ms"
     render_png([measured, sim.timeline], str(out / "timeline.png"))
     write_chrome_trace([measured, sim.timeline], str(out / "trace.json"))
-    return measured
+    return full
 
 
 class _Printer:
@@ -257,7 +389,7 @@ class _Printer:
 class _Progress:
     """A rich progress bar with loss and tokens/s on a terminal; plain lines elsewhere."""
 
-    def __init__(self, on: bool, total: int):
+    def __init__(self, on: bool, total: int, start: int = 0):
         self.on = on
         self.bar = None
         if on and sys.stdout.isatty():
@@ -265,7 +397,7 @@ class _Progress:
 
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, info="")
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
     def update(self, step: int, loss: float, tps: float) -> None:

@@ -72,12 +72,13 @@ def test_train_writes_its_run_folder_and_learns(tmp_path):
     # no --schedule: the planner chose (m held at 4), printed its table, saved it, and checked its prediction
     plan = json.loads((run / "plan.json").read_text())
     assert "choice:" in out.stdout and plan["choice"]["microbatches"] == 4
-    assert summary["schedule"] == plan["choice"]["schedule"]
+    assert summary["schedule"] == plan["choice"]["schedule"] and summary["balance"] == plan["choice"]["balance"]
     saved = summary["prediction"]["saved_bytes"]
     assert all(abs(r - 1) <= 0.05 for r in saved["ratio"]) and "prediction vs measured" in out.stdout
-    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
-    assert sum(meta["balance"]) == 6 and (run / "checkpoint" / "stage-000.pt").exists()
-    assert (run / "checkpoint" / "stage-001.pt").exists()
+    ckpt = run / "checkpoints" / "step-00000030"
+    meta = json.loads((ckpt / "manifest.json").read_text())
+    assert sum(meta["balance"]) == 6 and meta["step"] == 30 and meta["extra"]["data"]["next_batch"] == 30
+    assert (ckpt / "weights-rank00000.safetensors").exists() and (ckpt / "weights-rank00001.safetensors").exists()
 
 
 def test_bench_against_torch_on_a_tiny_model(tmp_path):

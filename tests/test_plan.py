@@ -30,6 +30,7 @@ from stagewise.partition.plan import (
     search,
 )
 from stagewise.schedules import SYNCHRONOUS, build
+from stagewise.schedules.recompute import MODES, with_recompute
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,11 +66,10 @@ def test_the_balance_step_is_exact():
     for trial in range(24):
         name = rng.choice(["1f1b", "gpipe", "zb-h1", "interleaved", "zbv", "v-min", "dualpipev"])
         P, m = rng.choice([2, 3]), rng.choice([2, 4, 5])
-        schedule = build(name, P, m)
+        schedule = with_recompute(build(name, P, m), MODES[trial % 3])
         L = rng.randint(schedule.num_stages, schedule.num_stages + 4)
         prof = synthetic(rng, L, tied=trial % 3 == 0, loss=rng.choice([0, 500])).at(2)
-        model = CostModel(schedule, prof, recompute=trial % 4 == 1, step_per_param=1e-4,
-                          cores=rng.choice([None, 2]))
+        model = CostModel(schedule, prof, step_per_param=1e-4, cores=rng.choice([None, 2]))
         comps = compositions_array(L, schedule.num_stages)
         peaks = model.memory(comps).max(axis=1)
         for limit in (math.inf, float(np.quantile(peaks, 0.3))):
@@ -96,7 +96,7 @@ def test_recompute_keeps_only_stage_inputs_and_pays_a_forward():
     rng = random.Random(2)
     prof = synthetic(rng, 6, loss=1000).at(4)
     schedule = build("1f1b", 2, 4)
-    plain, again = CostModel(schedule, prof), CostModel(schedule, prof, recompute=True)
+    plain, again = CostModel(schedule, prof), CostModel(with_recompute(schedule, "always"), prof)
     b = np.array([[3, 3]])
     act = [sum(x.saved_bytes for x in prof.layers[:3]), sum(x.saved_bytes for x in prof.layers[3:])]
     inputs = [prof.input_bytes, prof.layers[2].output_bytes]
@@ -105,20 +105,21 @@ def test_recompute_keeps_only_stage_inputs_and_pays_a_forward():
     # recompute: the inputs of the micro-batches in flight, plus one micro-batch's activations rebuilt
     assert again.activation_peaks(b).tolist() == [[2 * inputs[0] + act[0] - inputs[0] + inputs[0],
                                                    inputs[1] + act[1] + prof.loss_bytes]]
-    t0, t1 = plain.stage_times([3, 3]), again.stage_times([3, 3])
-    assert t1["b"] == pytest.approx([x + y for x, y in zip(t0["b"], t0["f"])])
+    # every micro-batch's forward runs twice: m more forwards per stage
+    f = plain.stage_times([3, 3])["f"]
+    assert again._work(b)[0] - plain._work(b)[0] == pytest.approx([4 * x for x in f])
+    assert again.estimate([3, 3]).step_s > plain.estimate([3, 3]).step_s
     # activations that dwarf the parameters: under a cap only recompute fits, so the planner takes it
     heavy = ProfileSet({n: SizeProfile(n, tuple(LayerProfile(i, "L", forward=1.0 * n, backward=2.0 * n, params=10,
                                                              saved_bytes=10_000 * n, output_bytes=100 * n)
                                                 for i in range(6)), input_bytes=8 * n) for n in (4,)})
-    free = search(heavy, 2, 16, schedules=["1f1b"], microbatches=[4], recompute=(False, True))
-    assert not free.choice.recompute
-    (plain_peak,) = {max(c.memory) for c in free.candidates if not c.recompute}
-    (again_peak,) = {max(c.memory) for c in free.candidates if c.recompute}
-    assert again_peak < plain_peak / 1.5
-    plan = search(heavy, 2, 16, schedules=["1f1b"], microbatches=[4], recompute=(False, True),
-                  memory_limit=again_peak)
-    assert plan.choice.recompute and max(plan.choice.memory) <= again_peak
+    free = search(heavy, 2, 16, schedules=["1f1b"], microbatches=[4], recompute=MODES)
+    assert free.choice.recompute == "never" and {c.recompute for c in free.candidates} == set(MODES)
+    peak = {c.recompute: max(c.memory) for c in free.candidates}
+    assert max(peak["always"], peak["except_last"]) < peak["never"] / 1.5
+    limit = min(peak.values())
+    plan = search(heavy, 2, 16, schedules=["1f1b"], microbatches=[4], recompute=MODES, memory_limit=limit)
+    assert plan.choice.recompute != "never" and max(plan.choice.memory) <= limit
     assert plan.choice.step_s > free.choice.step_s  # the extra forward
 
 
@@ -129,10 +130,10 @@ def test_pruning_never_drops_the_best_under_the_memory_cap():
         L = rng.randint(2 * P, 2 * P + 1)
         profiles = synthetic(rng, L, tied=trial % 2 == 0, loss=rng.choice([0, 300]))
         cores = (None, 2)[trial // 2]
-        peaks = sorted(max(c.memory) for c in search(profiles, P, 16, recompute=(False, True), top=50).candidates)
+        peaks = sorted(max(c.memory) for c in search(profiles, P, 16, recompute=MODES, top=50).candidates)
         for limit in (None, peaks[len(peaks) // 2]):
-            fast = search(profiles, P, 16, recompute=(False, True), memory_limit=limit, cores=cores)
-            slow = search(profiles, P, 16, recompute=(False, True), memory_limit=limit, cores=cores, exhaustive=True)
+            fast = search(profiles, P, 16, recompute=MODES, memory_limit=limit, cores=cores)
+            slow = search(profiles, P, 16, recompute=MODES, memory_limit=limit, cores=cores, exhaustive=True)
             assert fast.fastest.step_s == pytest.approx(slow.fastest.step_s, rel=1e-12)
             assert fast.choice == slow.choice
             assert [c.step_s for c in fast.candidates[:5]] == pytest.approx([c.step_s for c in slow.candidates[:5]])
@@ -223,6 +224,38 @@ def test_pipeline_plans_itself_and_meets_its_saved_bytes_prediction():
         pipe.close()
 
 
+def test_pipeline_recomputes_when_only_recompute_fits():
+    from stagewise import Pipeline
+    from stagewise.models import lm_loss
+    from stagewise.partition.measure import measure
+
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
+    layers = plan_models.small_gpt(vocab=128, seq=64)
+    profiles = measure(layers, (ids, ids), lm_loss, [1, 2, 4], runs=1, repeats=1)
+
+    def least(mode: str) -> float:  # the lowest peak of any balance and m in (2, 4, 8) under 1f1b
+        peaks = []
+        for m in (2, 4, 8):
+            model = CostModel(with_recompute(build("1f1b", 2, m), mode), profiles.at(8 // m))
+            peaks.append(model.memory(compositions_array(6, 2)).max(axis=1).min())
+        return float(min(peaks))
+
+    limit = least("always")
+    assert least("never") > limit * 1.2  # activations dominate: without recompute nothing fits
+    pipe = Pipeline(plan_models.small_gpt(vocab=128, seq=64), lm_loss, schedule="1f1b", microbatches="auto",
+                    sample=(ids, ids), memory_limit=limit, activation_checkpointing="auto", local_devices=2,
+                    show_partition=False, planner={"runs": 1, "repeats": 1, "cores": 0, "max_microbatches": 8})
+    try:
+        c = pipe.plan.choice
+        assert c.recompute != "never" and max(c.memory) <= limit
+        assert any(a.op == "RECOMPUTE" for a in pipe.schedule.actions[0])
+        pipe.train_step((ids, ids))
+        got = pipe.plan.compare(pipe.last_trace(), 0.1)["saved_bytes"]
+        assert got["measured"] == pytest.approx(got["predicted"], rel=0.05)
+    finally:
+        pipe.close()
+
+
 def test_saved_activation_bytes_match_the_prediction_for_every_synchronous_schedule():
     from stagewise import Pipeline
     from stagewise.models import lm_loss
@@ -230,15 +263,14 @@ def test_saved_activation_bytes_match_the_prediction_for_every_synchronous_sched
 
     ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
     profiles = measure(plan_models.small_gpt(), (ids, ids), lm_loss, [2], runs=1, repeats=1)
-    assert profiles.sizes[2].loss_bytes > 0  # the loss's saved tensors are counted apart
-    for name in SYNCHRONOUS:
+    for name, mode in [(n, "never") for n in SYNCHRONOUS] + [("1f1b", "always"), ("zbv", "except_last")]:
         pipe = Pipeline(plan_models.small_gpt(), lm_loss, schedule=name, microbatches=4, local_devices=2,
-                        show_partition=False)
+                        show_partition=False, activation_checkpointing=mode)
         try:
             pipe.train_step((ids, ids))
-            c = predict(profiles, pipe.schedule, 8, pipe.balance)
+            c = predict(profiles, pipe.schedule, 8, pipe.balance, recompute=mode)
             got = compare(c, pipe.last_trace(), 0.1)["saved_bytes"]
-            assert got["measured"] == pytest.approx(got["predicted"], rel=0.05), name
+            assert got["measured"] == pytest.approx(got["predicted"], rel=0.05), (name, mode)
             assert all(x > 0 for x in got["measured"]), name
         finally:
             pipe.close()

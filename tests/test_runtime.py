@@ -179,16 +179,22 @@ def test_checkpoint_round_trip(tmp_path):
     a = Pipeline(make_layers(), loss_fn, microbatches=2, local_devices=2, optimizer=opt, show_partition=False)
     for _ in range(2):
         a.train_step(make_batch(4))
-    a.save_checkpoint(tmp_path / "ckpt", extra={"step": 2})
-    assert not list((tmp_path / "ckpt").glob("*.tmp"))  # written atomically, nothing half-done left
+    a.save_checkpoint(tmp_path / "ckpt", step=2, extra={"data": {"next_batch": 2}})
+    assert not list((tmp_path / "ckpt").glob(".*"))  # written atomically, nothing half-done left
     b = Pipeline(make_layers(seed=5), loss_fn, microbatches=2, local_devices=2, optimizer=opt, show_partition=False)
-    assert b.load_checkpoint(tmp_path / "ckpt")["step"] == 2
+    manifest = b.load_checkpoint(tmp_path / "ckpt")
+    assert manifest["step"] == 2 and manifest["extra"] == {"data": {"next_batch": 2}}
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na == nb and torch.equal(pa, pb)
     assert torch.equal(a.train_step(make_batch(4)), b.train_step(make_batch(4)))  # optimizer state came back too
-    c = Pipeline(make_layers(), loss_fn, microbatches=2, local_devices=2, partition=[2, 7], show_partition=False)
-    with pytest.raises(ValueError, match="written with balance"):
-        c.load_checkpoint(tmp_path / "ckpt")
+    # checkpoints are keyed by the unsplit model's names: another balance loads (it was refused before)
+    c = Pipeline(make_layers(seed=6), loss_fn, microbatches=2, local_devices=2, partition=[2, 7], show_partition=False)
+    c.load_checkpoint(tmp_path / "ckpt")
+    reference = dict(torch.nn.Sequential(*make_layers()).named_parameters())
+    b2 = Pipeline(make_layers(seed=5), loss_fn, microbatches=2, local_devices=2, show_partition=False)
+    b2.load_checkpoint(tmp_path / "ckpt")
+    assert all(torch.equal(p, dict(b2.named_parameters())[n]) for n, p in c.named_parameters())
+    assert {n for n, _ in c.named_parameters()} == set(reference)
 
 
 def test_split_backward_frees_every_saved_tensor():

@@ -104,7 +104,10 @@ def _imports(path: Path) -> set[str]:
     found = set()
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stagewise"):
-            found.add(node.module)
+            # `from package import submodule` imports the submodule
+            subs = {f"{node.module}.{a.name}" for a in node.names
+                    if (ROOT.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").exists()}
+            found |= subs if len(subs) == len(node.names) else {node.module}
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("stagewise"))
         elif isinstance(node, ast.If):  # TYPE_CHECKING blocks do not run

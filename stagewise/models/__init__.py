@@ -15,6 +15,8 @@ from stagewise.models.gpt2 import (
     lm_loss,
     load_pretrained,
     tie_head,
+    to_transformers,
+    to_transformers_state_dict,
 )
 
 __all__ = [
@@ -32,4 +34,6 @@ __all__ = [
     "lm_loss",
     "load_pretrained",
     "tie_head",
+    "to_transformers",
+    "to_transformers_state_dict",
 ]

@@ -220,6 +220,43 @@ def from_transformers(hf_model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def to_transformers_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `from_transformers` for weights: a `gpt2_layers` state dict (keys as
+    `nn.Sequential(*layers)` names them, e.g. from `stagewise.load_full(checkpoint)`) as a Hugging Face
+    `GPT2LMHeadModel` state dict. Conv1D weights inside blocks are transposed back to (in, out); a tied
+    head gives `lm_head.weight` as the very tensor of `transformer.wte.weight`."""
+    last = max(int(k.split(".", 1)[0]) for k in state)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        layer, name = key.split(".", 1)
+        i = int(layer)
+        if i == 0:
+            out[f"transformer.{name}"] = t
+        elif i == last:
+            out[name if name.startswith("lm_head.") else f"transformer.{name}"] = t
+        else:
+            out[f"transformer.h.{i - 1}.{name}"] = t.t().contiguous() if t.ndim == 2 else t
+    return out
+
+
+def to_transformers(state: dict[str, torch.Tensor], cfg: GPT2Config) -> nn.Module:
+    """A Hugging Face `GPT2LMHeadModel` (eval mode) with the weights of a `gpt2_layers` state dict."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise RuntimeError("exporting to Hugging Face needs `transformers`: pip install 'stagewise[hf]'") from exc
+    hc = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                                 n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout,
+                                 embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                                 layer_norm_epsilon=cfg.layer_norm_epsilon,
+                                 tie_word_embeddings=cfg.tie_word_embeddings,
+                                 bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
+    hf_state = to_transformers_state_dict(state)
+    model = transformers.GPT2LMHeadModel(hc).to(next(iter(hf_state.values())).dtype)
+    model.load_state_dict(hf_state, strict=True)
+    return model.eval()
+
+
 def load_pretrained(name_or_path: str | PathLike[str] = "gpt2") -> list[nn.Module]:
     """GPT-2 weights from the Hugging Face Hub or a local save_pretrained() folder, as gpt2_layers.
 

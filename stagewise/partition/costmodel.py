@@ -1,5 +1,5 @@
-"""What one configuration costs: step time and device memory of a balance under a schedule, with or without
-recompute (activation checkpointing), from layer profiles measured at one micro-batch size. No torch.
+"""What one configuration costs: step time and device memory of a balance under a schedule (activation
+checkpointing included), from layer profiles measured at one micro-batch size. No torch.
 
 The planner (`stagewise.partition.plan`) asks this model about every candidate it keeps. It extends
 `Planner` (time) and `Footprint` (memory) with what choosing the schedule and m together needs:
@@ -7,15 +7,14 @@ The planner (`stagewise.partition.plan`) asks this model about every candidate i
 - **Profiles per micro-batch size.** A layer's time is not linear in its micro-batch (per-call overheads
   dominate small ones, caches large ones), so `ProfileSet` holds profiles measured at every micro-batch
   size the search tries, and interpolates between measured sizes otherwise.
-- **Recompute** (`recompute=True`, activation checkpointing of whole stages): a stage keeps only its input
-  for each micro-batch in flight, and its backward runs the forward again first. Memory per in-flight
-  micro-batch drops from the stage's saved activations to its input; during a backward the stage's
-  activations exist again for that one micro-batch. With a split backward (I then W) the recomputed
-  activations live from I until W. Time: B (or I; W on the first stage, whose I is empty) gains F.
+- **Recompute** comes in the schedule: `with_recompute(schedule, mode)` puts a RECOMPUTE action before
+  the backward of every forward that keeps only its stage's input (`stagewise.schedules.recompute`). The
+  simulator times a RECOMPUTE as the stage's forward; the memory sweep counts what the runtime holds: a
+  forward that recomputes holds its stage's input X, its RECOMPUTE adds the stage's activations A (held
+  until the last backward piece, so a split backward's W reuses them), the last piece frees both.
 - **The loss** saves tensors too (a cross-entropy over a large vocabulary keeps its log-probabilities, often
-  the largest activation of the model). They are held from the last stage's forward to its backward and
-  count in `memory`; `saved_peak` leaves them out, as the runtime's per-stage count
-  (`Pipeline.peak_activation_bytes`, the trace's `saved_bytes`) does, so the two can be compared exactly.
+  the largest activation of the model); the runtime computes it inside the last stage's forward and counts
+  it there, and so does this model (`SizeProfile.loss_bytes`, or inside the last layer's `saved_bytes`).
 - **Shared cores.** With `cores`, ranks that share C cores (CPU ranks of one machine) cannot compute more
   than C at once: the step is at least all ranks' work / C.
 - **The optimizer step** costs `step_per_param` seconds per parameter held, after the device's last action.
@@ -31,16 +30,16 @@ import numpy as np
 
 from stagewise.partition.costs import LayerProfile, ParamCounter
 from stagewise.partition.solver import ExactSums, check_balance, ranges
-from stagewise.schedules import B, Costs, F, I, Schedule, Simulation, W, simulate
+from stagewise.schedules import RECOMPUTE, B, Costs, F, I, Schedule, Simulation, W, simulate
 
 
 @dataclass(frozen=True)
 class SizeProfile:
     """Layer profiles measured at one micro-batch size (`samples` per micro-batch).
 
-    `layers[l].saved_bytes` are what layer l saves for its backward alone (the loss excluded, as a stage
-    counts it); `loss_bytes` what the loss saves on top; `input_bytes` the model input of one micro-batch
-    (what the first stage keeps under recompute); `noise` the relative spread of the layers' forward +
+    `layers[l].saved_bytes` are what layer l saves for its backward as one stage (the last layer with the
+    loss, as the runtime runs it, or apart in `loss_bytes`); `input_bytes` the model input of one micro-batch
+    (what the first stage keeps when it recomputes); `noise` the relative spread of the layers' forward +
     backward times between repeated profile runs (see `stagewise.partition.measure`).
     """
 
@@ -135,13 +134,7 @@ def _scaled(a: SizeProfile, samples: int) -> SizeProfile:
     return SizeProfile(samples, layers, round(a.input_bytes * k), round(a.loss_bytes * k), a.noise, w)
 
 
-# Per action kind (F, B, I, W): how the bytes a device holds change, as multiples of the stage's activations A
-# and its input X; and a transient on top of the level after the action (recompute's rebuilt activations).
-_KINDS = {F: 0, B: 1, I: 2, W: 3}
-_KEEP = {  # (dA, dX, transient A, transient X) per kind
-    False: ((1, 0, 0, 0), (-1, 0, 0, 0), (0, 0, 0, 0), (-1, 0, 0, 0)),
-    True: ((0, 1, 0, 0), (0, -1, 1, 1), (1, 0, 0, 0), (-1, -1, 0, 0)),
-}
+_TRACKED = (F, B, I, W, RECOMPUTE)  # the actions that change what a device holds
 
 
 @dataclass(frozen=True)
@@ -154,8 +147,8 @@ class Estimate:
     bubble: float  # idle share of all devices over the step
     bubble_per_device: list[float]
     busy_s: list[float]  # compute seconds per device in one step (optimizer step included)
-    memory: list[float]  # peak bytes per device: parameters and optimizer state, activations, the loss's
-    saved_peak: list[float]  # peak saved-activation bytes per device as the runtime counts them (no loss)
+    memory: list[float]  # peak bytes per device: parameters and optimizer state, then saved activations
+    saved_peak: list[float]  # peak saved-activation bytes per device, as the runtime counts them
 
 
 class CostModel:
@@ -167,10 +160,10 @@ class CostModel:
     once (None: all); `replicas`: data-parallel copies of the pipeline sharing those cores.
     """
 
-    def __init__(self, schedule: Schedule, profile: SizeProfile, *, recompute: bool = False,
-                 bytes_per_param: float = 16.0, latency: float = 0.0, bandwidth: float = math.inf,
-                 step_per_param: float = 0.0, cores: int | None = None, replicas: int = 1):
-        self.schedule, self.profile, self.recompute = schedule, profile, recompute
+    def __init__(self, schedule: Schedule, profile: SizeProfile, *, bytes_per_param: float = 16.0,
+                 latency: float = 0.0, bandwidth: float = math.inf, step_per_param: float = 0.0,
+                 cores: int | None = None, replicas: int = 1):
+        self.schedule, self.profile = schedule, profile
         self.layers = list(profile.layers)
         self.bytes_per_param, self.step_per_param = float(bytes_per_param), float(step_per_param)
         self.latency, self.bandwidth = float(latency), float(bandwidth)
@@ -187,19 +180,27 @@ class CostModel:
         self._param_prefix = np.concatenate([[0.0], np.cumsum([float(x.params) for x in self.layers])])
         self._act_prefix = np.concatenate([[0], np.cumsum([int(x.saved_bytes) for x in self.layers])]).astype(np.int64)
         self._inputs = np.array([profile.input_bytes] + [x.output_bytes for x in self.layers[:-1]], dtype=np.int64)
-        self._time_prefix = np.concatenate([[0.0], np.cumsum([x.forward + x.backward for x in self.layers])])
+        # for the bounds: a layer's least backward (whole, or I + W where split), so no simulation is below them
+        least = [x.backward if self.weight_grad is None else min(x.backward, (x.input_grad or 0.0) + wl)
+                 for x, wl in zip(self.layers, w or [0.0] * L)]
+        self._time_prefix = np.concatenate([[0.0], np.cumsum([x.forward + b for x, b in zip(self.layers, least)])])
         self._fwd_prefix = np.concatenate([[0.0], np.cumsum([x.forward for x in self.layers])])
-        self._uses = [(layer, key, n, owner) for layer, key, n, owner in self.params.uses]
+        self._uses = list(self.params.uses)
         self.num_layers = L
-        # per device: the stage and coefficients of every F/B/I/W action, in program order
-        keep = _KEEP[recompute]
+        # per device: the stage of every action that changes what it holds, with (dA, dX): how the bytes held
+        # change, in multiples of the stage's activations A and its input X
         self._programs = []
+        recomputes = np.zeros(sc.num_stages)
         for d in range(sc.num_devices):
-            acts = [a for a in sc.compute_actions(d) if a.op in _KINDS]
-            st = np.array([a.stage for a in acts], dtype=np.int64)
-            co = np.array([keep[_KINDS[a.op]] for a in acts], dtype=np.int64).reshape(-1, 4)
-            self._programs.append((st, co))
-        self._device_stages = [np.array(sc.stages_of(d), dtype=np.int64) for d in range(sc.num_devices)]
+            acts = [a for a in sc.compute_actions(d) if a.op in _TRACKED]
+            redone = {(a.stage, a.microbatch) for a in acts if a.op == RECOMPUTE}
+            for a in acts:
+                recomputes[a.stage] += a.op == RECOMPUTE
+            co = [(0, 1) if a.op == F and (a.stage, a.microbatch) in redone else (1, 0) if a.op in (F, RECOMPUTE)
+                  else (0, 0) if a.op == I else (-1, -1 if (a.stage, a.microbatch) in redone else 0) for a in acts]
+            self._programs.append((np.array([a.stage for a in acts], dtype=np.int64),
+                                   np.array(co, dtype=np.int64).reshape(-1, 2)))
+        self.recomputes = recomputes  # RECOMPUTE actions per stage
         self._sims: dict[tuple[int, ...], Simulation] = {}
 
     # ---- time ----
@@ -218,11 +219,6 @@ class CostModel:
             else:
                 i = [min(x, y) for x, y in zip(i, b)]
                 w = [y - x for x, y in zip(i, b)]
-        if self.recompute:  # the forward runs again before the backward (in I where split, W on the first stage)
-            b = [x + y for x, y in zip(b, f)]
-            if i is not None and w is not None:
-                i = [x + y if lo > 0 else 0.0 for x, y, (lo, _) in zip(i, f, spans)]
-                w = [x + y if lo == 0 else x for x, y, (lo, _) in zip(w, f, spans)]
         return {"f": f, "b": b, "i": i, "w": w}
 
     def costs(self, balance: Sequence[int]) -> Costs:
@@ -237,18 +233,20 @@ class CostModel:
             self._sims[key] = simulate(self.schedule, self.costs(balance))
         return self._sims[key]
 
-    def work_per_microbatch(self) -> float:
-        """Forward + backward seconds of one micro-batch through every layer (recompute included)."""
-        extra = self._fwd_prefix[-1] if self.recompute else 0.0
-        return float(self._time_prefix[-1] + extra)
+    def _work(self, balances: np.ndarray) -> np.ndarray:
+        """Compute seconds per stage and step, shape (n, stages): m forwards and backwards, and the recomputes."""
+        hi = np.cumsum(balances, axis=1)
+        lo = hi - balances
+        fwd = self._fwd_prefix[hi] - self._fwd_prefix[lo]
+        return (self._time_prefix[hi] - self._time_prefix[lo]) * self.schedule.microbatches + fwd * self.recomputes
 
-    def floor(self) -> float:
-        """The shared cores' bound on the schedule's time: every rank's work / cores (0 without `cores`)."""
+    def floors(self, balances: np.ndarray) -> np.ndarray:
+        """The shared cores' bound on the schedule's time, shape (n,): every rank's work / cores (0 without
+        `cores`)."""
         if not self.cores:
-            return 0.0
-        P = self.schedule.num_devices
-        work = self.schedule.microbatches * self.work_per_microbatch() * self.replicas
-        return work / min(self.cores, P * self.replicas)
+            return np.zeros(balances.shape[0])
+        ranks = self.schedule.num_devices * self.replicas
+        return self._work(balances).sum(axis=1) * self.replicas / min(self.cores, ranks)
 
     def device_params(self, balances: np.ndarray) -> np.ndarray:
         """Parameters held per device, shape (n, devices), for balances of shape (n, stages)."""
@@ -280,46 +278,36 @@ class CostModel:
     def busiest(self, balances: np.ndarray) -> np.ndarray:
         """The busiest device's compute per step, shape (n,): no simulation of a balance is shorter (slightly
         lowered, so that float rounding never lifts it above the simulated makespan)."""
-        hi = np.cumsum(balances, axis=1)
-        lo = hi - balances
-        work = self._time_prefix[hi] - self._time_prefix[lo]
-        if self.recompute:
-            work = work + self._fwd_prefix[hi] - self._fwd_prefix[lo]
+        work = self._work(balances)
         placement = np.asarray(self.schedule.placement)
-        m = self.schedule.microbatches
-        per_device = np.stack([work[:, placement == d].sum(axis=1) * m for d in range(self.schedule.num_devices)],
-                              axis=1)
+        per_device = np.stack([work[:, placement == d].sum(axis=1) for d in range(self.schedule.num_devices)], axis=1)
         return per_device.max(axis=1) * (1.0 - 1e-9)
 
     def lower_bounds(self, balances: np.ndarray) -> np.ndarray:
         """A bound no balance's predicted step goes below: the busiest device's work, the cores' floor, then
         the optimizer step."""
-        bound = np.maximum(self.busiest(balances), self.floor())
+        bound = np.maximum(self.busiest(balances), self.floors(balances))
         return (bound + self.optimizer_times(balances).max(axis=1)) * (1.0 - 1e-9)
 
     # ---- memory ----
 
-    def activation_peaks(self, balances: np.ndarray, loss: bool = True) -> np.ndarray:
-        """Peak activation bytes per device, shape (n, devices), swept over each device's program in order.
-
-        With `loss`, the loss's saved tensors count on the last stage (held from its forward to its backward)."""
+    def activation_peaks(self, balances: np.ndarray) -> np.ndarray:
+        """Peak saved-activation bytes per device, shape (n, devices), swept over each device's program in order
+        (the loss's on the last stage, held from its forward to its backward)."""
         hi = np.cumsum(balances, axis=1)
         lo = hi - balances
         act = (self._act_prefix[hi] - self._act_prefix[lo]).astype(np.float64)
-        if loss:
-            act[:, -1] += self.profile.loss_bytes
+        act[:, -1] += self.profile.loss_bytes
         x = self._inputs[lo].astype(np.float64)
         out = np.zeros((balances.shape[0], self.schedule.num_devices))
         for d, (st, co) in enumerate(self._programs):
-            if not len(st):
-                continue
-            a, xi = act[:, st], x[:, st]
-            level = np.cumsum(a * co[:, 0] + xi * co[:, 1], axis=1)
-            out[:, d] = np.maximum(0.0, (level + a * co[:, 2] + xi * co[:, 3]).max(axis=1))
+            if len(st):
+                level = np.cumsum(act[:, st] * co[:, 0] + x[:, st] * co[:, 1], axis=1)
+                out[:, d] = np.maximum(0.0, level.max(axis=1))
         return out
 
     def memory(self, balances: np.ndarray) -> np.ndarray:
-        """Peak bytes per device, shape (n, devices): parameter state plus activations (the loss's included)."""
+        """Peak bytes per device, shape (n, devices): parameter state plus saved activations."""
         return self.device_params(balances) * self.bytes_per_param + self.activation_peaks(balances)
 
     # ---- one balance ----
@@ -329,9 +317,10 @@ class CostModel:
         arr = np.array([balance], dtype=np.int64)
         sim = self.simulation(balance)
         opt = self.optimizer_times(arr)[0]
-        span = max(sim.makespan, self.floor())
-        step = span + float(opt.max())
+        step = max(sim.makespan, float(self.floors(arr)[0])) + float(opt.max())
         busy = [(1.0 - b) * sim.makespan + o for b, o in zip(sim.bubble_per_device, opt.tolist())]
         per_device = [1.0 - x / step if step > 0 else 0.0 for x in busy]
-        return Estimate(balance, step, sim.makespan, float(np.mean(per_device)), per_device, busy,
-                        self.memory(arr)[0].tolist(), self.activation_peaks(arr, loss=False)[0].tolist())
+        peaks = self.activation_peaks(arr)[0]
+        memory = self.device_params(arr)[0] * self.bytes_per_param + peaks
+        return Estimate(balance, step, sim.makespan, float(np.mean(per_device)), per_device, busy, memory.tolist(),
+                        peaks.tolist())

@@ -31,6 +31,7 @@ class LayerProfile:
     # seconds of the backward for the input gradient alone (the I of split schedules; W is the
     # rest); 0 when the layer's input needs no gradient, None when not measured
     input_grad: float | None = None
+    input_bytes: int = 0  # bytes of the layer's input (what a stage starting here keeps when it recomputes)
 
     @property
     def time(self) -> float:
@@ -41,7 +42,7 @@ class LayerProfile:
         return {"index": self.index, "name": self.name, "forward": self.forward, "backward": self.backward,
                 "params": self.params, "param_bytes": self.param_bytes, "output_bytes": self.output_bytes,
                 "saved_bytes": self.saved_bytes, "shared": {str(k): v for k, v in self.shared.items()},
-                "input_grad": self.input_grad}
+                "input_grad": self.input_grad, "input_bytes": self.input_bytes}
 
 
 class ParamCounter:

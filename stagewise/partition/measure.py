@@ -9,8 +9,8 @@ time is the fastest of all runs (other work only ever adds time); the **noise** 
 spread between runs, summed over the layers, relative to the total: each run is first scaled to the
 fastest run's total (a busier machine slows every layer and every candidate alike, which changes no
 ranking), then sum over layers of (largest - smallest scaled time) / sum of the fastest times. The loss's
-saved bytes are counted apart (the stage's count leaves them out, as the runtime's does). The optimizer's
-cost per parameter is timed on one flat tensor.
+saved bytes are in the last layer's, as the runtime counts them. The optimizer's cost per parameter is timed
+on one flat tensor.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from stagewise.partition.costmodel import ProfileSet, SizeProfile
 from stagewise.partition.costs import LayerProfile, parse_bytes
 from stagewise.partition.plan import MAX_MICROBATCHES, Plan, default_microbatches, search
 from stagewise.partition.profile import describe_layers
-from stagewise.runtime.activations import SavedBytes
 from stagewise.runtime.microbatch import batch_size, split_sizes
+from stagewise.schedules.recompute import MODES
 from stagewise.tree import map_tensors, tensors_of
 
 AUTO = "auto"
@@ -58,10 +58,10 @@ def profile_as_stages(layers: Sequence[nn.Module], sample_input: Any, loss_fn: L
     """Every layer run as a one-layer pipeline stage, through the runtime's own `Stage`: its forward (with the
     saved-bytes hooks, the loss after the last layer as the executor computes it), whole backward, and split
     backward (I, then W), each the fastest of `repeats` after one warm-up. Returns the profiles (`input_grad`:
-    I; `saved_bytes`: what the stage counts, the loss excluded), the W seconds per layer, and the bytes the
-    loss saves. Parameters' `.grad` and the random number generators are left as they were."""
+    I; `saved_bytes`: what the stage counts, the loss's included after the last layer), the W seconds per
+    layer, and 0 (the loss's bytes are in the last layer's). Parameters' `.grad` and the random number
+    generators are left as they were."""
     from stagewise.runtime.stage import Stage
-    from stagewise.tree import flatten
 
     counts = describe_layers(layers)
     grads = [(p, p.grad) for m in layers for p in m.parameters()]
@@ -79,15 +79,7 @@ def profile_as_stages(layers: Sequence[nn.Module], sample_input: Any, loss_fn: L
                     for split in (False, True):
                         _sync(device)
                         t0 = time.perf_counter()
-                        out, pending = stage.forward(x)
-                        if last:
-                            counter = SavedBytes(layer.parameters())
-                            with counter.hooks():
-                                loss = loss_fn(out, labels) * 1.0
-                            loss_bytes = counter.total
-                            pending.roots = [loss]
-                        else:
-                            pending.roots = [t for t in flatten(out)[0] if t.requires_grad]
+                        out, pending = stage.forward(x, loss=(lambda o: loss_fn(o, labels) * 1.0) if last else None)
                         _sync(device)
                         t1 = time.perf_counter()
                         seeds = None if last else [torch.ones_like(t) for t in pending.roots]
@@ -214,13 +206,14 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
                sample: tuple[Any, Any], devices: int, *, data_parallel: int = 1, schedule: str | Sequence[str] = AUTO,
                microbatches: int | Sequence[int] | str | None = AUTO, partition: str | Sequence[int] = AUTO,
                chunks: int | None = None, memory_limit: float | str | None = None, device: torch.device | None = None,
-               threads: int | None = None, runs: int = 3, repeats: int = 3, recompute: Sequence[bool] = (False,),
+               threads: int | None = None, runs: int = 3, repeats: int = 3, recompute: str | Sequence[str] = "never",
                cores: int | None | str = AUTO, tokens_per_sample: int | None = None, top: int = 5,
                max_microbatches: int | None = None) -> tuple[Plan, ProfileSet]:
     """Measure `layers` on `sample` and search: the `Plan` and the profiles it used.
 
     What is not "auto" is held fixed or narrowed: a schedule name (or a list to choose from), m (an int or a
     list), a partition method or balance (then evaluated, not searched, for every configuration), `chunks`.
+    `recompute` is an activation-checkpointing mode, or "auto" (every mode), or a list of modes to try.
     `sample` is a whole batch like the ones to train on (its size is the batch). `tokens_per_sample`
     defaults to the length of dim 1 of an integer input (token ids), else throughput is in samples/s.
     """
@@ -251,8 +244,9 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
         ids = next(iter(tensors_of(sample[0])), None)
         integer = ids is not None and not ids.is_floating_point() and ids.dim() >= 2
         tokens_per_sample = int(math.prod(ids.shape[1:])) if integer else None
+    modes = MODES if recompute == AUTO else [recompute] if isinstance(recompute, str) else list(recompute)
     plan = search(profiles, P, batch, data_parallel=data_parallel, schedules=names, microbatches=ms,
-                  chunks=[chunks] if chunks else None, recompute=recompute, memory_limit=parse_bytes(memory_limit),
+                  chunks=[chunks] if chunks else None, recompute=modes, memory_limit=parse_bytes(memory_limit),
                   balance=balance_fn, cores=default_cores(device) if cores == AUTO else cores,
                   tokens_per_sample=tokens_per_sample, top=top)
     plan.stats["profile_s"] = profiles.seconds
@@ -261,14 +255,18 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
 
 def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | None, world: Any, schedule: Any,
                  microbatches: Any, partition: Any, chunks: int | None, memory_limit: Any,
-                 options: dict | None) -> Plan | None:
+                 activation_checkpointing: str | int, options: dict | None) -> Plan | None:
     """For `Pipeline`: the plan when its schedule or m is "auto" (computed by one process, handed to all), else
-    None. `options` go to `plan_model` (runs, repeats, recompute, cores, max_microbatches, top)."""
+    None. `activation_checkpointing` "auto" lets the planner choose the mode; another mode is held. `options`
+    go to `plan_model` (runs, repeats, cores, max_microbatches, top)."""
     if schedule != AUTO and microbatches != AUTO:
         return None
     if sample is None:
         raise ValueError("schedule='auto' or microbatches='auto' measures the layers: pass sample=(inputs, labels), "
                          "a batch like the ones you will train on")
+    if isinstance(activation_checkpointing, int) or activation_checkpointing not in (AUTO, *MODES):
+        raise ValueError(f"the planner models the activation-checkpointing modes {', '.join(MODES)} (or 'auto' to "
+                         f"choose among them), not {activation_checkpointing!r}")
     if not all(isinstance(x, nn.Module) for x in layers):
         raise ValueError("the planner measures the layers themselves; with layer factories give the schedule, "
                          "microbatches and partition explicitly")
@@ -279,10 +277,6 @@ def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | 
     def run() -> Plan:
         return plan_model(layers, loss_fn, sample, grid.pipeline, data_parallel=grid.data, schedule=schedule,
                           microbatches=microbatches, partition=partition, chunks=chunks, memory_limit=memory_limit,
-                          device=device, threads=threads, **(options or {}))[0]
+                          device=device, threads=threads, recompute=activation_checkpointing, **(options or {}))[0]
 
-    plan = world.compute_once(run)
-    if plan.choice.recompute:
-        raise ValueError("the plan chose recompute, which this runtime cannot run yet; search without it "
-                         "(options={'recompute': (False,)})")
-    return plan
+    return world.compute_once(run)

@@ -16,7 +16,7 @@ from stagewise.partition.solver import (
     ranges,
     uniform,
 )
-from stagewise.schedules import B, F, Schedule, W, simulate
+from stagewise.schedules import RECOMPUTE, B, F, Schedule, W, simulate
 
 
 def check_len(values: Sequence | None, num_layers: int, what: str) -> None:
@@ -48,6 +48,27 @@ def _programs(schedule: Schedule) -> list[list[tuple[int, int]]]:
             for d in range(schedule.num_devices)]
 
 
+def _events(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
+    """Per device, (stage, activation delta, input delta) in action order, with activation checkpointing: a
+    forward that recomputes (a RECOMPUTE follows it) keeps its input only until its RECOMPUTE rebuilds the
+    activations; the last backward piece frees what was held."""
+    out = []
+    for d in range(schedule.num_devices):
+        acts = [a for a in schedule.compute_actions(d) if a.op in (F, B, W, RECOMPUTE)]
+        redone = {(a.stage, a.microbatch) for a in acts if a.op == RECOMPUTE}
+        events = []
+        for a in acts:
+            again = (a.stage, a.microbatch) in redone
+            if a.op == F:
+                events.append((a.stage, 0, 1) if again else (a.stage, 1, 0))
+            elif a.op == RECOMPUTE:
+                events.append((a.stage, 1, 0))
+            else:
+                events.append((a.stage, -1, -1 if again else 0))
+        out.append(events)
+    return out
+
+
 class Footprint:
     """Peak memory of every device under a schedule, bytes.
 
@@ -60,7 +81,8 @@ class Footprint:
     """
 
     def __init__(self, schedule: Schedule, param_counts: Sequence[float], activation_bytes: Sequence[float], *,
-                 bytes_per_param: float = 16.0, stash_bytes_per_param: float = 4.0, shared: Shared | None = None):
+                 bytes_per_param: float = 16.0, stash_bytes_per_param: float = 4.0, shared: Shared | None = None,
+                 input_bytes: Sequence[float] | None = None):
         L = len(param_counts)
         check_len(activation_bytes, L, "activation_bytes")
         check_len(shared, L, "shared")
@@ -70,6 +92,8 @@ class Footprint:
         self.act = ExactSums(activation_bytes)
         self.inflight = inflight_per_stage(schedule)
         self.programs = _programs(schedule)
+        self.events = _events(schedule)  # with recomputes: what a forward keeps is its input (`input_bytes`)
+        self.inputs = [float(x) for x in input_bytes] if input_bytes is not None else [0.0] * L
         versions = simulate(schedule).peak_weight_versions if schedule.asynchronous else [1] * schedule.num_devices
         self.per_param = [bytes_per_param + (v - 1) * stash_bytes_per_param for v in versions]
 
@@ -83,10 +107,11 @@ class Footprint:
         spans = ranges(balance)
         act = [self.act.prefix[hi] - self.act.prefix[lo] for lo, hi in spans]  # exact scaled integers
         out = []
-        for d, program in enumerate(self.programs):
+        kept = [self.inputs[lo] * self.act.scale for lo, _ in spans]  # a stage's input: its first layer's
+        for d, events in enumerate(self.events):
             level = peak = 0
-            for s, delta in program:
-                level += delta * act[s]
+            for s, da, di in events:
+                level += da * act[s] + di * kept[s]
                 peak = max(peak, level)
             static = self.params.held(spans[s] for s in self.schedule.stages_of(d)) * self.per_param[d]
             out.append(static + peak / self.act.scale)

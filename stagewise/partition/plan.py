@@ -1,7 +1,8 @@
 """The planner: schedule x micro-batches x chunks x balance x recompute, chosen together under a memory cap. No torch.
 
 `search(profiles, devices, batch, ...)` walks every synchronous schedule of the registry, every
-micro-batch count m, every chunk count the schedule takes and, where asked, recompute; for each such
+micro-batch count m, every chunk count the schedule takes and, where asked, every activation-checkpointing
+mode (`recompute`: "never", "except_last", "always"; the RECOMPUTE actions go into the schedule); for each such
 configuration it finds the balance with the shortest simulated step that fits the memory limit
 (`CostModel`: communication, shared cores, optimizer step, saved activations and the loss's), and
 returns a `Plan`: the fastest candidates, the choice among them, and how the search went.
@@ -44,6 +45,7 @@ from stagewise.partition.costs import format_bytes, format_seconds
 from stagewise.partition.search import descend, shorter
 from stagewise.partition.solver import PartitionError, min_max_partition, uniform
 from stagewise.schedules import SCHEDULES, SYNCHRONOUS, Schedule, ScheduleError, build
+from stagewise.schedules.recompute import MODES, with_recompute
 from stagewise.schedules.timeline import Timeline
 
 # Simpler first: ties in predicted time go to the earliest. 1F1B before GPipe (the same bubble in less memory);
@@ -83,7 +85,7 @@ class Candidate:
     schedule: str
     microbatches: int
     chunks: int
-    recompute: bool
+    recompute: str  # the activation-checkpointing mode: "never", "except_last" or "always"
     balance: list[int]
     samples: int  # per micro-batch (the largest, when m does not divide the batch)
     step_s: float
@@ -98,11 +100,12 @@ class Candidate:
     @property
     def label(self) -> str:
         extra = f" v={self.chunks}" if self.chunks > 1 else ""
-        return f"{self.schedule}{extra} m={self.microbatches}{' recompute' if self.recompute else ''}"
+        mode = f" recompute={self.recompute}" if self.recompute != "never" else ""
+        return f"{self.schedule}{extra} m={self.microbatches}{mode}"
 
-    def settings(self) -> tuple[str, int, int, list[int]]:
-        """(schedule, microbatches, chunks, balance): what `Pipeline` takes."""
-        return self.schedule, self.microbatches, self.chunks, list(self.balance)
+    def settings(self) -> tuple[str, int, int, list[int], str]:
+        """(schedule, microbatches, chunks, balance, activation_checkpointing): what `Pipeline` takes."""
+        return self.schedule, self.microbatches, self.chunks, list(self.balance), self.recompute
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +118,7 @@ class Candidate:
 def preference(c: Candidate) -> tuple:
     """The tie-break order: no recompute, fewer chunks, the simpler schedule, fewer micro-batches, less memory."""
     rank = PREFERENCE.index(c.schedule) if c.schedule in PREFERENCE else len(PREFERENCE)
-    return (c.recompute, c.chunks, rank, c.microbatches, max(c.memory), c.step_s)
+    return (MODES.index(c.recompute), c.chunks, rank, c.microbatches, max(c.memory), c.step_s)
 
 
 @dataclass
@@ -163,7 +166,7 @@ class Plan:
         rows = [head]
         for k, c in enumerate(self.candidates, 1):
             rows.append(["*" if c == self.choice else "", str(k), c.schedule, str(c.microbatches), str(c.chunks),
-                         "yes" if c.recompute else "no", ",".join(map(str, c.balance)), format_seconds(c.step_s),
+                         c.recompute, ",".join(map(str, c.balance)), format_seconds(c.step_s),
                          f"{c.throughput:,.0f}", f"{c.bubble:.1%}", ", ".join(format_bytes(x) for x in c.memory)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -222,19 +225,23 @@ def measured_busy(trace: Timeline, rows: Sequence[int]) -> list[float]:
 
 
 def measured_saved_peaks(trace: Timeline, rows: Sequence[int]) -> list[float]:
-    """Peak saved-activation bytes per row: each forward's `saved_bytes` held until that (stage, micro-batch)'s
-    last backward piece (B, or W where split), swept in the order the row ran its actions."""
+    """Peak saved-activation bytes per row: each forward's `saved_bytes` (a RECOMPUTE's: what the micro-batch
+    holds after it) held until that (stage, micro-batch)'s last backward piece (B, or W where split), swept in
+    the order the row ran its actions."""
     out = []
     for r in rows:
         held: dict[tuple[int, int], float] = {}
         level = peak = 0.0
-        for e in sorted((e for e in trace.events if e.device == r and e.op in ("F", "B", "W")), key=lambda e: e.start):
-            if e.op == "F":
-                held[(e.stage, e.microbatch)] = float(e.extra.get("saved_bytes", 0))
-                level += held[(e.stage, e.microbatch)]
+        events = (e for e in trace.events if e.device == r and e.op in ("F", "RECOMPUTE", "B", "W"))
+        for e in sorted(events, key=lambda e: e.start):
+            key = (e.stage, e.microbatch)
+            if e.op in ("F", "RECOMPUTE"):
+                now = float(e.extra.get("saved_bytes", 0))
+                level += now - held.get(key, 0.0)
+                held[key] = now
                 peak = max(peak, level)
             else:
-                level -= held.pop((e.stage, e.microbatch), 0.0)
+                level -= held.pop(key, 0.0)
         out.append(peak)
     return out
 
@@ -336,14 +343,16 @@ def _local_search(model: CostModel, limit: float, stats: _Stats) -> tuple[Estima
 
 def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int = 1,
            schedules: Sequence[str] | None = None, microbatches: Sequence[int] | None = None,
-           chunks: Sequence[int] | None = None, recompute: Sequence[bool] = (False,),
+           chunks: Sequence[int] | None = None, recompute: Sequence[str] = ("never",),
            memory_limit: float | None = None, balance: Callable[[Schedule], Sequence[int]] | None = None,
            bytes_per_param: float = 16.0, latency: float = 0.0, bandwidth: float = math.inf,
            cores: int | None = None, tokens_per_sample: int | None = None, top: int = 5,
            noise: float | None = None, exhaustive: bool = False) -> Plan:
     """Search schedule x m x chunks x balance x recompute for the shortest predicted step within
     `memory_limit` bytes per device; see the module docstring. `batch` is the global batch (samples), split
-    over `data_parallel` replicas, then into m micro-batches. `balance(schedule)` fixes the balance per
+    over `data_parallel` replicas, then into m micro-batches. `recompute`: the activation-checkpointing modes
+    to try (a mode that changes nothing for a schedule, say "except_last" where every backward follows its
+    forward, gives the same schedule and is kept once). `balance(schedule)` fixes the balance per
     schedule instead of searching it. `noise` overrides the profiles' own estimate. Raises PartitionError
     when nothing fits, naming the smallest peak seen."""
     t0 = time.perf_counter()
@@ -359,6 +368,9 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     if not ms:
         raise PartitionError(f"no micro-batch count fits a batch of {per_replica} samples per replica")
     L = profiles.num_layers
+    for mode in recompute:
+        if mode not in MODES:
+            raise ValueError(f"the planner models the activation-checkpointing modes {', '.join(MODES)}, not {mode!r}")
     limit = math.inf if memory_limit is None else float(memory_limit)
     band = min(MAX_BAND, max(p.noise for p in profiles.sizes.values())) if noise is None else noise
     tokens = tokens_per_sample or 1
@@ -369,18 +381,23 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
                 for r in recompute:
                     samples = -(-per_replica // m)
                     prof = profiles.at(samples)
-                    work = sum(x.forward + x.backward + (x.forward if r else 0.0) for x in prof.layers)
+                    least = [min(x.backward, (x.input_grad or 0.0) + w) for x, w in
+                             zip(prof.layers, prof.weight_grad)] if prof.weight_grad else [x.backward for x in
+                                                                                          prof.layers]
+                    work = sum(x.forward + b + (x.forward if r == "always" else 0.0)
+                               for x, b in zip(prof.layers, least))
                     floor = m * work * data_parallel / min(cores, devices * data_parallel) if cores else 0.0
                     total = sum(x.params for x in prof.layers)
                     lb = max(m * work / devices, floor) + total * profiles.step_per_param / devices
-                    groups.append((lb, name, v, m, bool(r), samples))
+                    groups.append((lb, name, v, m, r, samples))
     if not groups:
         raise PartitionError(f"no schedule of {', '.join(names)} fits {L} layers on {devices} devices "
                              "(chunked schedules need devices x chunks layers)")
-    groups.sort(key=lambda g: (g[0], PREFERENCE.index(g[1]) if g[1] in PREFERENCE else 99, g[3]))
+    groups.sort(key=lambda g: (g[0], MODES.index(g[4]), PREFERENCE.index(g[1]) if g[1] in PREFERENCE else 99, g[3]))
     stats = _Stats()
     found: list[Candidate] = []
     least_memory, failed, configurations = math.inf, [], 0
+    seen: set = set()
     for lb, name, v, m, r, samples in groups:
         configurations += 1
         steps = sorted(c.step_s for c in found)
@@ -389,11 +406,15 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
             stats.pruned += 1
             continue
         try:
-            schedule = build(name, devices, m, v)
+            plain = build(name, devices, m, v)
+            schedule = with_recompute(plain, r)
         except ScheduleError as err:
-            failed.append(f"{name} v={v} m={m}: {err}")
+            failed.append(f"{name} v={v} m={m} recompute={r}: {err}")
             continue
-        model = CostModel(schedule, profiles.at(samples), recompute=r, bytes_per_param=bytes_per_param,
+        if (name, v, m, schedule.actions) in seen:
+            continue  # the mode changes nothing here (or gives what another mode already gave)
+        seen.add((name, v, m, schedule.actions))
+        model = CostModel(schedule, profiles.at(samples), bytes_per_param=bytes_per_param,
                           latency=latency, bandwidth=bandwidth, step_per_param=profiles.step_per_param,
                           cores=cores, replicas=data_parallel)
         fixed = list(balance(schedule)) if balance is not None else None
@@ -425,7 +446,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     if choice not in shown:
         shown.append(choice)
     settings = {"devices": devices, "data_parallel": data_parallel, "batch": batch, "memory_limit": memory_limit,
-                "schedules": names, "microbatches": ms, "recompute": [bool(x) for x in recompute], "cores": cores,
+                "schedules": names, "microbatches": ms, "recompute": list(recompute), "cores": cores,
                 "tokens_per_sample": tokens_per_sample, "bytes_per_param": bytes_per_param, "latency": latency,
                 "bandwidth": bandwidth if bandwidth < math.inf else None, "top": top}
     info = {"configurations": configurations, "evaluated": len(found), "over_memory": stats.over_memory,
@@ -437,13 +458,14 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
 
 
 def predict(profiles: ProfileSet, schedule: Schedule, batch: int, balance: Sequence[int], *, data_parallel: int = 1,
-            recompute: bool = False, tokens_per_sample: int | None = None, **model: float) -> Candidate:
+            recompute: str = "never", tokens_per_sample: int | None = None, **model: float) -> Candidate:
     """The prediction for one given configuration (no search): what `compare` holds a measured step to.
+    `schedule` is as the pipeline runs it (with its RECOMPUTE actions, if any; `recompute` names the mode);
     `model` options go to `CostModel` (bytes_per_param, latency, bandwidth, cores)."""
     per_replica = -(-batch // data_parallel)
     samples = -(-per_replica // schedule.microbatches)
-    cm = CostModel(schedule, profiles.at(samples), recompute=recompute, step_per_param=profiles.step_per_param,
-                   replicas=data_parallel, **model)
+    cm = CostModel(schedule, profiles.at(samples), step_per_param=profiles.step_per_param, replicas=data_parallel,
+                   **model)
     e = cm.estimate(list(balance))
     return Candidate(schedule.name, schedule.microbatches, schedule.chunks, recompute, e.balance, samples, e.step_s,
                      e.makespan_s, e.bubble, e.bubble_per_device, e.busy_s, e.memory, e.saved_peak,

@@ -50,7 +50,8 @@ class Planner:
         self.input_grad = ExactSums([x.input_grad or 0.0 for x in self.layers]) if measured else None
         self.footprint = Footprint(schedule, [x.params for x in self.layers], [x.saved_bytes for x in self.layers],
                                    bytes_per_param=bytes_per_param, stash_bytes_per_param=stash_bytes_per_param,
-                                   shared=[x.shared for x in self.layers])
+                                   shared=[x.shared for x in self.layers],
+                                   input_bytes=[x.input_bytes for x in self.layers])
         self._makespans: dict[tuple[int, ...], float] = {}
 
     def time(self, lo: int, hi: int) -> float:

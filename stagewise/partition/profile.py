@@ -111,7 +111,7 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
                 profiles.append(LayerProfile(
                     index=i, name=type(m).__name__, forward=min(forward),
                     backward=backward_s, params=params, param_bytes=param_bytes,
-                    output_bytes=_nbytes(x), saved_bytes=saved, shared=shared,
+                    output_bytes=_nbytes(x), saved_bytes=saved, shared=shared, input_bytes=_nbytes(inp),
                     input_grad=min(_measure_input_grad(run, inp, dev, repeats), backward_s)))
     finally:
         for p, g in grads:

@@ -16,13 +16,27 @@ import torch
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.stage import Pending, Stage
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
-from stagewise.schedules.actions import OVERLAP_F_B, RECV_B, RECV_F, REDUCE, SEND_B, SEND_F, STEP, Action, B, F, I, W
+from stagewise.schedules.actions import (
+    OVERLAP_F_B,
+    RECOMPUTE,
+    RECV_B,
+    RECV_F,
+    REDUCE,
+    SEND_B,
+    SEND_F,
+    STEP,
+    Action,
+    B,
+    F,
+    I,
+    W,
+)
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event
 from stagewise.tree import Spec, describe, flatten, shape_key
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-TRAIN_ONLY = frozenset((B, I, W, SEND_B, RECV_B, STEP, REDUCE))  # skipped by an evaluation pass
+TRAIN_ONLY = frozenset((B, I, W, SEND_B, RECV_B, STEP, REDUCE, RECOMPUTE))  # skipped by an evaluation pass
 
 
 class StepRunner(Protocol):
@@ -86,11 +100,13 @@ class Executor:
     """Runs device `device`'s program of a lowered schedule over its `stages` (stage index -> Stage)."""
 
     def __init__(self, schedule: Schedule, device: int, stages: dict[int, Stage], transport: Transport,
-                 loss_fn: LossFn | None, step: StepRunner | None = None, rank: int | None = None):
+                 loss_fn: LossFn | None, step: StepRunner | None = None, rank: int | None = None,
+                 loss_scale: Callable[[], float] | None = None):
         if not schedule.lowered:
             raise ValueError("the executor runs lowered schedules (see stagewise.schedules.validate / lower)")
         self.schedule, self.device, self.stages, self.transport = schedule, device, stages, transport
         self.loss_fn, self.step = loss_fn, step
+        self.loss_scale = loss_scale  # the last stage's backward starts from this (fp16 loss scaling)
         self.rank = device if rank is None else rank
         self.program = schedule.actions[device]
         self.last = schedule.num_stages - 1
@@ -98,8 +114,10 @@ class Executor:
             F: self._forward, B: self._backward, I: self._backward, W: self._weight,
             SEND_F: self._send_activation, SEND_B: self._send_grad,
             RECV_F: self._post, RECV_B: self._post, STEP: self._step, REDUCE: self._reduce,
-            OVERLAP_F_B: self._pair,
+            OVERLAP_F_B: self._pair, RECOMPUTE: self._recompute,
         }
+        # Forwards that keep only their stage's input: the list recomputes them before their backward.
+        self.recomputed = {(a.stage, a.microbatch) for a in self.program if a.op == RECOMPUTE}
         # An overlapped pair runs its two members (the next two rows) itself.
         self.in_pair = {k for i, a in enumerate(self.program) if a.op == OVERLAP_F_B for k in (i + 1, i + 2)}
         # With a transport that matches messages by tag, the receives that precede a compute action are
@@ -172,7 +190,7 @@ class Executor:
         if a.op == RECV_F:
             st.received[_received_key(a)] = self.transport.recv_activation(a.stage - 1, a.stage, a.microbatch, a.peer)
         else:
-            like = st.pending[(a.stage, a.microbatch)].roots
+            like = st.pending[(a.stage, a.microbatch)].like
             st.received[_received_key(a)] = self.transport.recv_grad(like, a.stage + 1, a.stage, a.microbatch, a.peer)
 
     def _post_early(self, r: Action, st: RunState) -> None:
@@ -210,18 +228,23 @@ class Executor:
             x = st.received.pop(("F", s, n)).wait()
             st.received_spec = flatten(x)[1]
             timing.waited()
+        loss = None
+        if s == self.last:
+            labels, weight = st.labels[n], st.weights[n]
+
+            def loss(out: Any) -> torch.Tensor:
+                return self._loss(out, labels, weight)
+
         with torch.set_grad_enabled(st.train):
-            out, p = stage.forward(x, version=a.version if self.schedule.asynchronous else None)
-            if s == self.last:
-                weighted = self._loss(out, st.labels[n], st.weights[n])
-                st.losses[n] = weighted.detach()
-                p.roots = [weighted] if st.train and weighted.requires_grad else []
-                if st.keep_outputs:
-                    st.kept[n] = out.detach() if isinstance(out, torch.Tensor) else out
-            else:
-                self._check_signature(st, s, n, out)
-                st.outputs[(s, n)] = out
-                p.roots = [t for t in flatten(out)[0] if t.requires_grad] if st.train else []
+            out, p = stage.forward(x, version=a.version if self.schedule.asynchronous else None, loss=loss,
+                                   keep=not st.train or (s, n) not in self.recomputed)
+        if s == self.last:
+            st.losses[n] = p.loss
+            if st.keep_outputs:
+                st.kept[n] = out.detach() if isinstance(out, torch.Tensor) else out
+        else:
+            self._check_signature(st, s, n, out)
+            st.outputs[(s, n)] = out
         timing.extra["saved_bytes"] = p.saved_bytes
         if st.train:
             st.pending[(s, n)] = p
@@ -242,15 +265,15 @@ class Executor:
         s, n = a.stage, a.microbatch
         stage = self.stages[s]
         p = st.pending[(s, n)]
-        if s == self.last:
-            grads = None
+        if s == self.last:  # the loss: seeded with 1, or with the loss scale
+            grads = None if self.loss_scale is None else [torch.full_like(t, self.loss_scale()) for t in p.like]
         elif self.schedule.placement[s + 1] == self.device:
             grads = st.grad_in.pop((s + 1, n))
         else:
             grads = st.received.pop(("B", s, n)).wait()
             timing.waited()
-        if grads is not None and len(grads) != len(p.roots):
-            raise PipelineError(f"stage {s + 1} returned {len(grads)} gradients for {len(p.roots)} outputs that "
+        if grads is not None and len(grads) != len(p.like):
+            raise PipelineError(f"stage {s + 1} returned {len(grads)} gradients for {len(p.like)} outputs that "
                                 "need one")
         if a.op == B:
             got = stage.backward(p, grads)
@@ -259,6 +282,11 @@ class Executor:
             got = stage.backward_input(p, grads)
         if s > 0:
             st.grad_in[(s, n)] = fill_missing_grads(got, p.inputs)
+
+    def _recompute(self, a: Action, st: RunState, timing: _Timing) -> None:
+        p = st.pending[(a.stage, a.microbatch)]
+        self.stages[a.stage].recompute(p)
+        timing.extra["saved_bytes"] = p.saved_bytes
 
     def _weight(self, a: Action, st: RunState, timing: _Timing) -> None:
         self.stages[a.stage].backward_weight(st.pending.pop((a.stage, a.microbatch)))

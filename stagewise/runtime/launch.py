@@ -29,7 +29,18 @@ def init_from_env(timeout: float, backend: str | None = None) -> tuple[int, int]
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    else:
+        # torchrun keeps one store across restarts (--max-restarts): without a prefix per attempt, a restarted
+        # rank can read the addresses (and failure reports) its killed predecessors published there
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        from torch.distributed.rendezvous import rendezvous
+
+        store, _, _ = next(rendezvous("env://", rank, size, timeout=timedelta(seconds=timeout)))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"stagewise/attempt-{attempt}", store), rank=rank,
+                                world_size=size, timeout=timedelta(seconds=timeout))
     atexit.register(_destroy_group)  # a group left to the interpreter's exit can abort the process
     return dist.get_rank(), dist.get_world_size()
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from stagewise.runtime.executor import Executor, RunResult
-from stagewise.runtime.feed import Microbatches
+from stagewise.runtime.feed import Microbatches, MicrobatchFeed
 from stagewise.runtime.microbatch import batch_size
+from stagewise.runtime.precision import LossScaler
 from stagewise.runtime.stages import StageSet
 from stagewise.runtime.step import RankStep, Step
 from stagewise.runtime.transport import Transport
+from stagewise.runtime.versions import stashing
 from stagewise.runtime.world import World
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Timeline
@@ -30,8 +32,9 @@ class Runner:
 
     def __init__(self, world: World, model: StageSet, schedule: Schedule,
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None, step: Step,
-                 optimizers: dict[int, torch.optim.Optimizer]):
+                 optimizers: dict[int, torch.optim.Optimizer], scalers: dict[int, LossScaler] | None = None):
         self.world, self.model, self.schedule, self.loss_fn = world, model, schedule, loss_fn
+        self.scalers = scalers or {}
         self.step, self.optimizers = step, optimizers
         self.groups = world.grid_groups()
         self.transports: dict[int, Transport] = {r: world.transport(r, schedule.num_stages) for r in world.local_ranks}
@@ -47,8 +50,10 @@ class Runner:
             stages = self.model.of_rank(rank)
             if rank not in self.rank_steps:
                 self.rank_steps[rank] = self.step.bind(rank, list(stages.values()), self.optimizers.get(rank))
+            scaler = self.scalers.get(rank)
             out[rank] = Executor(schedule, self.world.grid.coords(rank)[0], stages, self.transports[rank],
-                                 self.loss_fn, self.rank_steps[rank], rank=rank)
+                                 self.loss_fn, self.rank_steps[rank], rank=rank,
+                                 loss_scale=None if scaler is None else lambda s=scaler: s.scale)
         return out
 
     def step_batch(self, batch: tuple[Any, Any], microbatches: int, train: bool, step: bool = True) -> torch.Tensor:
@@ -104,6 +109,20 @@ class Runner:
         done = self.world.run(on_rank, "the step")
         self.results = {r: res for r, (res, _) in done.items()}
         return done[self.world.local_ranks[0]][1].cpu()
+
+    def unflushed(self, it: Iterator[tuple[Any, Any]], schedule: Schedule, batches: int
+                  ) -> tuple[list[float], dict[int, int]]:
+        """Run `batches` batches from `it` as one program that never drains (PipeDream, 2BW): the loss of each
+        batch, and the most weight versions each stage held at once."""
+        grid = self.world.grid
+        m = schedule.batch_microbatches
+        device = self.world.device(self.world.local_ranks[0])
+        feed = MicrobatchFeed(it, m, device, keep=grid.pipeline // m + 2, replicas=grid.data)  # batches in flight
+        feeds = {grid.coords(r)[1]: feed.microbatches(grid.coords(r)[1]) for r in self.world.local_ranks}
+        peaks: dict[int, int] = {}
+        with stashing(schedule, self.model.all(), peaks):
+            losses = self.run(feeds, True, schedule, batches=batches)
+        return losses.tolist(), peaks
 
     def report(self) -> dict[str, Any]:
         """What the step's parts reported in the last step (gradient norm, a skipped step), this process's

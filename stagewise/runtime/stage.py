@@ -1,7 +1,11 @@
-"""One pipeline stage: its layers, its forward, and its backward whole or split into I and W."""
+"""One pipeline stage: its layers, its forward (keeping its activations or only its input), the recompute,
+and its backward whole or split into I and W."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,8 +15,24 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call
 
 from stagewise.runtime.activations import SavedBytes
+from stagewise.runtime.precision import Precision
 from stagewise.runtime.versions import WeightVersions
 from stagewise.tree import cut, tensors_of
+
+# The global random generators are shared by every thread of a process; a recompute replays a forward's
+# dropout masks by restoring the generator's state, so forwards and recomputes take turns.
+_RNG = threading.Lock()
+
+
+class HeldBytes:
+    """Saved-activation bytes held by the stages of one device, and their peak."""
+
+    def __init__(self) -> None:
+        self.held = self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
 
 
 @dataclass
@@ -20,10 +40,13 @@ class Pending:
     """What one (stage, micro-batch) keeps from its forward until its backward is done."""
 
     inputs: list[torch.Tensor]  # the input leaves that want a gradient
-    roots: list[torch.Tensor]  # outputs that carry a gradient back (or the loss)
+    roots: list[torch.Tensor]  # outputs that carry a gradient back (or the loss); empty until a recompute
     saved_bytes: int = 0
     version: int | None = None  # the weight version the forward used (asynchronous schedules)
     weight_work: list = field(default_factory=list)  # set by backward_input for backward_weight
+    like: list[torch.Tensor] = field(default_factory=list)  # shapes and dtypes of the roots (receive buffers)
+    loss: torch.Tensor | None = None  # the last stage's loss (detached)
+    replay: tuple | None = None  # (input, loss function, RNG states) for a forward that kept only its input
 
 
 class Stage:
@@ -31,14 +54,19 @@ class Stage:
     kept in a `Pending` until the backward frees them. Saved-activation bytes are counted with
     `saved_tensors_hooks` (weights excluded, each storage once)."""
 
-    def __init__(self, index: int, layers: list[nn.Module], layer_offset: int, names: dict[int, str] | None = None):
+    def __init__(self, index: int, layers: list[nn.Module], layer_offset: int, names: dict[int, str] | None = None,
+                 precision: Precision | None = None, checkpoint_every: int | None = None):
         self.index = index
         self.names = names or {}
         self.module = nn.Sequential(*layers)
         self.layer_offset = layer_offset
         self.held_bytes = 0
         self.peak_bytes = 0
+        self.device_bytes = HeldBytes()  # shared by the stages of one device (see StageSet)
         self.versions: WeightVersions | None = None  # set for asynchronous schedules
+        self.precision = precision or Precision()
+        self.checkpoint_every = checkpoint_every  # groups of this many layers checkpointed inside the stage
+        self.replays = False  # whether this process recomputes forwards (set by StageSet)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -51,22 +79,87 @@ class Stage:
             out.append((self.names.get(id(p), f"{int(head) + self.layer_offset}.{rest}"), p))
         return out
 
-    def forward(self, x: Any, version: int | None = None) -> tuple[Any, Pending]:
+    def forward(self, x: Any, version: int | None = None, loss: Callable[[Any], torch.Tensor] | None = None,
+                keep: bool = True) -> tuple[Any, Pending]:
         """Run the layers on one micro-batch; `x` comes from the data (first stage) or the previous stage,
-        and is cut from the graph that made it (the first stage's input never needs a gradient)."""
+        and is cut from the graph that made it (the first stage's input never needs a gradient). With
+        `loss` (the last stage) the pending's root is `loss(output)`. With `keep=False` only the input is
+        kept: autograd's saved tensors are dropped and `recompute` rebuilds them before the backward."""
         x = cut(x, keep_grad=self.index > 0)
         inputs = [t for t in tensors_of(x) if t.requires_grad]
         weights = self.versions.params(version) if self.versions is not None and version is not None else None
-        counter = SavedBytes(list(self.module.parameters()) + list((weights or {}).values()))
-        with counter.hooks():
-            out = self.module(x) if weights is None else functional_call(self.module, weights, (x,))
-        pending = Pending(inputs, [], counter.total, version if weights is not None else None)
-        self.held_bytes += counter.total
-        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        pending = Pending(inputs, [], 0, version if weights is not None else None)
+        if keep:
+            counter = SavedBytes(list(self.module.parameters()) + list((weights or {}).values()))
+            # while other stages of this process recompute, no forward may draw from the generators in between
+            with _RNG if self.replays else contextlib.nullcontext(), counter.hooks():
+                out = self._run(x, weights, loss, pending)
+            pending.saved_bytes = counter.total
+        else:
+            device = next((t.device for t in tensors_of(x)), torch.device("cpu"))
+            with _RNG:
+                rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+                with torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
+                    out = self._run(x, weights, loss, pending)
+            pending.replay = (x, weights, loss, rng, device)
+            pending.saved_bytes = sum(t.numel() * t.element_size() for t in tensors_of(x))  # the input alone
+            pending.like = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in pending.roots]
+            pending.roots = []  # the graph without its saved tensors is useless: dropped with the outputs' roots
+        self._hold(pending.saved_bytes)
         return out, pending
 
+    def _hold(self, nbytes: int) -> None:
+        self.held_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        self.device_bytes.add(nbytes)
+
+    def _run(self, x: Any, weights: dict | None, loss: Callable | None, pending: Pending) -> Any:
+        with self.precision.autocast(_device_of(x, self.module)):
+            if self.checkpoint_every is not None and weights is None:
+                out = self._checkpointed(x)
+            else:
+                out = self.module(x) if weights is None else functional_call(self.module, weights, (x,))
+            out = self.precision.cast_outputs(out)
+            if loss is not None:
+                value = loss(out)
+                pending.loss = value.detach()
+                pending.roots = [value] if value.requires_grad else []
+            else:
+                pending.roots = [t for t in tensors_of(out) if t.requires_grad]
+        pending.like = pending.roots
+        return out
+
+    def _checkpointed(self, x: Any) -> Any:
+        """Every group of `checkpoint_every` layers under torch.utils.checkpoint (non-reentrant, RNG replayed)."""
+        from torch.utils.checkpoint import checkpoint
+
+        layers = list(self.module)
+        n = self.checkpoint_every or len(layers)
+        for k in range(0, len(layers), n):
+            group = nn.Sequential(*layers[k:k + n])
+            x = checkpoint(group, x, use_reentrant=False) if torch.is_grad_enabled() else group(x)
+        return x
+
+    def recompute(self, pending: Pending) -> None:
+        """Run a forward that kept only its input again, with its dropout masks, to rebuild what the backward
+        needs (once: I and W of a split backward share it)."""
+        if pending.replay is None:
+            return
+        x, weights, loss, (cpu, cuda), device = pending.replay
+        params = list(self.module.parameters()) + list((weights or {}).values())
+        counter = SavedBytes(params)
+        with _RNG, torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type=device.type):
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, device)
+            with torch.enable_grad(), counter.hooks():
+                self._run(x, weights, loss, pending)
+        pending.replay = None
+        pending.saved_bytes += counter.total
+        self._hold(counter.total)
+
     def release(self, pending: Pending) -> None:
-        self.held_bytes -= pending.saved_bytes
+        self._hold(-pending.saved_bytes)
         pending.saved_bytes = 0
 
     def backward(self, pending: Pending, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
@@ -166,6 +259,23 @@ class Stage:
                     p.grad = g if p.grad is None else p.grad + g
         pending.weight_work = []
         self.release(pending)
+
+
+def _drop(t: torch.Tensor) -> None:
+    """A saved tensor not kept (the forward will be recomputed)."""
+    return None
+
+
+def _dropped(_: None) -> torch.Tensor:
+    raise RuntimeError("a forward that kept only its input was used for a backward without its RECOMPUTE")
+
+
+def _device_of(x: Any, module: nn.Module) -> torch.device:
+    for t in tensors_of(x):
+        return t.device
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _capture(store: dict[Any, tuple], node: Any):

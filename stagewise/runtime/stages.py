@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from stagewise.runtime import ties
-from stagewise.runtime.stage import Stage
+from stagewise.runtime.precision import Precision
+from stagewise.runtime.stage import HeldBytes, Stage
 from stagewise.runtime.world import World
 from stagewise.schedules.schedule import Schedule
 
@@ -25,7 +26,7 @@ class StageSet:
     """
 
     def __init__(self, layers: Sequence[LayerSpec], balance: Sequence[int], schedule: Schedule, world: World,
-                 seed: int | None = None):
+                 seed: int | None = None, precision: Precision | None = None, checkpoint_every: int | None = None):
         starts = [sum(balance[:s]) for s in range(len(balance))]
         self.layer_ranges = [(a, a + n) for a, n in zip(starts, balance)]
         self.schedule, self.world = schedule, world
@@ -40,8 +41,12 @@ class StageSet:
             for s in schedule.stages_of(device):
                 lo, hi = self.layer_ranges[s]
                 built = [build_layer(copies[replica][i], i, seed) for i in range(lo, hi)]
-                mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names)
+                mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names, precision, checkpoint_every)
             self.by_rank[rank] = mine
+            device_bytes = HeldBytes()
+            replays = any(a.op == "RECOMPUTE" for a in schedule.actions[device])
+            for st in mine.values():
+                st.device_bytes, st.replays = device_bytes, replays
         # stage index -> Stage, for this process's first data replica (the only one, with processes)
         replica = world.grid.coords(world.local_ranks[0])[1]
         self.stages: dict[int, Stage] = {s: st for r, mine in self.by_rank.items()
@@ -67,6 +72,22 @@ class StageSet:
     def of_rank(self, rank: int) -> dict[int, Stage]:
         """Stage index -> Stage for the stages rank `rank` runs."""
         return self.by_rank[rank]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters of `stages` (the first replica's), by their unsplit names, each listed once."""
+        out, seen = [], set()
+        for s in sorted(self.stages):
+            for name, p in self.stages[s].named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((name, p))
+        return out
+
+    def device_peaks(self) -> dict[int, int]:
+        """Peak saved-activation bytes per pipeline device of the first replica (its stages together)."""
+        replica = self.world.grid.coords(self.world.local_ranks[0])[1]
+        return {self.world.grid.coords(r)[0]: next(iter(st.values())).device_bytes.peak
+                for r, st in self.by_rank.items() if st and self.world.grid.coords(r)[1] == replica}
 
     def all(self) -> list[Stage]:
         return [st for mine in self.by_rank.values() for st in mine.values()]

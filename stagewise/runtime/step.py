@@ -10,6 +10,7 @@ is a part here, not a branch in the executor or in `Pipeline`.
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from stagewise.runtime.precision import LossScaler
 from stagewise.runtime.stage import Stage
 from stagewise.runtime.ties import Ties
 from stagewise.runtime.world import Pending, World
@@ -101,11 +103,38 @@ class ReduceGradients(StepPart):
         rank = ctx.rank
         self._window(rank)
         self._start(rank, [p for p in self.model.owned[rank] if id(p) not in self.done[rank]])
+        t0 = time.perf_counter()
         for work, flat, grads in self.pending[rank]:
             work.wait()
             for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(reduced)
+        ctx.report["reduce_wait_s"] = time.perf_counter() - t0  # what the reductions did not hide
         del self.waiting[rank]
+
+
+class LossScaling(StepPart):
+    """fp16 dynamic loss scaling across the pipeline (see `stagewise.runtime.precision`)."""
+
+    contract = ("gradients are unscaled; an inf/NaN gradient on any rank skips the step on every rank and backs the "
+                "scale off, as torch.amp.GradScaler does")
+
+    def __init__(self, world: World, model: StageSet, scalers: dict[int, LossScaler]):
+        self.world, self.model, self.scalers = world, model, scalers
+
+    def __call__(self, ctx: StepContext) -> None:
+        scaler = self.scalers[ctx.rank]
+        inv = 1.0 / scaler.scale
+        found = torch.zeros(1, dtype=torch.float64, device=self.world.device(ctx.rank))
+        for p in self.model.owned[ctx.rank]:
+            if p.grad is not None:
+                p.grad.mul_(inv)
+                found += (~torch.isfinite(p.grad)).any().to(torch.float64)
+        self.world.all_reduce(ctx.rank, [found], self.world.grid_groups().everyone)  # one verdict everywhere
+        ctx.report["loss_scale"] = scaler.scale
+        if found.item() > 0:
+            ctx.skip = True
+            ctx.report["skipped"] = f"an inf or NaN gradient at loss scale {scaler.scale:g} (fp16 overflow)"
+        scaler.update(found.item() > 0)
 
 
 class ClipGradNorm(StepPart):
@@ -174,11 +203,14 @@ class NewWeightVersion(StepPart):
 
 
 def training_step(world: World, model: StageSet, ties: Ties, *, asynchronous: bool = False,
-                  max_grad_norm: float | None = None, track_grad_norm: bool = False) -> Step:
-    """The standard step: reduce over data replicas (D > 1), sum tied gradients, measure and clip the global
-    norm (when asked), step the optimizer, and for asynchronous schedules make the new weight version."""
+                  max_grad_norm: float | None = None, track_grad_norm: bool = False,
+                  scalers: dict[int, LossScaler] | None = None) -> Step:
+    """The standard step: reduce over data replicas (D > 1), sum tied gradients, unscale (fp16), measure and
+    clip the global norm (when asked), step the optimizer, and for asynchronous schedules make the new weight
+    version."""
     parts: list[StepPart] = [ReduceGradients(world, model)] if world.grid.data > 1 else []
     parts += [SyncTiedGrads(ties)] if ties else []
+    parts += [LossScaling(world, model, scalers)] if scalers else []
     if max_grad_norm is not None or track_grad_norm:
         parts.append(ClipGradNorm(world, model, ties, max_grad_norm))
     parts.append(OptimizerStep())

@@ -8,6 +8,7 @@ from stagewise.schedules.actions import (
     COMPUTE_OPS,
     OVERLAP_F_B,
     PAIR_OPS,
+    RECOMPUTE,
     RECV_B,
     RECV_F,
     REDUCE,
@@ -29,6 +30,7 @@ from stagewise.schedules.files import dumps, load, loads, save
 from stagewise.schedules.flushing import gpipe, naive, one_f_one_b
 from stagewise.schedules.interleaved import interleaved
 from stagewise.schedules.lowering import lower
+from stagewise.schedules.recompute import with_recompute
 from stagewise.schedules.reduction import with_reductions
 from stagewise.schedules.registry import SCHEDULES, SYNCHRONOUS, ScheduleInfo, build, resolve_schedule
 from stagewise.schedules.schedule import Schedule
@@ -38,9 +40,9 @@ from stagewise.schedules.validate import validate
 from stagewise.schedules.zero_bubble import zb_h1, zb_h2, zbv
 
 __all__ = [
-    "B", "COMM_OPS", "COMPUTE_OPS", "F", "I", "OVERLAP_F_B", "PAIR_OPS", "RECV_B", "RECV_F", "REDUCE", "SEND_B",
-    "SEND_F", "STEP", "W", "Action", "Costs", "Event", "SCHEDULES", "SYNCHRONOUS", "Schedule", "ScheduleError",
-    "ScheduleInfo", "Simulation", "Timeline", "build", "dualpipev", "dumps", "gpipe", "interleaved", "load", "loads",
-    "looped_bfs", "lower", "naive", "one_f_one_b", "pipedream", "resolve_schedule", "save", "simulate", "two_bw",
-    "v_half", "v_min", "validate", "with_reductions", "zb_h1", "zb_h2", "zbv",
+    "B", "COMM_OPS", "COMPUTE_OPS", "F", "I", "OVERLAP_F_B", "PAIR_OPS", "RECV_B", "RECV_F", "RECOMPUTE", "REDUCE",
+    "SEND_B", "SEND_F", "STEP", "W", "Action", "Costs", "Event", "SCHEDULES", "SYNCHRONOUS", "Schedule",
+    "ScheduleError", "ScheduleInfo", "Simulation", "Timeline", "build", "dualpipev", "dumps", "gpipe", "interleaved",
+    "load", "loads", "looped_bfs", "lower", "naive", "one_f_one_b", "pipedream", "resolve_schedule", "save",
+    "simulate", "two_bw", "v_half", "v_min", "validate", "with_recompute", "with_reductions", "zb_h1", "zb_h2", "zbv",
 ]

@@ -11,7 +11,8 @@ I = "I"  # noqa: E741  # backward for the input gradient only
 W = "W"  # backward for the weight gradient only (after I)
 STEP = "STEP"  # optimizer step on the device; `version` is the weight version it produces
 REDUCE = "REDUCE"  # data parallel: average stage `stage`'s gradients over its replicas (added by `with_reductions`)
-COMPUTE_OPS = (F, B, I, W, STEP, REDUCE)  # the work of one device's own list (REDUCE: a collective of its replicas)
+RECOMPUTE = "RECOMPUTE"  # activation checkpointing: run F(stage, mb) again to rebuild what it did not keep
+COMPUTE_OPS = (F, B, I, W, STEP, REDUCE, RECOMPUTE)  # one device's own work (REDUCE: a collective of its replicas)
 
 # Communication ops, added by `lower()`.
 SEND_F = "SEND_F"  # send stage `stage`'s output for `microbatch` to device `peer`
@@ -59,6 +60,8 @@ class Action(NamedTuple):
         """A short label for timelines, such as `F3` or `W0`."""
         if self.op == OVERLAP_F_B:
             return "F+B"
+        if self.op == RECOMPUTE:
+            return f"C{self.microbatch}"
         return self.op[0] if self.op in (STEP, REDUCE) else f"{self.op}{self.microbatch}"
 
 

@@ -25,6 +25,7 @@ from stagewise.schedules.actions import (
     COMPUTE_OPS,
     OVERLAP_F_B,
     PAIR_OPS,
+    RECOMPUTE,
     REDUCE,
     STEP,
     Action,
@@ -40,7 +41,8 @@ from stagewise.schedules.schedule import Schedule
 # A dependency key: ("F" | "B" | "W", stage, micro-batch), or ("V", stage, version) for a weight version.
 Key = tuple[str, int, int]
 
-UNIT_COSTS = {F: 1.0, B: 2.0, I: 1.0, W: 1.0, STEP: 0.0, REDUCE: 0.0}
+# RECOMPUTE costs 0 here so that recomputing leaves the message order (the lowering) unchanged
+UNIT_COSTS = {F: 1.0, B: 2.0, I: 1.0, W: 1.0, STEP: 0.0, REDUCE: 0.0, RECOMPUTE: 0.0}
 _KIND = np.full(len(OP_CODE), -1, dtype=np.int64)  # op code -> key kind: 0 F, 1 B or I, 2 W, 3 version
 for _op, _kind in ((F, 0), (B, 1), (I, 1), (W, 2), (STEP, 3)):
     _KIND[OP_CODE[_op]] = _kind

@@ -104,7 +104,8 @@ def check_spec(spec: str | os.PathLike | Schedule) -> None:
 
 
 def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatches: int | None = None,
-                     chunks: int | None = None, data_parallel: int = 1, **options) -> Schedule:
+                     chunks: int | None = None, data_parallel: int = 1, activation_checkpointing: str | int = "never",
+                     **options) -> Schedule:
     """The schedule a user asked for, validated and lowered as `validate()` returns it.
 
     `spec` is a registered name (built for `devices` with `microbatches`, default 4, and
@@ -112,11 +113,17 @@ def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatc
     (`files.load`), or a `Schedule`. A file or a Schedule must be written for `devices`
     devices, for `microbatches` micro-batches when given (left unset, its own count is used),
     and hold `chunks` stages per device when given; it takes no options. With `data_parallel`
-    > 1 it gets its gradient reductions (`with_reductions`). Anything else, or any fault the
-    validator finds, is a ScheduleError naming it.
+    > 1 it gets its gradient reductions (`with_reductions`), and with `activation_checkpointing` its
+    recomputes (`with_recompute`). Anything else, or any fault the validator finds, is a ScheduleError
+    naming it.
     """
+    from stagewise.schedules.recompute import with_recompute
     from stagewise.schedules.reduction import with_reductions
     from stagewise.schedules.validate import validate
+
+    if activation_checkpointing != "never":
+        return validate(with_recompute(resolve_schedule(spec, devices, microbatches, chunks, data_parallel,
+                                                        **options), activation_checkpointing))
 
     if data_parallel > 1:
         schedule = resolve_schedule(spec, devices, microbatches, chunks, **options)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import OPS, OVERLAP_F_B, REDUCE, STEP, B, F, I, W
+from stagewise.schedules.actions import OPS, OVERLAP_F_B, RECOMPUTE, REDUCE, STEP, B, F, I, W
 from stagewise.schedules.execution import compile_schedule, pair_rows, timed_execution
 from stagewise.schedules.programs import OP_CODE
 from stagewise.schedules.schedule import Schedule
@@ -35,6 +35,7 @@ class Costs:
     w: PerStage | None = None
     step: float = 0.0
     reduce: PerStage = 0.0
+    recompute: PerStage | None = None  # RECOMPUTE actions (activation checkpointing); default: the forward's cost
     latency: float = 0.0
     bytes: PerStage = 0.0
     bandwidth: float = float("inf")
@@ -137,6 +138,8 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
         per_op[OP_CODE[name], :S] = values
     per_op[OP_CODE[STEP], :] = costs.step
     per_op[OP_CODE[REDUCE], :S] = _per_stage(costs.reduce, S, "reduce")
+    recompute = table[F] if costs.recompute is None else _per_stage(costs.recompute, S, "recompute")
+    per_op[OP_CODE[RECOMPUTE], :S] = recompute
     cost = per_op[op, np.clip(st, 0, max(S - 1, 0))]
     pair, fm, bm = pair_rows(c)
     cost_f, cost_b = cost[fm], cost[bm]

@@ -12,6 +12,7 @@ from stagewise.schedules.actions import (
     COMM_OPS,
     COMPUTE_OPS,
     OVERLAP_F_B,
+    RECOMPUTE,
     RECV_B,
     RECV_F,
     REDUCE,
@@ -105,6 +106,10 @@ def _check_structure(sc: Schedule) -> None:
                 step_at = i
                 versions[a.stage].add(a.version)
                 continue
+            if a.op == RECOMPUTE:
+                if sc.placement[a.stage] != d:
+                    raise _fail(sc, d, i, a, f"stage {a.stage} lives on device {sc.placement[a.stage]}, not {d}")
+                continue
             if a.op == REDUCE:
                 if sc.placement[a.stage] != d:
                     raise _fail(sc, d, i, a, f"stage {a.stage} lives on device {sc.placement[a.stage]}, "
@@ -147,6 +152,26 @@ def _check_structure(sc: Schedule) -> None:
     if flush_error is not None:
         raise flush_error
     _check_reductions(sc)
+    _check_recomputes(sc)
+
+
+def _check_recomputes(sc: Schedule) -> None:
+    """A RECOMPUTE(stage, mb) runs once, after that forward and before that micro-batch's backward on the stage."""
+    for d, prog in enumerate(sc.actions):
+        seen: dict[tuple[int, int], str] = {}
+        for i, a in enumerate(prog):
+            key = (a.stage, a.microbatch)
+            if a.op == F:
+                seen[key] = F
+            elif a.op in (B, I) and seen.get(key) == "pending":
+                seen[key] = "done"
+            elif a.op == RECOMPUTE:
+                state = seen.get(key)
+                if state is None:
+                    raise _fail(sc, d, i, a, f"recomputes F(stage {a.stage}, mb {a.microbatch}) before it ran")
+                if state != F:
+                    raise _fail(sc, d, i, a, "comes after that micro-batch's backward started, or twice")
+                seen[key] = "pending"
 
 
 def _check_reductions(sc: Schedule) -> None:
@@ -306,8 +331,8 @@ def _structure_ok(sc: Schedule) -> bool:
     placement = np.asarray(sc.placement, dtype=np.int64)
     if (placement[st] != dev).any():
         return False
-    if (op == _C[REDUCE]).any():
-        return False  # the exact check places reductions (`_check_reductions`)
+    if (op == _C[REDUCE]).any() or (op == _C[RECOMPUTE]).any():
+        return False  # the exact check places reductions and recomputes (`_check_reductions`, `_check_recomputes`)
     step = op == _C[STEP]
     work = ~step
     if ((mb[work] < 0) | (mb[work] >= m)).any():

@@ -13,6 +13,7 @@ COLORS: dict[str, tuple[str, str]] = {
     "W": ("#f2a541", "#c06f0c"),
     "S": ("#a0a0a0", "#6e6e6e"),
     "R": ("#b07cc6", "#7d4a94"),
+    "C": ("#8fd6d0", "#3f9a93"),
 }
 _OTHER = ("#d9d9d9", "#a6a6a6")
 _PAIR_EDGE = "#c2185b"  # the frame of an overlapped F+B pair

@@ -14,9 +14,10 @@ OP_NAMES: dict[str, str] = {
     "W": "backward weight-grad",
     "S": "optimizer step",
     "R": "gradient reduction (data parallel)",
+    "C": "recompute (activation checkpointing)",
     "P": "F+B pair (one overlapped action, labelled like F3+b1)",
 }
-ANSI: dict[str, str] = {"F": "34", "B": "32", "I": "92", "W": "33", "S": "90", "R": "35", "P": "95"}
+ANSI: dict[str, str] = {"F": "34", "B": "32", "I": "92", "W": "33", "S": "90", "R": "35", "P": "95", "C": "36"}
 PAIR = "OVERLAP_F_B"
 _RESET = "\033[0m"
 
@@ -25,6 +26,8 @@ def op_letter(op: str) -> str:
     """The single letter of an op: F, B, I, W, S for STEP, R for REDUCE, or P for an overlapped F+B pair."""
     if op == PAIR:
         return "P"
+    if op == "RECOMPUTE":
+        return "C"
     return "S" if op == "STEP" else op[:1]
 
 
