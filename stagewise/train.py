@@ -47,7 +47,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 1e-3
-    partition: str = "auto"
+    partition: str | list[int] = "auto"
     plan: bool = False  # the planner chooses schedule, microbatches, partition and activation checkpointing
     memory_limit: str | None = None  # bytes per device (text such as 2GiB), for the planner
     chunks: int | None = None
@@ -136,9 +136,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg.schedule = cfg.microbatches = cfg.partition = cfg.activation_checkpointing = "auto"
     planned = "auto" in (cfg.schedule, cfg.microbatches)
     out = Path(cfg.out)
-    plan = _saved_plan(out) if planned and cfg.resume else None  # a resumed run keeps the plan it started with
     say = _Printer(rank == 0)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if planned and attempt > 0 and (out / "config.json").is_file():  # a restart keeps what the first attempt planned
+        saved = json.loads((out / "config.json").read_text())
+        for key in ("schedule", "microbatches", "chunks", "partition", "activation_checkpointing"):
+            setattr(cfg, key, saved[key])
+        planned = "auto" in (cfg.schedule, cfg.microbatches)
     say(f"stagewise train: {cfg.model if not cfg.pretrained else cfg.pretrained} on {cfg.stages} stage(s)"
         f"{f' x {cfg.dp} data-parallel replicas' if cfg.dp > 1 else ''}, "
         f"schedule {cfg.schedule}, {cfg.microbatches} micro-batches, {cfg.steps} steps"
@@ -150,17 +154,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s)")
     layers = build_layers(cfg, tok.get_vocab_size())
     sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
-    schedule, microbatches, chunks, partition, checkpointing = (
-        plan.choice.settings() if plan is not None else
-        (cfg.schedule, cfg.microbatches, cfg.chunks, cfg.partition, _checkpointing(cfg.activation_checkpointing)))
-    pipe = Pipeline(layers, lm_loss, schedule=schedule, microbatches=microbatches, partition=partition, chunks=chunks,
-                    timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
+    pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
+                    chunks=cfg.chunks, timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
-                    precision=cfg.precision, activation_checkpointing=checkpointing,
+                    precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
-    plan = plan or pipe.plan
-    if plan is not None:
-        say(plan.format() if pipe.plan is not None else f"the plan of {out / 'plan.json'}: {plan.choice.label}")
+    plan = pipe.plan
+    if plan is not None:  # config.json records what runs, so that a resumed run does not plan again
+        say(plan.format())
+        cfg.schedule, cfg.microbatches, cfg.chunks, cfg.partition, cfg.activation_checkpointing = plan.choice.settings()
+        cfg.plan = False
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
     root = out / "checkpoints"
@@ -325,14 +328,6 @@ def _batches_from(batches: Any, start: int):
         for b in batches.batch_indices(epoch)[index:]:
             yield collate([batches.sequences[i] for i in b], batches.pad_id)
         epoch, index = epoch + 1, 0
-
-
-def _saved_plan(out: Path) -> Any:
-    """The plan a run folder holds (plan.json), or None."""
-    from stagewise.partition.plan import Plan
-
-    path = out / "plan.json"
-    return Plan.from_dict(json.loads(path.read_text())) if path.is_file() else None
 
 
 def _check_prediction(plan: Any, pipe: Any, trace: Any, step_s: float, dp: int, progress: Any) -> dict[str, Any]:
