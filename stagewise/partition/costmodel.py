@@ -16,7 +16,9 @@ The planner (`stagewise.partition.plan`) asks this model about every candidate i
   the largest activation of the model); the runtime computes it inside the last stage's forward and counts
   it there, and so does this model (`SizeProfile.loss_bytes`, or inside the last layer's `saved_bytes`).
 - **Shared cores.** With `cores`, ranks that share C cores (CPU ranks of one machine) cannot compute more
-  than C at once: the step is at least all ranks' work / C.
+  than C at once: the step is at least all ranks' work / C, and each action is stretched by the number of
+  ranks busy beside it / C (processor sharing, found by re-simulating with the stretch the previous
+  timeline implies, a few times; per stage and action kind, averaged).
 - **The optimizer step** costs `step_per_param` seconds per parameter held, after the device's last action.
 """
 
@@ -31,6 +33,8 @@ import numpy as np
 from stagewise.partition.costs import LayerProfile, ParamCounter
 from stagewise.partition.solver import ExactSums, check_balance, ranges
 from stagewise.schedules import RECOMPUTE, B, Costs, F, I, Schedule, Simulation, W, simulate
+from stagewise.schedules.execution import compile_schedule
+from stagewise.schedules.programs import OP_CODE
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ def _scaled(a: SizeProfile, samples: int) -> SizeProfile:
 
 
 _TRACKED = (F, B, I, W, RECOMPUTE)  # the actions that change what a device holds
+SHARING_ROUNDS = 3  # re-simulations under processor sharing (shared cores)
 
 
 @dataclass(frozen=True)
@@ -228,10 +233,45 @@ class CostModel:
                      bandwidth=self.bandwidth)
 
     def simulation(self, balance: Sequence[int]) -> Simulation:
+        """The simulated step; with fewer shared cores than ranks, under processor sharing (see the module)."""
         key = tuple(balance)
         if key not in self._sims:
-            self._sims[key] = simulate(self.schedule, self.costs(balance))
+            costs = self.costs(balance)
+            sim = simulate(self.schedule, costs)
+            ranks = self.schedule.num_devices * self.replicas
+            if self.cores and self.cores < ranks:
+                for _ in range(SHARING_ROUNDS):
+                    sim = simulate(self.schedule, self._stretched(costs, sim))
+            self._sims[key] = sim
         return self._sims[key]
+
+    def _stretched(self, costs: Costs, sim: Simulation) -> Costs:
+        """`costs` with every (stage, action kind) stretched by the mean of busy ranks / cores (at least 1) over
+        its actions in `sim`."""
+        sc = self.schedule
+        c = compile_schedule(sc)
+        op, stage, device = c.programs.op, c.programs.stage, c.device
+        start, end = sim.start, sim.end
+        busy = end > start
+        mid = (start + end) / 2
+        together = np.zeros(len(mid))
+        for d in range(sc.num_devices):
+            mine = busy & (device == d)
+            s, e = np.sort(start[mine]), np.sort(end[mine])
+            together += (np.searchsorted(s, mid, side="right") - np.searchsorted(e, mid, side="right")) > 0
+        stretch = np.maximum(1.0, together * self.replicas / float(self.cores or 1))
+        table = costs.table(sc.num_stages)
+        out = {}
+        for kind in (F, B, I, W, RECOMPUTE):
+            mask = busy & (op == OP_CODE[kind])
+            total = np.bincount(stage[mask], weights=stretch[mask], minlength=sc.num_stages)
+            count = np.bincount(stage[mask], minlength=sc.num_stages)
+            out[kind] = np.where(count > 0, total / np.maximum(count, 1), 1.0)
+        base = table[F]
+        return Costs(f=[x * k for x, k in zip(base, out[F])], b=[x * k for x, k in zip(table[B], out[B])],
+                     i=[x * k for x, k in zip(table[I], out[I])], w=[x * k for x, k in zip(table[W], out[W])],
+                     recompute=[x * k for x, k in zip(base, out[RECOMPUTE])], latency=costs.latency,
+                     bytes=costs.bytes, bandwidth=costs.bandwidth)
 
     def _work(self, balances: np.ndarray) -> np.ndarray:
         """Compute seconds per stage and step, shape (n, stages): m forwards and backwards, and the recomputes."""
