@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # The main job: GPT-2 (tiny) on 4 pipeline stages, built-in data, no download.
 demo: $(STAMP)
-	$(VENV)/bin/stagewise train --stages 4 --schedule 1f1b --microbatches 8 --steps 300 --out runs/demo
+	$(VENV)/bin/stagewise train --stages 4 --steps 300 --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -38,6 +38,13 @@ Checks and measurements:
   bubble per device; measured peak saved-activation bytes per device (from the forwards'
   `saved_bytes`) against the prediction `peak_inflight` x saved bytes per micro-batch, and against
   the simulated timeline swept with each (stage, micro-batch)'s measured bytes.
+* With `--planner`, the planner's choice (`Pipeline(schedule="auto", microbatches="auto", partition="auto")`:
+  schedule, m, chunks and balance chosen together from one profile, built once per P and kept) runs in the
+  rotation of every configuration, so that it alternates with each of torch's; it is compared with torch's
+  best configuration on the even split (ratios within that configuration's rounds, median [min-max]). With
+  `--single-threads 2` a single process with 2 intra-op threads (rank 0; the other ranks wait) runs in
+  every rotation too, the baseline for "2 ranks x 1 thread against 1 process x 2 threads". `--no-even`
+  skips stagewise on the even split (the parity rows).
 * Unless `--no-auto`, stagewise also runs each schedule with `partition="auto"` (it measures the
   layers on `sample=`); the best of those per (P, m) is compared with torch's best schedule on the
   even split and with torch's same schedule on the even split (ratios within each round, then the
@@ -81,6 +88,9 @@ class Settings:
     configs: tuple[tuple[str, int], ...]  # (schedule, m) for this P
     auto: bool
     torch_side: bool
+    planner: bool
+    even: bool
+    single_threads: int
     steps: int
     repeats: int
     warmup: int
@@ -112,6 +122,29 @@ def torch_supports(schedule: str, P: int, m: int) -> str | None:
     if schedule == "interleaved" and m % max(1, m // P):
         return "ScheduleInterleaved1F1B needs m % max(1, m // P) == 0"
     return None
+
+
+class SingleThreads:
+    """The single-process baseline with `threads` intra-op threads on rank 0 (the other ranks do nothing), as a
+    pipeline-like object for the rotation."""
+
+    def __init__(self, s: Any, rank: int, threads: int):
+        from _common import SingleProcess
+
+        self.model = SingleProcess(s) if rank == 0 else None
+        self.threads = threads
+
+    def train_step(self, batch: Any) -> float | None:
+        if self.model is None:
+            return None
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self.model.step(batch)
+        finally:
+            torch.set_num_threads(before)
 
 
 class TorchPipe:
@@ -202,6 +235,20 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
     dist.barrier()
 
     info: dict[str, dict[str, Any]] = {}
+    plans: dict[str, Any] = {}
+    planned = single_n = None
+    if s.planner:
+        t0 = time.perf_counter()
+        planned = Pipeline(build_layers(s), lm_loss, schedule="auto", microbatches="auto", partition="auto",
+                           sample=batch, optimizer=adam, timeout=s.timeout, show_partition=False)
+        c = planned.plan.choice
+        info["planner"] = {"schedule": c.schedule, "microbatches": c.microbatches, "chunks": c.chunks,
+                           "partition": "planner", "balance": list(c.balance), "recompute": c.recompute,
+                           "build_s": time.perf_counter() - t0}
+        plans = {"planner": planned.plan.to_dict()}
+        first["planner"] = {"stagewise": float(planned.train_step(batch))}
+    if s.single_threads > 1:
+        single_n = SingleThreads(s, rank, s.single_threads)
     for sc, m in s.configs:
         # One configuration at a time, its pipelines alternating (stagewise even, torch even, stagewise auto),
         # then freed: a process holds what one training run holds, and the ratios compare neighbouring blocks.
@@ -209,13 +256,16 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
         name = f"{sc} m={m}"
         num_stages = build(sc, world, m).num_stages
         balance = resolve_balance("uniform", s.n_layer + 2, num_stages)
-        sw = Pipeline(build_layers(s), lm_loss, schedule=sc, microbatches=m, partition=balance, optimizer=adam,
-                      timeout=s.timeout, show_partition=False)
-        pipes[(name, "stagewise")] = sw
-        info[name] = {"schedule": sc, "microbatches": m, "partition": "even", "balance": list(sw.balance)}
+        sw = None
+        if s.even:
+            sw = Pipeline(build_layers(s), lm_loss, schedule=sc, microbatches=m, partition=balance, optimizer=adam,
+                          timeout=s.timeout, show_partition=False)
+            pipes[(name, "stagewise")] = sw
+        placement = build(sc, world, m).placement
+        info[name] = {"schedule": sc, "microbatches": m, "partition": "even", "balance": list(balance)}
         why = torch_supports(sc, world, m) if s.torch_side else "--tie: torch has no cross-stage ties"
         if why is None:
-            pipes[(name, "torch")] = TorchPipe(build_layers(s), balance, sw.schedule.placement, sc, m, rank,
+            pipes[(name, "torch")] = TorchPipe(build_layers(s), balance, placement, sc, m, rank,
                                                torch_group, s.lr, lm_loss)
         info[name]["torch"] = why or TORCH_SCHEDULES[sc]
         if s.auto:
@@ -233,9 +283,14 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
             else:
                 got = pipe.train_step(batch)
                 buf = torch.tensor([got if got is not None else 0.0], dtype=torch.float64)
-                dist.broadcast(buf, src=sw.schedule.placement[-1])
+                dist.broadcast(buf, src=placement[-1])
                 value = float(buf[0])
             first.setdefault(key, {})[lib] = value
+        if planned is not None:  # the planner's pipeline and the n-thread process alternate with these too
+            pipes[(f"planner@{name}", "stagewise")] = planned
+            info[f"planner@{name}"] = info["planner"]
+        if single_n is not None:
+            pipes[(f"single{s.single_threads}@{name}", "single-threads")] = single_n
         for pipe in pipes.values():
             for _ in range(max(0, s.warmup - 1)):
                 pipe.train_step(batch)
@@ -245,7 +300,7 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
                 pipe = pipes[(key, lib)]
                 step_s, times, warm = _block(lambda p=pipe: p.train_step(batch), s.steps, s.block_warmup)
                 rec: dict[str, Any] = {"config": key, "library": lib, "round": r, "step_s": step_s,
-                                       "step_times_s": times, "untimed_step_times_s": warm, **info[key]}
+                                       "step_times_s": times, "untimed_step_times_s": warm, **info.get(key, {})}
                 if lib == "stagewise":
                     trace = pipe.last_trace()  # a collective: every rank calls it
                     if rank == 0:
@@ -255,14 +310,16 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
                 if rank == 0:
                     records.append(rec)
         for pipe in pipes.values():
-            if isinstance(pipe, Pipeline):
+            if isinstance(pipe, Pipeline) and pipe is not planned:
                 pipe.close()
         del pipes, sw, pipe
         gc.collect()
         dist.barrier()
+    if planned is not None:
+        planned.close()
     if rank != 0:
         return None
-    return {"records": records, "first_loss": first, "info": info}
+    return {"records": records, "first_loss": first, "info": info, "plans": plans}
 
 
 # ---- summaries and output ----
@@ -323,7 +380,7 @@ def print_tables(P: int, result: dict[str, Any], summaries: list[dict[str, Any]]
           f"{'stagewise/torch':<20} {'best/best':<9} {'sw/1 proc':<9} {'first loss sw / torch':<22}")
     goals: dict[str, Any] = {"P": P, "parity": [], "efficiency": [], "auto": None}
     for name, inf in result["info"].items():
-        if inf["partition"] != "even":
+        if inf["partition"] != "even" or (name, "stagewise") not in get:
             continue
         sw, th = get[(name, "stagewise")], get.get((name, "torch"))
         bal = str(inf["balance"]).replace(" ", "")
@@ -345,6 +402,8 @@ def print_tables(P: int, result: dict[str, Any], summaries: list[dict[str, Any]]
     print(f"{'configuration':<21} {'ideal s':<7} {'step s':<7} {'measured/ideal':<20} {'bubble meas ' + dev:<19} "
           f"{'bubble sim ' + dev:<18} {'in-flight':<16} {'saved MB meas':<20} {'pred':<20} {'pred swept':<20}")
     for name in result["info"]:
+        if (name, "stagewise") not in get or name.startswith("planner@"):
+            continue
         x = get[(name, "stagewise")]
         meas = "/".join(f"{med(v):.2f}" for v in x["bubble_measured"])
         sim = "/".join(f"{med(v):.2f}" for v in x["bubble_simulated"])
@@ -384,6 +443,51 @@ def print_tables(P: int, result: dict[str, Any], summaries: list[dict[str, Any]]
                                 med(xa["tokens_per_s"]) / bound))
         goals["auto"] = best_ratios
     return goals
+
+
+def print_planner(P: int, result: dict[str, Any], summaries: list[dict[str, Any]],
+                  s: Settings) -> dict[str, Any] | None:
+    """The planner's choice against torch's configurations on the even split (and the n-thread process), ratios
+    within the rounds of each configuration (the planner ran in every configuration's rotation)."""
+    from _common import spread
+
+    if "planner" not in result["info"]:
+        return None
+    med = statistics.median
+    get = {(x["config"], x["library"]): x for x in summaries}
+    inf = result["info"]["planner"]
+    choice = (f"{inf['schedule']}{' v=' + str(inf['chunks']) if inf['chunks'] > 1 else ''} m={inf['microbatches']} "
+              f"[{','.join(map(str, inf['balance']))}]" + (f" recompute={inf['recompute']}"
+                                                             if inf["recompute"] != "never" else ""))
+    plan = result["plans"]["planner"]
+    print(f"\nthe planner's choice: {choice} (plan and profile built in {inf['build_s']:.1f} s; predicted "
+          f"{plan['choice']['step_s']:.3f} s per step, noise {plan['stats'].get('noise_measured', 0):.1%}) against "
+          f"torch.distributed.pipelining on the even split, alternating in every configuration's rounds")
+    print(f"{'torch configuration':<18} {'torch tok/s':<19} {'planner tok/s':<19} {'planner/torch':<21}"
+          f"{f'{s.single_threads}-thread process tok/s':<28} {'planner/it':<20}")
+    names = [n for n, i in result["info"].items() if i.get("partition") == "even" and (n, "torch") in get]
+    single_ratios: list[float] = []
+    for n in names:
+        th, pl = get[(n, "torch")], get[(f"planner@{n}", "stagewise")]
+        ratios = [t / p for t, p in zip(th["step_s"], pl["step_s"])]
+        one = get.get((f"single{s.single_threads}@{n}", "single-threads"))
+        if one:
+            single_ratios += [t / p for t, p in zip(one["step_s"], pl["step_s"])]
+        print(f"{n:<18} {spread(th['tokens_per_s'], '.0f'):<19} {spread(pl['tokens_per_s'], '.0f'):<19} "
+              f"{spread(ratios, '.3f'):<21}{spread(one['tokens_per_s'], '.0f') if one else '-':<28} "
+              f"{spread([t / p for t, p in zip(one['step_s'], pl['step_s'])], '.3f') if one else '-':<20}")
+    if not names:
+        return None
+    best = max(names, key=lambda n: med(get[(n, "torch")]["tokens_per_s"]))
+    mine = get[(f"planner@{best}", "stagewise")]["step_s"]
+    ratio = med([t / p for t, p in zip(get[(best, "torch")]["step_s"], mine)])
+    pooled = [x for n in names for x in get[(f"planner@{n}", "stagewise")]["tokens_per_s"]]
+    print(f"planner over all rounds: {spread(pooled, '.0f')} tokens/s; torch's best configuration: {best}; planner/"
+          f"torch's best within its rounds: {ratio:.3f}x" + (f"; planner / {s.single_threads}-thread process "
+                                                              f"(pooled rounds): {spread(single_ratios, '.3f')}"
+                                                              if single_ratios else ""))
+    return {"choice": choice, "torch_best": best, "ratio": ratio, "threads": s.single_threads,
+            "vs_single": med(single_ratios) if single_ratios else None}
 
 
 def draw_chart(all_summaries: dict[int, list[dict[str, Any]]], path: Path) -> None:
@@ -449,6 +553,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed steps before every timed block (the first step after switching pipelines is "
                              "slow for either library)")
     parser.add_argument("--no-auto", dest="auto", action="store_false", help="skip stagewise partition=auto")
+    parser.add_argument("--planner", action="store_true",
+                        help="also run the planner's choice (schedule, m, balance) in every configuration's rotation")
+    parser.add_argument("--no-even", dest="even", action="store_false",
+                        help="skip stagewise on the even split (the parity rows)")
+    parser.add_argument("--single-threads", dest="single_threads", type=int, default=0,
+                        help="also run one process with this many threads in every rotation (e.g. 2)")
     parser.add_argument("--tie", action="store_true", help="tie embedding and head (stagewise only; no torch)")
     from _common import add_model_args
 
@@ -477,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for P in args.stages:
         ms = args.microbatches if P < 4 else args.p4_microbatches
-        s = Settings(tuple((sc, m) for sc in args.schedules for m in ms), args.auto, not args.tie, args.steps,
+        s = Settings(tuple((sc, m) for sc in args.schedules for m in ms), args.auto, not args.tie, args.planner,
+                     args.even, args.single_threads, args.steps,
                      args.repeats, args.warmup, args.block_warmup, args.batch, args.seq_len, args.n_layer,
                      args.n_embd, args.n_head, args.vocab, args.lr, args.seed, args.tie, args.timeout)
         t0 = time.perf_counter()
@@ -485,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         summaries = summarise(result["records"], s.batch * s.seq_len)
         all_summaries[P] = summaries
         goals = print_tables(P, result, summaries, s)
+        goals["planner"] = print_planner(P, result, summaries, s)
         all_goals.append(goals)
         ref = result["first_loss"]["single"]["single"]
         for name, losses in result["first_loss"].items():
@@ -507,10 +619,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"median ratio ({ok_best} by best/best); lowest {worst[1]:.3f} ({worst[0]}); median of the medians "
                   f"{statistics.median(v for _, v, _ in g['parity']):.3f}")
         eff = [(n, v) for n, v in g["efficiency"] if not n.endswith("auto")]
-        ok = sum(v <= 1.03 for _, v in eff)
-        worst = max(eff, key=lambda t: t[1])
-        print(f"P={P} efficiency (measured step within 3% of the simulated ideal): {ok}/{len(eff)}; "
-              f"highest measured/ideal {worst[1]:.3f} ({worst[0]})")
+        if eff:
+            ok = sum(v <= 1.03 for _, v in eff)
+            worst = max(eff, key=lambda t: t[1])
+            print(f"P={P} efficiency (measured step within 3% of the simulated ideal): {ok}/{len(eff)}; "
+                  f"highest measured/ideal {worst[1]:.3f} ({worst[0]})")
+        if g.get("planner"):
+            x = g["planner"]
+            print(f"P={P} the planner's choice ({x['choice']}) vs torch's best on the even split ({x['torch_best']}): "
+                  f"{x['ratio']:.3f}x (goal 1.15x at P=2: {'reached' if x['ratio'] >= 1.15 else 'not reached'})"
+                  + (f"; vs one process x {x['threads']} threads: {x['vs_single']:.3f}x (goal 1.15x)"
+                     if x.get("vs_single") else ""))
         if g["auto"]:
             target = 1.1 if P == 2 else 1.3
             for m, a, t, ratio, same, of_bound in g["auto"]:

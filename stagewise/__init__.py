@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "GPipe", "Pipeline", "PipelineError", "PeerError", "load_full", "spawn", "__version__"]
+__all__ = ["CheckpointError", "GPipe", "Pipeline", "PipelineError", "PeerError", "check", "load_full", "spawn",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,6 +16,10 @@ def __getattr__(name: str):
         from stagewise.pipeline import Pipeline
 
         return Pipeline
+    if name == "check":  # one call that proves a model and schedule exact (stagewise.parity)
+        from stagewise.parity import check
+
+        return check
     if name in ("load_full", "CheckpointError"):
         from stagewise.runtime import checkpoint
 

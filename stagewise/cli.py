@@ -1,4 +1,4 @@
-"""The `stagewise` command line: simulate, run, train, partition, bench."""
+"""The `stagewise` command line: simulate, run, train, partition, plan, check, bench."""
 
 from __future__ import annotations
 
@@ -99,6 +99,11 @@ def _check_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("give the script to run, e.g. `stagewise run -n 2 train.py`")
     if args.node_rank >= args.nnodes:
         parser.error(f"argument --node-rank: must be below --nnodes ({args.nnodes}), got {args.node_rank}")
+
+
+def _count_or_auto(text: str) -> int | str:
+    """An argparse type: an integer >= 1, or "auto"."""
+    return text if text == "auto" else positive_int(text)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -266,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--json", action="store_true", help="print one JSON object")
     pa.set_defaults(func=_partition)
 
+    from stagewise.plan_cli import add_parsers
     from stagewise.train import TrainConfig
 
+    add_parsers(sub)  # plan, check
     d = TrainConfig()
     tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)",
                         description="Every option is checked before anything starts.")
@@ -282,13 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--dp", type=positive_int, help="data-parallel replicas of the pipeline: stages x dp processes")
     opt("--precision", choices=["fp32", "bf16", "fp16"], help="compute precision of the stages")
     opt("--activation-checkpointing", dest="activation_checkpointing", type=checkpointing_spec,
-        help="never, except_last, always, or N layers per checkpointed group")
+        help="never, except_last, always, N layers per checkpointed group, or auto (the planner's choice)")
     opt("--max-grad-norm", dest="max_grad_norm", type=positive_float,
         help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
     opt("--on-nonfinite", dest="on_nonfinite", choices=["raise", "skip"],
         help="a step with a NaN/inf loss or gradient: stop, naming where it appeared, or skip it")
-    opt("--schedule", type=schedule_spec, metavar="NAME", help=f"one of: {names()}; or a schedule file (.csv)")
-    opt("--microbatches", type=positive_int, help="micro-batches per batch")
+    opt("--schedule", type=schedule_spec, metavar="NAME",
+        help=f"one of: {names()}; a schedule file (.csv); or auto: the planner's choice")
+    opt("--microbatches", type=_count_or_auto, help="m, or auto: the planner's choice")
+    opt("--plan", action="store_true", help="the planner chooses schedule, m, partition and activation "
+        "checkpointing (overrides those options); its table is printed and saved as plan.json")
+    opt("--memory-limit", dest="memory_limit", help="bytes per device for the planner and the memory/auto "
+        "partitions, e.g. 2GiB")
     opt("--steps", type=positive_int, help="the run's total steps (a resumed run stops there too)")
     opt("--model", choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
     opt("--pretrained", help="Hugging Face GPT-2 weights (name or local folder)")

@@ -67,7 +67,7 @@ def schedule_spec(text: str) -> str:
     """A registered schedule name, or an existing schedule file (.csv/.txt)."""
     from stagewise.schedules.registry import SCHEDULES, names
 
-    if text in SCHEDULES or (text.endswith((".csv", ".txt")) and Path(text).is_file()):
+    if text == "auto" or text in SCHEDULES or (text.endswith((".csv", ".txt")) and Path(text).is_file()):
         return text
     raise argparse.ArgumentTypeError(f"unknown schedule {text!r}; choose one of {names()}, or give a "
                                      "schedule file (.csv)")
@@ -75,9 +75,10 @@ def schedule_spec(text: str) -> str:
 
 def checkpointing_spec(text: str) -> str:
     """An argparse type: never, except_last, always, or a number of layers >= 1 per checkpointed group."""
-    if text in ("never", "except_last", "always") or (text.isdigit() and int(text) >= 1):
+    if text in ("never", "except_last", "always", "auto") or (text.isdigit() and int(text) >= 1):
         return text
-    raise argparse.ArgumentTypeError(f"expected never, except_last, always or a number of layers >= 1, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected never, except_last, always, auto or a number of layers >= 1, got "
+                                     f"{text!r}")
 
 
 def partition_spec(text: str) -> str | list[int]:
@@ -162,17 +163,19 @@ def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     from stagewise.schedules import ScheduleError
     from stagewise.schedules.registry import resolve_schedule
 
-    try:
-        stages = resolve_schedule(args.schedule, args.stages, args.microbatches, args.chunks,
-                                  data_parallel=args.dp).num_stages
-    except (ScheduleError, ValueError) as err:
-        option = "--chunks" if args.chunks is not None and "chunk" in str(err) else "--schedule"
-        parser.error(f"argument {option}: {err}")
-    if args.batch_size < args.dp * args.microbatches:
+    stages = None
+    if args.schedule != "auto" and not getattr(args, "plan", False):  # the planner's choice is checked when made
+        m = args.microbatches if isinstance(args.microbatches, int) else None
+        try:
+            stages = resolve_schedule(args.schedule, args.stages, m, args.chunks, data_parallel=args.dp).num_stages
+        except (ScheduleError, ValueError) as err:
+            option = "--chunks" if args.chunks is not None and "chunk" in str(err) else "--schedule"
+            parser.error(f"argument {option}: {err}")
+    if isinstance(args.microbatches, int) and args.batch_size < args.dp * args.microbatches:
         split = f"{args.dp} data-parallel replicas x {args.microbatches}" if args.dp > 1 else f"{args.microbatches}"
         parser.error(f"argument --batch-size: a batch of {args.batch_size} samples cannot be split into {split} "
                      f"micro-batches; use --batch-size >= {args.dp * args.microbatches} or fewer --microbatches")
-    if isinstance(args.partition, list) and not args.pretrained:
+    if isinstance(args.partition, list) and not args.pretrained and stages is not None:
         from stagewise.models import config
 
         layers = config(args.model).n_layer + 2  # embedding, the blocks, the head

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from stagewise.partition import PartitionTable, resolve_balance
+from stagewise.partition.measure import plan_if_auto
 from stagewise.partition.profile import layer_facts
 from stagewise.runtime import checkpoint
 from stagewise.runtime.guards import check_options
@@ -45,22 +46,21 @@ class Pipeline:
         layers: an `nn.Sequential`, a list of modules, or zero-argument factories (each rank
             then builds only its own layers; `seed` makes that deterministic).
         loss_fn: `(last stage output, labels) -> scalar`, the mean over that micro-batch.
-        schedule: a registered name (see `stagewise simulate --list`), the path of a schedule file
-            (.csv/.txt, `stagewise.schedules.files`), or a `Schedule` built by hand for P devices
-            (validated before anything runs).
-        microbatches: m (default 4; taken from the schedule when a `Schedule` or a file is given); a batch of B
-            samples gives micro-batches of B//m or B//m + 1 samples.
+        schedule: a registered name (see `stagewise simulate --list`), the path of a schedule file (.csv/.txt), a
+            `Schedule` built by hand for P devices (validated before anything runs), or "auto": the planner
+            (`stagewise.partition.plan`) measures the layers on `sample` and picks schedule, m and balance within
+            `memory_limit` (bytes or text like "2GiB"); `self.plan` holds its table. `planner`: its options.
+        microbatches: m (default 4; taken from the schedule when a `Schedule` or a file is given), or "auto"; a
+            batch of B samples gives micro-batches of B//m or B//m + 1 samples.
         partition: a balance list with one layer count per stage (devices x chunks), or a method:
             "uniform", "parameters", "type:REGEX" (DeepSpeed's), "time", "memory" or "auto" (these three
             measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
         chunks: virtual stages per device (interleaved, looped-bfs; V-shaped: 2); default from the schedule.
         optimizer: `params -> torch.optim.Optimizer`, built over each rank's parameters.
-        data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank
-            is given the same batch; replica r trains on its share and the gradients are reduced over the
-            replicas (REDUCE actions, after each stage's last backward) before the step.
-        max_grad_norm: clip the gradients by their global norm (every stage and replica, tied parameters once),
-            as `torch.nn.utils.clip_grad_norm_` does on one device; `last_step["grad_norm"]` is the norm.
-            A non-finite norm skips the step on every rank with a warning. `track_grad_norm` measures it only.
+        data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank is
+            given the same batch; replica r trains on its share; gradients are reduced over replicas before the step.
+        max_grad_norm: clip the gradients by their global norm (every stage and replica, tied parameters once), as
+            `clip_grad_norm_` on one device; `last_step["grad_norm"]` is the norm (a non-finite one skips the step).
         timeout: seconds any wait on another device may take before every rank stops with an error (> 0).
         on_nonfinite: a NaN/inf loss or gradient never steps: "raise" names the stage and micro-batch, "skip" warns.
         vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
@@ -70,17 +70,17 @@ class Pipeline:
         precision: "fp32", "bf16" or "fp16": forwards under autocast, low-precision stage I/O; fp16 scales the
             loss dynamically (`last_step["loss_scale"]`, `loss_scalers`). See `stagewise.runtime.precision`.
         activation_checkpointing: "never", "except_last", "always" or N layers per checkpointed group: which
-            forwards keep only their input and recompute (RECOMPUTE actions, `stagewise.schedules.recompute`).
+            forwards keep only their input and recompute (RECOMPUTE actions); "auto": the planner's choice.
     """
 
     def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-                 schedule: str | Schedule = "1f1b", microbatches: int | None = None,
+                 schedule: str | Schedule = "1f1b", microbatches: int | str | None = None,
                  partition: str | Sequence[int] = "uniform", chunks: int | None = None,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
-                 local_devices: int | None = None, backend: str | None = None,
-                 sample: tuple[Any, Any] | None = None, memory_limit: float | None = None,
+                 local_devices: int | None = None, backend: str | None = None, sample: tuple[Any, Any] | None = None,
+                 memory_limit: float | str | None = None, planner: dict | None = None,
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
                  data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False,
                  precision: str = "fp32", activation_checkpointing: str | int = "never", on_nonfinite: str = "raise"):
@@ -89,12 +89,16 @@ class Pipeline:
         check_options(schedule, timeout, on_nonfinite)  # an unknown schedule or a bad option fails before anything runs
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
+        layer_list = as_layer_list(layers)
+        self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition, chunks,
+                                 memory_limit, activation_checkpointing, planner)  # None unless schedule or m is "auto"
+        if self.plan is not None:
+            schedule, microbatches, chunks, partition, activation_checkpointing = self.plan.choice.settings()
         self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks, data_parallel,
                                          check_mode(activation_checkpointing), **options)
         self.precision = Precision(precision)
         self.microbatches = self.schedule.microbatches
         self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
-        layer_list = as_layer_list(layers)
         self.device = self.world.device(self.world.local_ranks[0])
         self.profiles = self.world.compute_once(lambda: layer_facts(layer_list, partition, sample, self.microbatches,
                                                                     loss_fn, self.device))

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +36,10 @@ class TrainConfig:
     dp: int = 1  # data-parallel replicas of the pipeline: stages x dp processes
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
     precision: str = "fp32"  # fp32, bf16 or fp16 (dynamic loss scaling)
-    activation_checkpointing: str = "never"  # never, except_last, always, or a number of layers per group
+    activation_checkpointing: str = "never"  # never, except_last, always, a number of layers per group, or auto
     on_nonfinite: str = "raise"  # a NaN/inf loss or gradient: stop naming where it appeared, or "skip" the step
-    schedule: str = "1f1b"
-    microbatches: int = 8
+    schedule: str = "auto"  # "auto": the planner chooses (with m and the partition when those are "auto" too)
+    microbatches: int | str = "auto"
     steps: int = 300
     model: str = "gpt2-tiny"
     data: str | None = None  # a text file or folder; default: the built-in corpus
@@ -48,7 +48,9 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 16
     lr: float = 1e-3
-    partition: str = "type:GPT2Block"
+    partition: str | list[int] = "auto"
+    plan: bool = False  # the planner chooses schedule, microbatches, partition and activation checkpointing
+    memory_limit: str | None = None  # bytes per device (text such as 2GiB), for the planner
     chunks: int | None = None
     vocab_size: int = 8192
     out: str = "runs/gpt2"
@@ -131,25 +133,39 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                          f"were started; start {n} (torchrun --nproc_per_node={n}) or run `stagewise train` "
                          "directly and let it start them")
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    if cfg.plan:
+        cfg.schedule = cfg.microbatches = cfg.partition = cfg.activation_checkpointing = "auto"
+    planned = "auto" in (cfg.schedule, cfg.microbatches)
     out = Path(cfg.out)
     say = _Printer(rank == 0)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if planned and attempt > 0 and (out / "config.json").is_file():  # a restart keeps what the first attempt planned
+        saved = json.loads((out / "config.json").read_text())
+        for key in ("schedule", "microbatches", "chunks", "partition", "activation_checkpointing"):
+            setattr(cfg, key, saved[key])
+        planned = "auto" in (cfg.schedule, cfg.microbatches)
     say(f"stagewise train: {cfg.model if not cfg.pretrained else cfg.pretrained} on {cfg.stages} stage(s)"
         f"{f' x {cfg.dp} data-parallel replicas' if cfg.dp > 1 else ''}, "
         f"schedule {cfg.schedule}, {cfg.microbatches} micro-batches, {cfg.steps} steps"
+        + (" (auto: chosen by the planner)" if planned else "")
         + (f" (restart {attempt} of at most {cfg.max_restarts})" if attempt else ""))
     t0 = time.perf_counter()
     tok, batches = prepare_data(cfg, rank, world)
     say(f"data: {len(batches)} batches of {cfg.batch_size} x <= {cfg.seq_len} tokens, vocabulary "
         f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s)")
     layers = build_layers(cfg, tok.get_vocab_size())
-    sample = next(iter(batches)) if cfg.partition in ("time", "memory", "auto") else None
-    pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches,
-                    partition=cfg.partition, chunks=cfg.chunks, timeout=cfg.timeout, sample=sample,
+    sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
+    pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
+                    chunks=cfg.chunks, timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
                     precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
                     on_nonfinite=cfg.on_nonfinite,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
+    plan = pipe.plan
+    if plan is not None:  # config.json records what runs, so that a resumed run does not plan again
+        say(plan.format())
+        cfg.schedule, cfg.microbatches, cfg.chunks, cfg.partition, cfg.activation_checkpointing = plan.choice.settings()
+        cfg.plan = False
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
     root = out / "checkpoints"
@@ -160,6 +176,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if plan is not None:
+            _write_json(out / "plan.json", plan.to_dict())
+    prediction: dict[str, Any] | None = None
     metrics = _open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
     history: list[tuple[int, float, float]] = []
     data = iter(_batches_from(batches, start))
@@ -179,7 +198,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             history.append((step, loss, tokens / took))
             progress.update(step, loss, tokens / took)
             if cfg.trace_step and step == min(cfg.trace_step, cfg.steps):
-                _save_timelines(pipe, out, rank)
+                trace = _save_timelines(pipe, out, rank)
+                if trace is not None and plan is not None:
+                    prediction = _check_prediction(plan, pipe, trace, took, cfg.dp, progress)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tps = window_tokens / window_time
                 norm = pipe.last_step.get("grad_norm", float("nan"))
@@ -209,9 +230,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary = {"first_loss": first_loss, "last_loss_mean10": last,
                "last_loss": history[-1][1] if history else None,
                "tokens_per_s": sum(h[2] for h in steady) / len(steady) if steady else 0.0,
-               "steps": cfg.steps, "stages": cfg.stages, "dp": cfg.dp, "schedule": cfg.schedule,
+               "steps": cfg.steps, "stages": cfg.stages, "dp": cfg.dp, "schedule": pipe.schedule.name,
+               "microbatches": pipe.microbatches, "balance": pipe.balance,
                "resumed_from_step": start,
                "seconds": time.perf_counter() - t0}
+    if prediction is not None:
+        summary["prediction"] = prediction
     drawn = "timeline.png, trace.json, " if cfg.trace_step and start < min(cfg.trace_step, cfg.steps) else ""
     say(f"done: loss {first_loss:.3f} -> {last:.3f} (mean of the last 10 steps), {summary['tokens_per_s']:,.0f} "
         f"tokens/s, {summary['seconds']:.0f} s; wrote {out}/metrics.jsonl, {drawn}checkpoints/")
@@ -308,14 +332,25 @@ def _batches_from(batches: Any, start: int):
         epoch, index = epoch + 1, 0
 
 
-def _save_timelines(pipe: Any, out: Path, rank: int) -> None:
-    """The measured timeline of this step beside the simulation of the same schedule with its measured costs."""
+def _check_prediction(plan: Any, pipe: Any, trace: Any, step_s: float, dp: int, progress: Any) -> dict[str, Any]:
+    """The plan's prediction against the traced step: busy time, bubble and saved-activation bytes per device."""
+    from stagewise.partition.plan import format_comparison
+
+    rows = [d * dp for d in range(pipe.schedule.num_devices)]  # replica 0's devices (rows are ranks when dp > 1)
+    result = plan.compare(trace, step_s, rows)
+    progress.print(format_comparison(result))
+    return result
+
+
+def _save_timelines(pipe: Any, out: Path, rank: int) -> Any:
+    """The measured timeline of this step beside the simulation of the same schedule with its measured costs;
+    returns the measured timeline on rank 0 (None elsewhere)."""
     from stagewise.schedules import Costs, simulate
     from stagewise.viz import render_png, write_chrome_trace
 
     measured = pipe.last_trace()  # collective
     if rank != 0:
-        return
+        return None
     compute = [e for e in measured.events if e.op in ("F", "B", "I", "W")]
     costs: dict[str, list[float]] = {}
     for op in ("F", "B", "I", "W"):
@@ -330,11 +365,13 @@ def _save_timelines(pipe: Any, out: Path, rank: int) -> None:
         sim = simulate(pipe.schedule, Costs(f=costs["F"], b=costs["B"]))
     sim.timeline.title = f"simulated with the measured per-stage costs: makespan {sim.makespan * 1e3:.1f} ms"
     sim.timeline.unit = "s"
+    full = replace(measured, events=list(measured.events))
     shown = [e for e in measured.events if e.op in ("F", "B", "I", "W", "STEP", "OVERLAP_F_B")]
     measured.events = shown
     measured.title = f"measured: {pipe.schedule.describe()}, {measured.makespan * 1e3:.1f} ms"
     render_png([measured, sim.timeline], str(out / "timeline.png"))
     write_chrome_trace([measured, sim.timeline], str(out / "trace.json"))
+    return full
 
 
 class _Printer:

@@ -69,6 +69,12 @@ def test_train_writes_its_run_folder_and_learns(tmp_path):
     assert (run / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     trace = json.loads((run / "trace.json").read_text())
     assert len({e["pid"] for e in trace["traceEvents"] if e.get("ph") == "X"}) == 2  # measured and simulated
+    # no --schedule: the planner chose (m held at 4), printed its table, saved it, and checked its prediction
+    plan = json.loads((run / "plan.json").read_text())
+    assert "choice:" in out.stdout and plan["choice"]["microbatches"] == 4
+    assert summary["schedule"] == plan["choice"]["schedule"] and summary["balance"] == plan["choice"]["balance"]
+    saved = summary["prediction"]["saved_bytes"]
+    assert all(abs(r - 1) <= 0.05 for r in saved["ratio"]) and "prediction vs measured" in out.stdout
     ckpt = run / "checkpoints" / "step-00000030"
     meta = json.loads((ckpt / "manifest.json").read_text())
     assert sum(meta["balance"]) == 6 and meta["step"] == 30 and meta["extra"]["data"]["next_batch"] == 30

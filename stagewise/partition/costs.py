@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -108,3 +109,19 @@ def format_seconds(t: float) -> str:
         if abs(t) >= size:
             return f"{t / size:.3g} {unit}"
     return f"{t * 1e9:.3g} ns"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | float | int | None) -> float | None:
+    """Bytes from a number or text such as `2GiB`, `512 MiB`, `1.5GB`, `3e9` (None stays None)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    found = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = found.group(2).lower() if found else None
+    if not found or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as bytes; write a number with an optional unit such as 2GiB, "
+                         "512MiB or 1.5GB")
+    return float(found.group(1)) * _UNITS[unit]

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from stagewise.partition.costs import LayerProfile, ParamCounter, Shared
+from stagewise.partition.costs import LayerProfile, ParamCounter, Shared, parse_bytes
 from stagewise.partition.memory import by_memory, check_len
 from stagewise.partition.planner import auto
 from stagewise.partition.solver import (
@@ -104,15 +104,17 @@ def by_time(layer_times: Sequence[float], num_stages: int, *, comm_times: Sequen
 def resolve_balance(partition: str | Sequence[int], num_layers: int, num_stages: int, *,
             names: Sequence[str] | None = None, params: Sequence[float] | None = None,
             times: Sequence[float] | None = None, layers: Sequence[LayerProfile] | None = None,
-            schedule: Schedule | None = None, memory_limit: float | None = None, bytes_per_param: float = 16.0,
+            schedule: Schedule | None = None, memory_limit: float | str | None = None, bytes_per_param: float = 16.0,
             latency: float = 0.0, bandwidth: float = math.inf) -> list[int]:
     """Turn `partition` into a balance (one layer count per stage).
 
     `partition` is a list of layer counts, or one of "uniform", "parameters" (needs `params`
     or `layers`), "type:REGEX" (needs `names` or `layers`), "time" (needs `times` or
     `layers`), "memory" and "auto" (need `layers`, from `profile_layers`, and `schedule`).
-    Profiles also bring tied parameters, counted once per stage that holds them.
+    Profiles also bring tied parameters, counted once per stage that holds them. `memory_limit`: bytes, or
+    text such as "2GiB" (`parse_bytes`).
     """
+    memory_limit = parse_bytes(memory_limit)
     if not isinstance(partition, str):
         return check_balance(partition, num_layers, num_stages)
     check_request(num_layers, num_stages)

@@ -56,7 +56,8 @@ T = TypeVar("T")
 
 def check_options(schedule: Any, timeout: Any, on_nonfinite: Any) -> None:
     """Refuse a schedule that does not exist and options that would only fail later, and obscurely."""
-    check_spec(schedule)
+    if schedule != "auto":  # "auto": the planner chooses
+        check_spec(schedule)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a positive, finite number of seconds (how long any wait on another "
                          f"device may take), got {timeout!r}")

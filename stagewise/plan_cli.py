@@ -1,0 +1,166 @@
+"""`stagewise plan` and `stagewise check`: the planner's table, and the one-call parity check, from the command line.
+
+Both take a built-in GPT-2 (`--model`, `--batch`, `--seq-len`, `--vocab-size`) or your own model:
+`--layers module:function` (returns the list of layers), `--loss module:function` (the loss itself) and
+`--sample module:function` (called with the batch size, returns `(inputs, labels)`); modules are
+imported from the current directory or PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def load_object(spec: str) -> Any:
+    """`module:attribute` imported (the current directory is on the path)."""
+    if ":" not in spec:
+        raise ValueError(f"expected module:function, got {spec!r}")
+    module, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"cannot import {module!r} (from {spec!r}): {err}") from None
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module!r} has no attribute {name!r} (from {spec!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_model(args: argparse.Namespace) -> tuple[list[Any], Any, tuple[Any, Any], str]:
+    """(layers, loss_fn, batch, description) from the options."""
+    import torch
+
+    if args.layers:
+        if not args.loss or not args.sample:
+            raise ValueError("--layers needs --loss module:function and --sample module:function (batch size -> "
+                             "(inputs, labels))")
+        layers = list(load_object(args.layers)())
+        return layers, load_object(args.loss), tuple(load_object(args.sample)(args.batch)), args.layers
+    from stagewise.models import config, gpt2_layers, lm_loss
+
+    base = config(args.model)
+    cfg = config(args.model, vocab_size=args.vocab_size or base.vocab_size,
+                 n_positions=max(base.n_positions, args.seq_len))
+    torch.manual_seed(args.seed)
+    layers = gpt2_layers(cfg)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=g)
+    return layers, lm_loss, (ids, labels), args.model
+
+
+def _model_args(p: argparse.ArgumentParser, batch: int, seq_len: int) -> None:
+    p.add_argument("--model", default="gpt2-tiny", help="a built-in GPT-2: gpt2-tiny, gpt2-mini, gpt2, ...")
+    p.add_argument("--layers", help="module:function returning your list of layers (instead of --model)")
+    p.add_argument("--loss", help="module:function, the loss (output, labels) -> scalar, with --layers")
+    p.add_argument("--sample", help="module:function, batch size -> (inputs, labels), with --layers")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=batch, help="samples per batch")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=seq_len, help="tokens per sample (GPT)")
+    p.add_argument("--vocab-size", dest="vocab_size", type=int, default=None, help="GPT vocabulary")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from stagewise.partition.measure import plan_model
+    from stagewise.partition.plan import MAX_MICROBATCHES
+
+    layers, loss_fn, batch, what = build_model(args)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.stages * args.dp))
+    torch.set_num_threads(threads)
+    plan, profiles = plan_model(
+        layers, loss_fn, batch, args.stages, data_parallel=args.dp,
+        schedule=args.schedules or "auto", microbatches=args.microbatches or "auto", memory_limit=args.memory_limit,
+        threads=threads, runs=args.runs, repeats=args.repeats, recompute=args.activation_checkpointing,
+        cores=args.cores if args.cores is not None else "auto", top=args.top,
+        max_microbatches=args.max_microbatches or MAX_MICROBATCHES)
+    data = {"model": what, **plan.to_dict(), "threads": threads}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(data, indent=2))
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"{what}: {len(layers)} layers, {args.stages} devices, batch {args.batch}, {threads} thread(s) per rank")
+        print(plan.format())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import torch
+
+    from stagewise.parity import check
+
+    layers, loss_fn, batch, what = build_model(args)
+    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    report = check(layers, loss_fn, batch, schedule=args.schedule, stages=args.stages,
+                   microbatches=args.microbatches, partition=args.partition, chunks=args.chunks, dtype=dtype,
+                   tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps({"model": what, **report.to_dict()}))
+    else:
+        print(f"{what}: {len(layers)} layers")
+        print(report.format())
+    return 0 if report.ok else 1
+
+
+def add_parsers(sub: Any) -> None:
+    """Register `plan` and `check` on the CLI's subparsers."""
+    from stagewise.schedules.registry import names
+
+    pl = sub.add_parser("plan", help="choose schedule, micro-batches, chunks and balance together under a memory "
+                                     "limit (profiles the model, simulates every candidate)")
+    _model_args(pl, batch=16, seq_len=128)
+    pl.add_argument("--stages", type=int, default=4, help="pipeline devices P")
+    pl.add_argument("--dp", type=int, default=1, help="data-parallel replicas D (P x D ranks)")
+    pl.add_argument("--memory-limit", dest="memory_limit", default=None,
+                    help="bytes per device, with a unit if you like: 2GiB, 512MiB, 1.5GB")
+    pl.add_argument("--schedules", nargs="+", default=None,
+                    help=f"schedules to consider (default: every synchronous one of {names(False)})")
+    pl.add_argument("--microbatches", type=_ints, default=None,
+                    help="m to consider, e.g. 4,8,16 (default: divisors of the per-replica batch from P up to "
+                         "--max-microbatches)")
+    pl.add_argument("--max-microbatches", dest="max_microbatches", type=int, default=None)
+    pl.add_argument("--activation-checkpointing", "--recompute", dest="activation_checkpointing", default="auto",
+                    choices=["auto", "never", "except_last", "always"],
+                    help="recompute modes to consider: auto (every one: they only win under a memory limit; "
+                         "default) or one held fixed")
+    pl.add_argument("--runs", type=int, default=3, help="profile runs per micro-batch size (the noise estimate)")
+    pl.add_argument("--repeats", type=int, default=3, help="timed repetitions per layer and run (the fastest counts)")
+    pl.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default cores / ranks)")
+    pl.add_argument("--cores", type=int, default=None,
+                    help="cores the ranks share (default: this machine's on CPU; 0: unlimited, e.g. one GPU each)")
+    pl.add_argument("--top", type=int, default=5, help="candidates shown")
+    pl.add_argument("--out", default=None, help="also write the plan as JSON to this file")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(func=_plan)
+
+    ch = sub.add_parser("check", help="run a pipeline and one process on the same batch (float64) and print the "
+                                      "worst relative difference of the loss and every gradient")
+    _model_args(ch, batch=8, seq_len=32)
+    ch.add_argument("--schedule", default="1f1b", help=f"one of {names(False)}")
+    ch.add_argument("--stages", type=int, default=2, help="pipeline devices (threads of this process)")
+    ch.add_argument("--microbatches", type=int, default=4)
+    ch.add_argument("--partition", default="uniform", help="uniform, parameters, type:REGEX, or counts like 2,1,1,2")
+    ch.add_argument("--chunks", type=int, default=None)
+    ch.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    ch.add_argument("--tolerance", type=float, default=None, help="default 1e-10 (float64), 1e-4 (float32)")
+    ch.add_argument("--json", action="store_true", help="print one JSON object")
+    ch.set_defaults(func=_check)

@@ -1,0 +1,292 @@
+"""The planner: exact balances, pruning that never drops the best, ties, recompute, the CLI,
+`Pipeline(schedule="auto")`, the saved-activation prediction of every synchronous schedule, `stagewise check`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import plan_models
+import pytest
+import torch
+
+from stagewise.partition import Footprint, LayerProfile
+from stagewise.partition.costmodel import CostModel, ProfileSet, SizeProfile
+from stagewise.partition.costs import parse_bytes
+from stagewise.partition.plan import (
+    PREFERENCE,
+    best_balance,
+    compare,
+    compositions_array,
+    default_microbatches,
+    predict,
+    preference,
+    search,
+)
+from stagewise.schedules import SYNCHRONOUS, build
+from stagewise.schedules.recompute import MODES, with_recompute
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic(rng: random.Random, num_layers: int, sizes=(1, 2, 4, 8), tied: bool = False, loss: int = 0,
+              noise: float = 0.0) -> ProfileSet:
+    """Layer costs that grow with the micro-batch (with a per-call overhead), random per layer."""
+    base = [(rng.uniform(0.5, 3.0), rng.randint(100, 5000), rng.randint(50, 4000)) for _ in range(num_layers)]
+    out = {}
+    for n in sizes:
+        layers = []
+        for i, (t, params, act) in enumerate(base):
+            f = 0.2 + t * n
+            shared = {0: 100} if tied and i in (0, num_layers - 1) else {}
+            layers.append(LayerProfile(i, "L", forward=f, backward=2 * f, input_grad=f, params=params,
+                                       output_bytes=64 * n, saved_bytes=act * n, shared=shared))
+        out[n] = SizeProfile(n, tuple(layers), input_bytes=8 * n, loss_bytes=loss * n, noise=noise,
+                             weight_grad=tuple(x.forward * 1.1 for x in layers))
+    return ProfileSet(out, step_per_param=1e-4)
+
+
+def brute_best(model: CostModel, limit: float = math.inf) -> float:
+    comps = compositions_array(model.num_layers, model.schedule.num_stages)
+    steps = [model.estimate(b.tolist()).step_s for b, peak in zip(comps, model.memory(comps).max(axis=1))
+             if peak <= limit]
+    return min(steps) if steps else math.inf
+
+
+# ---- the search, on synthetic profiles ----
+
+def test_the_balance_step_is_exact():
+    rng = random.Random(0)
+    for trial in range(24):
+        name = rng.choice(["1f1b", "gpipe", "zb-h1", "interleaved", "zbv", "v-min", "dualpipev"])
+        P, m = rng.choice([2, 3]), rng.choice([2, 4, 5])
+        schedule = with_recompute(build(name, P, m), MODES[trial % 3])
+        L = rng.randint(schedule.num_stages, schedule.num_stages + 4)
+        prof = synthetic(rng, L, tied=trial % 3 == 0, loss=rng.choice([0, 500])).at(2)
+        model = CostModel(schedule, prof, step_per_param=1e-4, cores=rng.choice([None, 2]))
+        comps = compositions_array(L, schedule.num_stages)
+        peaks = model.memory(comps).max(axis=1)
+        for limit in (math.inf, float(np.quantile(peaks, 0.3))):
+            got, why = best_balance(model, limit)
+            want = brute_best(model, limit)
+            assert got is not None and why == ""
+            assert got.step_s == pytest.approx(want, rel=1e-9), (name, P, m, L, limit)
+            assert max(got.memory) <= limit
+
+
+def test_the_cost_model_agrees_with_the_footprint_without_recompute():
+    rng = random.Random(1)
+    for name in ("1f1b", "gpipe", "interleaved", "zbv", "zb-h2"):
+        schedule = build(name, 2, 4)
+        prof = synthetic(rng, 7, tied=True).at(1)
+        model = CostModel(schedule, prof)
+        fp = Footprint(schedule, [x.params for x in prof.layers], [x.saved_bytes for x in prof.layers],
+                       shared=[x.shared for x in prof.layers])
+        comps = compositions_array(7, schedule.num_stages)
+        assert np.allclose(model.memory(comps), [fp.devices(b.tolist()) for b in comps])
+
+
+def test_recompute_keeps_only_stage_inputs_and_pays_a_forward():
+    rng = random.Random(2)
+    prof = synthetic(rng, 6, loss=1000).at(4)
+    schedule = build("1f1b", 2, 4)
+    plain, again = CostModel(schedule, prof), CostModel(with_recompute(schedule, "always"), prof)
+    b = np.array([[3, 3]])
+    act = [sum(x.saved_bytes for x in prof.layers[:3]), sum(x.saved_bytes for x in prof.layers[3:])]
+    inputs = [prof.input_bytes, prof.layers[2].output_bytes]
+    # 1f1b on 2 devices: stage 0 holds 2 micro-batches, stage 1 holds 1 (and the loss's bytes with it)
+    assert plain.activation_peaks(b).tolist() == [[2 * act[0], act[1] + prof.loss_bytes]]
+    # recompute: the inputs of the micro-batches in flight, plus one micro-batch's activations rebuilt
+    assert again.activation_peaks(b).tolist() == [[2 * inputs[0] + act[0] - inputs[0] + inputs[0],
+                                                   inputs[1] + act[1] + prof.loss_bytes]]
+    # every micro-batch's forward runs twice: m more forwards per stage
+    f = plain.stage_times([3, 3])["f"]
+    assert again._work(b)[0] - plain._work(b)[0] == pytest.approx([4 * x for x in f])
+    assert again.estimate([3, 3]).step_s > plain.estimate([3, 3]).step_s
+    # activations that dwarf the parameters: under a cap only recompute fits, so the planner takes it
+    heavy = ProfileSet({n: SizeProfile(n, tuple(LayerProfile(i, "L", forward=1.0 * n, backward=2.0 * n, params=10,
+                                                             saved_bytes=10_000 * n, output_bytes=100 * n)
+                                                for i in range(6)), input_bytes=8 * n) for n in (4,)})
+    free = search(heavy, 2, 16, schedules=["1f1b"], microbatches=[4], recompute=MODES)
+    assert free.choice.recompute == "never" and {c.recompute for c in free.candidates} == set(MODES)
+    peak = {c.recompute: max(c.memory) for c in free.candidates}
+    assert max(peak["always"], peak["except_last"]) < peak["never"] / 1.5
+    limit = min(peak.values())
+    plan = search(heavy, 2, 16, schedules=["1f1b"], microbatches=[4], recompute=MODES, memory_limit=limit)
+    assert plan.choice.recompute != "never" and max(plan.choice.memory) <= limit
+    assert plan.choice.step_s > free.choice.step_s  # the extra forward
+
+
+def test_pruning_never_drops_the_best_under_the_memory_cap():
+    rng = random.Random(3)
+    for trial in range(4):
+        P = (2, 4)[trial % 2]
+        L = rng.randint(2 * P, 2 * P + 1)
+        profiles = synthetic(rng, L, tied=trial % 2 == 0, loss=rng.choice([0, 300]))
+        cores = (None, 2)[trial // 2]
+        peaks = sorted(max(c.memory) for c in search(profiles, P, 16, recompute=MODES, top=50).candidates)
+        for limit in (None, peaks[len(peaks) // 2]):
+            fast = search(profiles, P, 16, recompute=MODES, memory_limit=limit, cores=cores)
+            slow = search(profiles, P, 16, recompute=MODES, memory_limit=limit, cores=cores, exhaustive=True)
+            assert fast.fastest.step_s == pytest.approx(slow.fastest.step_s, rel=1e-12)
+            assert fast.choice == slow.choice
+            assert [c.step_s for c in fast.candidates[:5]] == pytest.approx([c.step_s for c in slow.candidates[:5]])
+            assert fast.stats["simulations"] <= slow.stats["simulations"]
+            if limit is not None:
+                assert all(max(c.memory) <= limit for c in fast.candidates)
+
+
+def test_ties_go_to_the_simpler_schedule_then_fewer_microbatches():
+    rng = random.Random(4)
+    profiles = synthetic(rng, 8, noise=0.0)
+    exact = search(profiles, 2, 16, noise=0.0, top=100)
+    assert exact.choice.step_s == exact.fastest.step_s
+    for band in (0.01, 0.05, 0.3):
+        plan = search(profiles, 2, 16, noise=band, top=100)
+        tied = [c for c in plan.candidates if c.step_s <= plan.fastest.step_s * (1 + band)]
+        assert plan.choice == min(tied, key=preference)
+    # with equal stages 1f1b and gpipe take the same time; 1f1b is preferred (the same time in less memory)
+    even = ProfileSet({n: SizeProfile(n, tuple(LayerProfile(i, "L", forward=1.0 * n, backward=2.0 * n, params=10)
+                                               for i in range(4))) for n in (1, 2, 4, 8)})
+    both = search(even, 2, 16, schedules=["gpipe", "1f1b"], microbatches=[4], noise=0.0)
+    assert both.candidates[0].step_s == pytest.approx(both.candidates[1].step_s)
+    assert both.choice.schedule == "1f1b"
+    # a wide band chooses the fewest micro-batches among the simplest schedule's
+    wide = search(profiles, 2, 16, schedules=["1f1b"], microbatches=[2, 4, 8], noise=10.0)
+    assert wide.choice.microbatches == 2
+    assert PREFERENCE.index("1f1b") < PREFERENCE.index("gpipe") < PREFERENCE.index("zbv")
+
+
+def test_memory_limit_errors_and_parsing():
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("512 MiB") == 512 * 2**20 and parse_bytes("1.5GB") == 1.5e9
+    assert parse_bytes(1000) == 1000.0 and parse_bytes(None) is None and parse_bytes("3e9") == 3e9
+    with pytest.raises(ValueError, match="2GiB"):
+        parse_bytes("two gigs")
+    from stagewise.partition import PartitionError
+
+    with pytest.raises(PartitionError, match="smallest peak"):
+        search(synthetic(random.Random(5), 6), 2, 8, memory_limit=10)
+    assert default_microbatches(16, 4) == [4, 8, 16] and default_microbatches(16, 2) == [2, 4, 8, 16]
+    assert default_microbatches(3, 4) == [3]
+    one = search(synthetic(random.Random(6), 3), 1, 8, data_parallel=2)  # one stage, two replicas
+    assert one.choice.balance == [3] and one.choice.samples == 4 // one.choice.microbatches
+
+
+# ---- on real layers ----
+
+def stagewise_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-m", "stagewise.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_plan_cli_json_on_gpt2_tiny():
+    out = stagewise_cli("plan", "--model", "gpt2-tiny", "--stages", "2", "--batch", "8", "--seq-len", "16",
+                        "--runs", "2", "--repeats", "1", "--memory-limit", "64MiB", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout)
+    choice, candidates = data["choice"], data["candidates"]
+    assert choice["schedule"] in SYNCHRONOUS and 8 % choice["microbatches"] == 0
+    assert sum(choice["balance"]) == 6 and len(choice["balance"]) == 2 * choice["chunks"]
+    assert max(choice["memory"]) <= 64 * 2**20
+    assert [c["step_s"] for c in candidates] == sorted(c["step_s"] for c in candidates) or choice not in candidates[:5]
+    assert choice["step_s"] <= candidates[0]["step_s"] * (1 + data["noise"]) + 1e-12
+    assert data["stats"]["configurations"] >= data["stats"]["evaluated"] > 0 and data["stats"]["runs"] == 2
+    text = stagewise_cli("plan", "--model", "gpt2-tiny", "--stages", "2", "--batch", "8", "--seq-len", "16",
+                         "--runs", "1", "--repeats", "1", "--schedules", "1f1b", "zbv")
+    assert text.returncode == 0 and "choice:" in text.stdout and "tokens/s" in text.stdout, text.stderr[-2000:]
+
+
+def test_pipeline_plans_itself_and_meets_its_saved_bytes_prediction():
+    from stagewise import Pipeline
+    from stagewise.models import lm_loss
+
+    ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
+    pipe = Pipeline(plan_models.small_gpt(), lm_loss, schedule="auto", microbatches="auto", partition="auto",
+                    sample=(ids, ids), memory_limit="256MiB", local_devices=2, show_partition=False,
+                    planner={"runs": 1, "repeats": 1}, optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2))
+    try:
+        c = pipe.plan.choice
+        assert (pipe.schedule.name, pipe.microbatches, pipe.schedule.chunks, pipe.balance) == \
+            (c.schedule, c.microbatches, c.chunks, c.balance)
+        assert "choice:" in pipe.plan.format()
+        losses = [pipe.train_step((ids, ids)).item() for _ in range(3)]
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+        result = pipe.plan.compare(pipe.last_trace(), 0.1)
+        assert result["saved_bytes"]["measured"] == pytest.approx(result["saved_bytes"]["predicted"], rel=0.05)
+    finally:
+        pipe.close()
+
+
+def test_pipeline_recomputes_when_only_recompute_fits():
+    from stagewise import Pipeline
+    from stagewise.models import lm_loss
+    from stagewise.partition.measure import measure
+
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
+    layers = plan_models.small_gpt(vocab=128, seq=64)
+    profiles = measure(layers, (ids, ids), lm_loss, [1, 2, 4], runs=1, repeats=1)
+
+    def least(mode: str) -> float:  # the lowest peak of any balance and m in (2, 4, 8) under 1f1b
+        peaks = []
+        for m in (2, 4, 8):
+            model = CostModel(with_recompute(build("1f1b", 2, m), mode), profiles.at(8 // m))
+            peaks.append(model.memory(compositions_array(6, 2)).max(axis=1).min())
+        return float(min(peaks))
+
+    limit = least("always")
+    assert least("never") > limit * 1.2  # activations dominate: without recompute nothing fits
+    pipe = Pipeline(plan_models.small_gpt(vocab=128, seq=64), lm_loss, schedule="1f1b", microbatches="auto",
+                    sample=(ids, ids), memory_limit=limit, activation_checkpointing="auto", local_devices=2,
+                    show_partition=False, planner={"runs": 1, "repeats": 1, "cores": 0, "max_microbatches": 8})
+    try:
+        c = pipe.plan.choice
+        assert c.recompute != "never" and max(c.memory) <= limit
+        assert any(a.op == "RECOMPUTE" for a in pipe.schedule.actions[0])
+        pipe.train_step((ids, ids))
+        got = pipe.plan.compare(pipe.last_trace(), 0.1)["saved_bytes"]
+        assert got["measured"] == pytest.approx(got["predicted"], rel=0.05)
+    finally:
+        pipe.close()
+
+
+def test_saved_activation_bytes_match_the_prediction_for_every_synchronous_schedule():
+    from stagewise import Pipeline
+    from stagewise.models import lm_loss
+    from stagewise.partition.measure import measure
+
+    ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
+    profiles = measure(plan_models.small_gpt(), (ids, ids), lm_loss, [2], runs=1, repeats=1)
+    for name, mode in [(n, "never") for n in SYNCHRONOUS] + [("1f1b", "always"), ("zbv", "except_last")]:
+        pipe = Pipeline(plan_models.small_gpt(), lm_loss, schedule=name, microbatches=4, local_devices=2,
+                        show_partition=False, activation_checkpointing=mode)
+        try:
+            pipe.train_step((ids, ids))
+            c = predict(profiles, pipe.schedule, 8, pipe.balance, recompute=mode)
+            got = compare(c, pipe.last_trace(), 0.1)["saved_bytes"]
+            assert got["measured"] == pytest.approx(got["predicted"], rel=0.05), (name, mode)
+            assert all(x > 0 for x in got["measured"]), name
+        finally:
+            pipe.close()
+
+
+def test_check_proves_a_float64_model_exact_and_catches_a_broken_layer():
+    import stagewise
+
+    report = stagewise.check(plan_models.layers(), plan_models.loss, plan_models.sample(8), schedule="zbv",
+                             stages=2, microbatches=4)
+    assert report.ok and report.worst[1] <= 1e-10 and len(report.grad_errors) == 24
+    out = stagewise_cli("check", "--layers", "plan_models:layers", "--loss", "plan_models:loss", "--sample",
+                        "plan_models:sample", "--schedule", "1f1b", "--stages", "2", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    assert data["ok"] and data["worst"][1] <= 1e-10 and data["dtype"] == "torch.float64"
+    bad = stagewise_cli("check", "--layers", "plan_models:broken_layers", "--loss", "plan_models:loss", "--sample",
+                        "plan_models:sample", "--schedule", "1f1b", "--stages", "2")
+    assert bad.returncode == 1 and "FAILED" in bad.stdout, bad.stdout + bad.stderr[-2000:]
