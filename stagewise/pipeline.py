@@ -101,7 +101,7 @@ class Pipeline:
         self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
         self.device = self.world.device(self.world.local_ranks[0])
         self.profiles = self.world.compute_once(lambda: layer_facts(layer_list, partition, sample, self.microbatches,
-                                                                    loss_fn, self.device))
+                                                                    loss_fn, self.device, precision))
         self.balance = resolve_balance(partition, len(layer_list), self.schedule.num_stages, layers=self.profiles,
                                        schedule=self.schedule, memory_limit=memory_limit)
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()

@@ -196,10 +196,12 @@ MEASURED = ("time", "memory", "auto")  # the partition methods that run the laye
 
 def layer_facts(layers: Sequence[Any], partition: str | Sequence[int], sample: tuple[Any, Any] | None,
                 microbatches: int, loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-                device: torch.device) -> list[LayerProfile] | None:
+                device: torch.device, precision: str = "fp32") -> list[LayerProfile] | None:
     """What the partitioner needs to know about `layers` for `partition`: names and parameters, measured
-    times and memory (on one micro-batch of `sample`) when the method needs them, None for layer factories."""
+    times and memory (on one micro-batch of `sample`, under the pipeline's `precision`, so that saved bytes and
+    times are those of the run) when the method needs them, None for layer factories."""
     from stagewise.runtime.microbatch import scatter
+    from stagewise.runtime.precision import Precision
 
     if not all(isinstance(layer, nn.Module) for layer in layers):
         if isinstance(partition, str) and partition != "uniform":
@@ -213,4 +215,5 @@ def layer_facts(layers: Sequence[Any], partition: str | Sequence[int], sample: t
                          "like the ones you will train on")
     micro = scatter(sample[0], microbatches)[0][0]
     labels = scatter(sample[1], microbatches)[0][0] if loss_fn is not None else None
-    return profile_layers(layers, micro, device=device, loss_fn=loss_fn, labels=labels)
+    with Precision(precision).autocast(device):
+        return profile_layers(layers, micro, device=device, loss_fn=loss_fn, labels=labels)
