@@ -7,6 +7,22 @@ import json
 import os
 import sys
 
+from stagewise.cli_options import (
+    MODELS,
+    PARTITION_HELP,
+    auto_or,
+    check_train,
+    checkpointing_spec,
+    existing_path,
+    memory_spec,
+    nonnegative_int,
+    partition_spec,
+    port,
+    positive_float,
+    positive_int,
+    schedule_spec,
+    writable_folder,
+)
 from stagewise.schedules import SCHEDULES, Costs, ScheduleError, build, load, save, simulate, validate
 from stagewise.schedules.registry import names
 
@@ -67,10 +83,8 @@ def _parent(path: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """`stagewise run -n P script.py ...`: torchrun on this machine, one process per pipeline device."""
-    from torch.distributed import run as torchrun
+    from stagewise.runtime import status
 
-    if not args.script:
-        raise SystemExit("stagewise run: give the script to run, e.g. `stagewise run -n 2 train.py`")
     if args.nnodes > 1:  # several machines (or launcher invocations): a static rendezvous at the master's address
         argv = ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank), "--master_addr", args.master_addr,
                 "--master_port", str(args.master_port), "--nproc_per_node", str(args.nproc)]
@@ -78,24 +92,15 @@ def _run(args: argparse.Namespace) -> int:
         argv = ["--standalone", "--nproc_per_node", str(args.nproc)]
     if args.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    torchrun.main(argv + [args.script, *args.script_args])
-    return 0
+    first = args.node_rank * args.nproc
+    return status.launch(argv + [args.script, *args.script_args], range(first, first + args.nproc))
 
 
-def _positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _count_or_auto(text: str) -> int | str:
-    """An argparse type: an integer >= 1, or "auto"."""
-    return text if text == "auto" else _positive(text)
+def _check_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.script:
+        parser.error("give the script to run, e.g. `stagewise run -n 2 train.py`")
+    if args.node_rank >= args.nnodes:
+        parser.error(f"argument --node-rank: must be below --nnodes ({args.nnodes}), got {args.node_rank}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -105,15 +110,25 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     n = cfg.stages * cfg.dp
     if "RANK" not in os.environ and (n > 1 or cfg.max_restarts):
-        from torch.distributed import run as torchrun
+        from stagewise.runtime import status
 
         os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads or max(1, (os.cpu_count() or 1) // n)))
         restarts = ["--max-restarts", str(cfg.max_restarts)] if cfg.max_restarts else []
-        torchrun.main(["--standalone", "--nproc_per_node", str(n), *restarts, "-m", "stagewise.cli",
-                       *sys.argv[1:]])
-        return 0
+        return status.launch(["--standalone", "--nproc_per_node", str(n), *restarts, "-m", "stagewise.cli",
+                              *sys.argv[1:]], range(n))
     train(cfg)
     return 0
+
+
+def _check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The cross-option checks on what will run: the options given over the resumed run's config over defaults."""
+    from dataclasses import asdict
+
+    try:
+        cfg = _train_config(args)
+    except ValueError as err:
+        parser.error(str(err))
+    check_train(parser, argparse.Namespace(**asdict(cfg)))
 
 
 def _train_config(args: argparse.Namespace):
@@ -222,31 +237,34 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--width", type=int, default=100, help="text timeline width in columns")
     sim.set_defaults(func=_simulate)
 
-    run = sub.add_parser("run", help="launch a script on P local processes (a thin torchrun)")
-    run.add_argument("-n", "--nproc", type=_positive, default=2,
-                     help="processes on this node (pipeline devices x data replicas; default %(default)s)")
-    run.add_argument("--nnodes", type=_positive, default=1, help="machines (launcher invocations) in the job")
-    run.add_argument("--node-rank", dest="node_rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
+    run = sub.add_parser("run", help="launch a script on P local processes (a thin torchrun)", formatter_class=defaults)
+    run.add_argument("-n", "--nproc", type=positive_int, default=2,
+                     help="processes on this node (pipeline devices x data replicas)")
+    run.add_argument("--nnodes", type=positive_int, default=1, help="machines (launcher invocations) in the job")
+    run.add_argument("--node-rank", dest="node_rank", type=nonnegative_int, default=0,
+                     help="this machine's index, 0..nnodes-1")
     run.add_argument("--master-addr", dest="master_addr", default="127.0.0.1", help="node 0's address")
-    run.add_argument("--master-port", dest="master_port", type=int, default=29500, help="a free port on node 0")
-    run.add_argument("--threads", type=int, default=None, help="intra-op threads per process (OMP_NUM_THREADS)")
-    run.add_argument("script", nargs="?", help="the Python script every rank runs")
+    run.add_argument("--master-port", dest="master_port", type=port, default=29500, help="a free port on node 0")
+    run.add_argument("--threads", type=positive_int, default=None,
+                     help="intra-op threads per process (OMP_NUM_THREADS)")
+    run.add_argument("script", nargs="?", type=existing_path, help="the Python script every rank runs")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run, check=lambda a: _check_run(run, a))
 
-    pa = sub.add_parser("partition", help="print how a built-in GPT-2 is cut into stages (no training)")
-    pa.add_argument("--model", default="gpt2", help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
-    pa.add_argument("--stages", type=int, default=4, help="pipeline devices")
-    pa.add_argument("--method", default="type:GPT2Block",
-                    help="uniform, parameters, type:REGEX, time, memory, auto, or counts like 4,3,3,4")
-    pa.add_argument("--schedule", default="1f1b",
-                    help=f"the schedule, one of {names()} (memory and auto depend on it; default %(default)s)")
-    pa.add_argument("--microbatches", type=int, default=8)
-    pa.add_argument("--chunks", type=int, default=None)
-    pa.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="for measured methods")
-    pa.add_argument("--seq-len", dest="seq_len", type=int, default=128, help="for measured methods")
-    pa.add_argument("--vocab-size", dest="vocab_size", type=int, default=None)
-    pa.add_argument("--memory-limit", dest="memory_limit", type=float, default=None, help="GiB per device")
+    pa = sub.add_parser("partition", help="print how a built-in GPT-2 is cut into stages (no training)",
+                        formatter_class=defaults)
+    pa.add_argument("--model", default="gpt2", choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
+    pa.add_argument("--stages", type=positive_int, default=4, help="pipeline devices")
+    pa.add_argument("--method", type=partition_spec, default="type:GPT2Block", help=PARTITION_HELP)
+    pa.add_argument("--schedule", type=schedule_spec, default="1f1b", metavar="NAME",
+                    help=f"the schedule (memory and auto depend on it), one of: {names()}")
+    pa.add_argument("--microbatches", type=positive_int, default=8, help="micro-batches per batch")
+    pa.add_argument("--chunks", type=positive_int, default=None, help="virtual stages per device")
+    pa.add_argument("--batch-size", dest="batch_size", type=positive_int, default=16, help="for measured methods")
+    pa.add_argument("--seq-len", dest="seq_len", type=positive_int, default=128, help="for measured methods")
+    pa.add_argument("--vocab-size", dest="vocab_size", type=positive_int, default=None, help="the model's by default")
+    pa.add_argument("--memory-limit", dest="memory_limit", type=positive_float, default=None, help="GiB per device")
     pa.add_argument("--json", action="store_true", help="print one JSON object")
     pa.set_defaults(func=_partition)
 
@@ -255,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)  # plan, check
     d = TrainConfig()
-    tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)")
+    tr = sub.add_parser("train", help="train GPT-2 on the pipeline (starts its own processes)",
+                        description="Every option is checked before anything starts.")
 
     def opt(*names: str, **kw) -> None:  # default None: with --resume, options given replace the run's config
         dest = kw.get("dest", names[0].lstrip("-").replace("-", "_"))
@@ -263,45 +282,49 @@ def build_parser() -> argparse.ArgumentParser:
             kw["help"] = f"{kw.get('help', '')} (default: {getattr(d, dest)})".lstrip()
         tr.add_argument(*names, default=None, **kw)
 
-    opt("--stages", type=int, help="pipeline devices (processes)")
-    opt("--dp", type=_positive, help="data-parallel replicas of the pipeline: stages x dp processes")
+    opt("--stages", type=positive_int, help="pipeline devices (processes)")
+    opt("--dp", type=positive_int, help="data-parallel replicas of the pipeline: stages x dp processes")
     opt("--precision", choices=["fp32", "bf16", "fp16"], help="compute precision of the stages")
-    opt("--activation-checkpointing", dest="activation_checkpointing",
+    opt("--activation-checkpointing", dest="activation_checkpointing", type=auto_or(checkpointing_spec),
         help="never, except_last, always, N layers per checkpointed group, or auto (the planner's choice)")
-    opt("--max-grad-norm", dest="max_grad_norm", type=float,
+    opt("--max-grad-norm", dest="max_grad_norm", type=positive_float,
         help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
-    opt("--schedule", help=f"one of {names()}, or auto: the planner's choice")
-    opt("--microbatches", type=_count_or_auto, help="m, or auto: the planner's choice")
+    opt("--on-nonfinite", dest="on_nonfinite", choices=["raise", "skip"],
+        help="a step with a NaN/inf loss or gradient: stop, naming where it appeared, or skip it")
+    opt("--schedule", type=auto_or(schedule_spec), metavar="NAME",
+        help=f"one of: {names()}; or a schedule file (.csv); or auto: the planner's choice")
+    opt("--microbatches", type=auto_or(positive_int), help="micro-batches per batch, or auto: the planner's choice")
     opt("--plan", action="store_true", help="the planner chooses schedule, m, partition and activation "
         "checkpointing (overrides those options); its table is printed and saved as plan.json")
-    opt("--memory-limit", dest="memory_limit", help="bytes per device for the planner and the memory/auto "
-        "partitions, e.g. 2GiB")
-    opt("--steps", type=int, help="the run's total steps (a resumed run stops there too)")
-    opt("--model", help="gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ...")
+    opt("--memory-limit", dest="memory_limit", type=memory_spec,
+        help="bytes per device for the planner and the memory/auto partitions, e.g. 2GiB")
+    opt("--steps", type=positive_int, help="the run's total steps (a resumed run stops there too)")
+    opt("--model", choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
     opt("--pretrained", help="Hugging Face GPT-2 weights (name or local folder)")
-    opt("--data", help="a text file or folder (default: the built-in corpus)")
-    opt("--dataset", help="'squad': SQuAD contexts via Hugging Face datasets")
-    opt("--seq-len", dest="seq_len", type=int)
-    opt("--batch-size", dest="batch_size", type=int)
-    opt("--lr", type=float)
-    opt("--partition", help="auto, uniform, parameters, type:REGEX, time, memory, or counts 4,3,3,4")
-    opt("--chunks", type=int, help="virtual stages per device (interleaved, zbv)")
-    opt("--vocab-size", dest="vocab_size", type=int)
-    opt("--out", help="run folder")
-    opt("--seed", type=int)
-    opt("--log-every", dest="log_every", type=int)
-    opt("--trace-step", dest="trace_step", type=int, help="the step whose timeline is drawn (0: none)")
-    opt("--timeout", type=float, help="seconds any wait on another stage may take")
-    opt("--threads", type=int, help="intra-op threads per process")
-    opt("--save-every", dest="save_every", type=int,
+    opt("--data", type=existing_path, help="a text file or folder; none: the built-in corpus")
+    opt("--dataset", choices=["squad"], help="SQuAD contexts via Hugging Face datasets")
+    opt("--seq-len", dest="seq_len", type=positive_int, help="tokens per sample")
+    opt("--batch-size", dest="batch_size", type=positive_int, help="samples per batch (at least dp x microbatches)")
+    opt("--lr", type=positive_float, help="AdamW learning rate")
+    opt("--partition", type=partition_spec, help=PARTITION_HELP)
+    opt("--chunks", type=positive_int,
+        help="virtual stages per device (interleaved, looped-bfs, zbv, v-half, v-min, dualpipev)")
+    opt("--vocab-size", dest="vocab_size", type=positive_int, help="tokenizer vocabulary (trained on the corpus)")
+    opt("--out", type=writable_folder, help="run folder")
+    opt("--seed", type=int, help="model and data order")
+    opt("--log-every", dest="log_every", type=positive_int, help="steps per log line")
+    opt("--trace-step", dest="trace_step", type=nonnegative_int, help="the step whose timeline is drawn (0: none)")
+    opt("--timeout", type=positive_float, help="seconds any wait on another stage may take")
+    opt("--threads", type=positive_int, help="intra-op threads per process")
+    opt("--save-every", dest="save_every", type=nonnegative_int,
         help="checkpoint every K steps into RUN/checkpoints (0: at the end only)")
-    opt("--keep", type=int, help="checkpoints kept")
+    opt("--keep", type=positive_int, help="checkpoints kept")
     opt("--resume", help="continue the run in this folder (or from one of its checkpoints) up to its --steps")
     opt("--fallback", action="store_true",
         help="with --resume: if the newest checkpoint is damaged, use the newest intact one (restarts always do)")
-    opt("--max-restarts", dest="max_restarts", type=int,
+    opt("--max-restarts", dest="max_restarts", type=nonnegative_int,
         help="when a rank dies, restart every rank from the newest intact checkpoint up to R times (torchrun's)")
-    tr.set_defaults(func=_train)
+    tr.set_defaults(func=_train, check=lambda a: _check_train(tr, a))
     # Every option goes to the benchmark script unparsed (`stagewise bench --help` shows its own help).
     be = sub.add_parser("bench", help="benchmark against torch.distributed.pipelining (see `stagewise bench --help`)",
                         prefix_chars="+", add_help=False)
@@ -313,10 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("partition", "method"):
-        value = getattr(args, name, None)
-        if isinstance(value, str) and "," in value:
-            setattr(args, name, [int(x) for x in value.split(",")])
+    if getattr(args, "check", None) is not None:  # what depends on several options, before anything starts
+        args.check(args)
     try:
         return args.func(args)
     except (ScheduleError, ValueError) as err:

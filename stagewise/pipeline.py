@@ -20,6 +20,7 @@ from stagewise.partition import PartitionTable, resolve_balance
 from stagewise.partition.measure import plan_if_auto
 from stagewise.partition.profile import layer_facts
 from stagewise.runtime import checkpoint
+from stagewise.runtime.guards import check_options
 from stagewise.runtime.host_memory import keep_freed_host_memory
 from stagewise.runtime.precision import LossScaler, Precision
 from stagewise.runtime.runner import Runner
@@ -29,7 +30,7 @@ from stagewise.runtime.ties import Ties
 from stagewise.runtime.world import make_world
 from stagewise.schedules import Schedule, ScheduleError
 from stagewise.schedules.recompute import check_mode
-from stagewise.schedules.registry import check_spec, resolve_schedule
+from stagewise.schedules.registry import resolve_schedule
 from stagewise.schedules.timeline import Timeline
 
 
@@ -59,8 +60,9 @@ class Pipeline:
         data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank is
             given the same batch; replica r trains on its share; gradients are reduced over replicas before the step.
         max_grad_norm: clip the gradients by their global norm (every stage and replica, tied parameters once), as
-            `clip_grad_norm_` on one device; `last_step["grad_norm"]` is the norm (a non-finite one skips the step).
-        timeout: seconds any wait on another device may take before every rank stops with an error.
+            `clip_grad_norm_` on one device; `last_step["grad_norm"]` is the norm (`track_grad_norm`: measured only).
+        timeout: seconds any wait on another device may take before every rank stops with an error (> 0).
+        on_nonfinite: a NaN/inf loss or gradient never steps: "raise" names the stage and micro-batch, "skip" warns.
         vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
         show_partition: print the partition table on rank 0 at start-up (`partition_table()` returns it).
         keep_host_memory: on CPU, keep freed memory in glibc's malloc (process-wide): no page faults per step
@@ -81,11 +83,11 @@ class Pipeline:
                  memory_limit: float | str | None = None, planner: dict | None = None,
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
                  data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False,
-                 precision: str = "fp32", activation_checkpointing: str | int = "never"):
+                 precision: str = "fp32", activation_checkpointing: str | int = "never", on_nonfinite: str = "raise"):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
-        if schedule != "auto":
-            check_spec(schedule)  # an unknown name fails here, before any process group is set up
+        # an unknown schedule or a bad option fails before anything runs ("auto": the planner picks a registered one)
+        check_options(None if schedule == "auto" else schedule, timeout, on_nonfinite)
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
         layer_list = as_layer_list(layers)
@@ -119,7 +121,7 @@ class Pipeline:
                                         scalers=self.loss_scalers)
         self.last_step: dict[str, Any] = {}  # the last step's loss, and what its parts reported (grad_norm, ...)
         self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers,
-                             self.loss_scalers)
+                             self.loss_scalers, on_nonfinite)
         if show_partition and 0 in self.world.local_ranks:
             print(self.partition_table().format(), flush=True)
 
@@ -171,14 +173,12 @@ class Pipeline:
         return self._step(batch, train=True, step=step)["loss"]
 
     def eval_step(self, batch: tuple[Any, Any]) -> dict[str, Any]:
-        """Loss without gradients: `{"loss": scalar, "outputs": last-stage outputs or None}` (outputs
-        only on the rank that holds the last stage)."""
+        """Loss without gradients: `{"loss", "outputs"}`, outputs on the rank holding the last stage (else None)."""
         return self._step(batch, train=False)
 
     def train_batch(self, data_iter: Iterator[tuple[Any, Any]] | Iterable[tuple[Any, Any]]) -> torch.Tensor:
         """DeepSpeed-style: pull one batch from `data_iter` and run `train_step` on it."""
-        it = data_iter if isinstance(data_iter, Iterator) else iter(data_iter)
-        return self.train_step(next(it))
+        return self.train_step(next(data_iter if isinstance(data_iter, Iterator) else iter(data_iter)))
 
     def train(self, data_iter: Iterable[tuple[Any, Any]], steps: int) -> list[float]:
         """Train on `steps` batches from `data_iter`; returns the loss of each batch (every rank).
@@ -203,8 +203,7 @@ class Pipeline:
         return losses
 
     def close(self) -> None:
-        """Stop this pipeline's failure watchdog thread (one per multi-process pipeline); idempotent. Call it
-        when a process builds many pipelines in turn; the process group stays for the caller to destroy."""
+        """Stop this pipeline's failure watchdog thread (when building many pipelines); the process group stays."""
         self.world.close()
 
     def last_trace(self) -> Timeline:

@@ -37,6 +37,7 @@ class TrainConfig:
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
     precision: str = "fp32"  # fp32, bf16 or fp16 (dynamic loss scaling)
     activation_checkpointing: str = "never"  # never, except_last, always, a number of layers per group, or auto
+    on_nonfinite: str = "raise"  # a NaN/inf loss or gradient: stop naming where it appeared, or "skip" the step
     schedule: str = "auto"  # "auto": the planner chooses (with m and the partition when those are "auto" too)
     microbatches: int | str = "auto"
     steps: int = 300
@@ -158,6 +159,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     chunks=cfg.chunks, timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
                     precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
+                    on_nonfinite=cfg.on_nonfinite,
                     optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
     plan = pipe.plan
     if plan is not None:  # config.json records what runs, so that a resumed run does not plan again

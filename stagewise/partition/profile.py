@@ -11,7 +11,7 @@ from torch import nn
 
 from stagewise.partition.costs import LayerProfile
 from stagewise.runtime.activations import SavedBytes
-from stagewise.tree import cut, map_tensors, tensors_of
+from stagewise.tree import cut, describe, flatten, map_tensors, tensors_of
 
 __all__ = ["LayerProfile", "profile_layers"]
 
@@ -105,7 +105,12 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
             for i, m in enumerate(mods):
                 inp = x if i == 0 else cut(x)
                 run = _WithLoss(m, loss_fn, labels) if loss_fn is not None and i == len(mods) - 1 else m
-                x, forward, backward, saved = _measure(run, inp, dev, repeats)
+                try:
+                    x, forward, backward, saved = _measure(run, inp, dev, repeats)
+                except Exception as err:  # name the layer: the error alone (a shape mismatch) does not
+                    raise ValueError(f"measuring the layers on the sample: layer {i} ({type(m).__name__}) failed on "
+                                     f"its input {describe(flatten(inp)[1])}: {type(err).__name__}: {err}. Give a "
+                                     "sample shaped like the batches the model trains on") from err
                 params, param_bytes, shared = counts[i]
                 backward_s = min(backward)
                 profiles.append(LayerProfile(

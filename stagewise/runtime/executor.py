@@ -47,6 +47,15 @@ class StepRunner(Protocol):
     def reduce(self, action: Action) -> None: ...
 
 
+class Watch(Protocol):
+    """Called around every action (see `stagewise.runtime.guards.RankWatch`): `begin` before it runs, `end` after
+    it ran, with the run-state holding what it produced; an exception from either fails the action."""
+
+    def begin(self, action: Action) -> None: ...
+
+    def end(self, action: Action, state: RunState) -> None: ...
+
+
 @dataclass
 class RunResult:
     """One pass over a device's program.
@@ -101,11 +110,11 @@ class Executor:
 
     def __init__(self, schedule: Schedule, device: int, stages: dict[int, Stage], transport: Transport,
                  loss_fn: LossFn | None, step: StepRunner | None = None, rank: int | None = None,
-                 loss_scale: Callable[[], float] | None = None):
+                 loss_scale: Callable[[], float] | None = None, watch: Watch | None = None):
         if not schedule.lowered:
             raise ValueError("the executor runs lowered schedules (see stagewise.schedules.validate / lower)")
         self.schedule, self.device, self.stages, self.transport = schedule, device, stages, transport
-        self.loss_fn, self.step = loss_fn, step
+        self.loss_fn, self.step, self.watch = loss_fn, step, watch
         self.loss_scale = loss_scale  # the last stage's backward starts from this (fp16 loss scaling)
         self.rank = device if rank is None else rank
         self.program = schedule.actions[device]
@@ -157,7 +166,11 @@ class Executor:
         """Run one action through its handler and record its event; errors name the action."""
         timing = _Timing(time.perf_counter(), dict(extra or {}))
         try:
+            if self.watch is not None:
+                self.watch.begin(a)
             self.handlers[a.op](a, st, timing)
+            if self.watch is not None:
+                self.watch.end(a, st)
         except (PipelineError, PeerError):
             raise
         except TransportTimeout as err:
@@ -326,7 +339,17 @@ class Executor:
         return f"{where}: {cause}"
 
     def _check_signature(self, st: RunState, s: int, n: int, out: Any) -> None:
-        """Micro-batches of one batch must agree on every dimension but the batch one (batches may differ)."""
+        """Micro-batches of one batch must agree on every dimension but the batch one (batches may differ); None
+        is refused on the stage that returned it (the next stage would fail on it, and be blamed)."""
+        if out is None:
+            layers = list(self.stages[s].module)
+            last = f"layer {self.stages[s].layer_offset + len(layers) - 1} ({type(layers[-1]).__name__})" if layers \
+                else "none"
+            raise PipelineError(f"stage {s} (rank {self.rank}) returned None at F(stage {s}, mb {n}): its last layer, "
+                                f"{last}, returned None, so stage {s + 1} would have nothing to work on. Every stage "
+                                "but the last must return its output (a tensor, or a tuple, list or dict of tensors); "
+                                "check that layer's forward for a missing `return`", stage=s, microbatch=n,
+                                action=f"F(stage {s}, mb {n})", rank=self.rank)
         spec = flatten(out)[1]
         shape = shape_key(spec)
         key = (s, n // self.schedule.batch_microbatches)

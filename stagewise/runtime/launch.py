@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import re
 import socket
 import time
 import traceback
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from stagewise.runtime.errors import PipelineError
 
 ERROR_KEY = "stagewise/error"
 
@@ -30,19 +33,50 @@ def init_from_env(timeout: float, backend: str | None = None) -> tuple[int, int]
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    else:
-        # torchrun keeps one store across restarts (--max-restarts): without a prefix per attempt, a restarted
-        # rank can read the addresses (and failure reports) its killed predecessors published there
-        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        from torch.distributed.rendezvous import rendezvous
+    try:
+        if attempt is None:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        else:
+            # torchrun keeps one store across restarts (--max-restarts): without a prefix per attempt, a restarted
+            # rank can read the addresses (and failure reports) its killed predecessors published there
+            rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            from torch.distributed.rendezvous import rendezvous
 
-        store, _, _ = next(rendezvous("env://", rank, size, timeout=timedelta(seconds=timeout)))
-        dist.init_process_group(backend, store=dist.PrefixStore(f"stagewise/attempt-{attempt}", store), rank=rank,
-                                world_size=size, timeout=timedelta(seconds=timeout))
+            store, _, _ = next(rendezvous("env://", rank, size, timeout=timedelta(seconds=timeout)))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"stagewise/attempt-{attempt}", store),
+                                    rank=rank, world_size=size, timeout=timedelta(seconds=timeout))
+    except Exception as err:
+        why = _not_joined(err, timeout)
+        if why is None:
+            raise
+        raise PipelineError(why) from err
     atexit.register(_destroy_group)  # a group left to the interpreter's exit can abort the process
     return dist.get_rank(), dist.get_world_size()
+
+
+def _not_joined(err: BaseException, timeout: float) -> str | None:
+    """What a failed rendezvous means, naming the ranks that never joined when the error tells; None when
+    the error is not about peers that never came."""
+    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    text = str(err)
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    keys = re.search(r"wait timeout after \d+ms, keys: (.*)", text)
+    if joined:  # rank 0 serves the store and counts the processes that connected
+        n = int(joined.group(1))
+        who = "rank 1" if size == 2 else f"ranks 1..{size - 1}" if n == 1 else f"{size - n} of ranks 1..{size - 1}"
+        what = f"only {n} of {size} processes joined; {who} did not join"
+    elif keys:  # every rank publishes its address under a key ending in its rank
+        missing = sorted({int(k) for k in re.findall(r"/(\d+)(?=\s|,|$)", keys.group(1))})
+        what = f"rank(s) {', '.join(map(str, missing)) or '?'} did not join"
+    elif any(k in text.lower() for k in ("connect", "timed out", "refused")) and rank != 0:
+        what = f"rank {rank} could not reach the group's store at {where} (rank 0 or the launcher serves it)"
+    else:
+        return None
+    return (f"rank {rank}: the process group of {size} processes did not form within {timeout:g} s: {what}. A rank "
+            "that does not join has usually crashed or exited before building the Pipeline (see its own output), "
+            "or was never started (check the launcher's process count); a slow start needs a larger `timeout=`. "
+            f"({type(err).__name__}: {text.splitlines()[0][:200] if text else ''})")
 
 
 def _destroy_group() -> None:

@@ -9,6 +9,7 @@ import torch
 
 from stagewise.runtime.executor import Executor, RunResult
 from stagewise.runtime.feed import Microbatches, MicrobatchFeed
+from stagewise.runtime.guards import BatchCheck, NonFiniteGuard, RankWatch, guarded
 from stagewise.runtime.microbatch import batch_size
 from stagewise.runtime.precision import LossScaler
 from stagewise.runtime.stages import StageSet
@@ -32,11 +33,21 @@ class Runner:
 
     def __init__(self, world: World, model: StageSet, schedule: Schedule,
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None, step: Step,
-                 optimizers: dict[int, torch.optim.Optimizer], scalers: dict[int, LossScaler] | None = None):
+                 optimizers: dict[int, torch.optim.Optimizer], scalers: dict[int, LossScaler] | None = None,
+                 on_nonfinite: str = "raise"):
         self.world, self.model, self.schedule, self.loss_fn = world, model, schedule, loss_fn
         self.scalers = scalers or {}
-        self.step, self.optimizers = step, optimizers
+        self.optimizers = optimizers
         self.groups = world.grid_groups()
+        # the guards (see `stagewise.runtime.guards`): a watch per rank, the non-finite policy, the batch check
+        alone = len(world.local_ranks) == 1
+        self.watches = {r: RankWatch(r, model.of_rank(r), schedule.num_stages - 1, world.status if alone else None)
+                        for r in world.local_ranks}
+        self.step = guarded(step, NonFiniteGuard(world, model, self.watches, on_nonfinite, schedule.asynchronous))
+        balance = [hi - lo for lo, hi in model.layer_ranges]
+        self.check = BatchCheck(world, f"schedule {schedule.name}, {schedule.microbatches} micro-batches, "
+                                       f"{world.grid.pipeline} x {world.grid.data} ranks, balance {balance}")
+        self.steps = 0  # calls so far (the status names them `step N`)
         self.transports: dict[int, Transport] = {r: world.transport(r, schedule.num_stages) for r in world.local_ranks}
         self.rank_steps: dict[int, RankStep] = {}
         self.executors = self.executors_for(schedule)
@@ -52,7 +63,7 @@ class Runner:
                 self.rank_steps[rank] = self.step.bind(rank, list(stages.values()), self.optimizers.get(rank))
             scaler = self.scalers.get(rank)
             out[rank] = Executor(schedule, self.world.grid.coords(rank)[0], stages, self.transports[rank],
-                                 self.loss_fn, self.rank_steps[rank], rank=rank,
+                                 self.loss_fn, self.rank_steps[rank], rank=rank, watch=self.watches[rank],
                                  loss_scale=None if scaler is None else lambda s=scaler: s.scale)
         return out
 
@@ -64,6 +75,8 @@ class Runner:
         Returns the batch's mean loss (float64, on the CPU), the same on every rank.
         """
         grid, device = self.world.grid, self.model.world.device(self.world.local_ranks[0])
+        fields = self.check.fields(batch, "eval_step" if not train else "train_step" if step else
+                                   "train_step(step=False)")
         scale = 1.0
         if train:
             total = batch_size(batch[0]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else 0
@@ -77,7 +90,7 @@ class Runner:
         feeds = {r: Microbatches.of_batch(batch, microbatches, device, self.schedule.name, r, grid.data, scale)
                  for r in replicas}
         executors = self.executors if step or not train else self._accumulate()
-        return self.run(feeds, train, executors=executors)[0] / scale
+        return self.run(feeds, train, executors=executors, fields=fields)[0] / scale
 
     def _accumulate(self) -> dict[int, Executor]:
         if self._accumulating is None:
@@ -85,16 +98,23 @@ class Runner:
         return self._accumulating
 
     def run(self, feeds: dict[int, Microbatches], train: bool, schedule: Schedule | None = None, batches: int = 1,
-            executors: dict[int, Executor] | None = None) -> torch.Tensor:
+            executors: dict[int, Executor] | None = None, fields: dict[str, str] | None = None) -> torch.Tensor:
         """Every local rank walks its program over its replica's feed; returns the loss of each batch (float64,
         on the CPU), the same on every rank: the last stage's, broadcast along each pipeline, summed over the
-        replicas."""
+        replicas. The ranks first agree on `fields` (the batch's fingerprint; without it, the settings alone)."""
         if executors is None:
             executors = self.executors if schedule is None else self.executors_for(schedule)
         grid = self.world.grid
         m = (schedule or self.schedule).batch_microbatches
+        fields = fields or self.check.fields(None, f"train over {batches} batches" if train else "eval")
+        self.steps += 1
+        for watch in self.watches.values():
+            watch.step = self.steps
+            if self.schedule.asynchronous:  # each run is a program of its own; a synchronous step may accumulate
+                watch.clear()
 
         def on_rank(rank: int) -> tuple[RunResult, torch.Tensor]:
+            self.check.agree(rank, fields)
             replica = grid.coords(rank)[1]
             feed = feeds[replica]
             res = executors[rank].run(feed.inputs, feed.labels, feed.weights, train=train, keep_outputs=not train)

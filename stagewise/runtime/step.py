@@ -132,7 +132,7 @@ class LossScaling(StepPart):
         self.world.all_reduce(ctx.rank, [found], self.world.grid_groups().everyone)  # one verdict everywhere
         ctx.report["loss_scale"] = scaler.scale
         if found.item() > 0:
-            ctx.skip = True
+            ctx.skip = ctx.report["overflow"] = True
             ctx.report["skipped"] = f"an inf or NaN gradient at loss scale {scaler.scale:g} (fp16 overflow)"
         scaler.update(found.item() > 0)
 

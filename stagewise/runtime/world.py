@@ -19,6 +19,7 @@ Calls come in two kinds:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +31,7 @@ import torch
 
 from stagewise.runtime import launch
 from stagewise.runtime.errors import PeerError, PipelineError
+from stagewise.runtime.status import RankStatus, for_rank
 from stagewise.runtime.transport import DistTransport, LocalHub, LocalTransport, Transport
 
 T = TypeVar("T")
@@ -95,6 +97,7 @@ class World(ABC):
     timeout: float
     local_ranks: list[int]  # the ranks this process runs
     failed: str | None = None  # set once a step failed: the world is then unusable
+    status: RankStatus | None = None  # where this process's rank is, for its launcher (see `status`)
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -351,7 +354,17 @@ class DistWorld(World):
     def __init__(self, timeout: float = 30.0, backend: str | None = None, data: int = 1,
                  device: torch.device | str | None = None):
         self.timeout = timeout
-        self.rank, size = launch.init_from_env(timeout, backend)
+        self.status = for_rank(int(os.environ.get("RANK", "0")))
+        if self.status is not None:
+            self.status.set("joining the process group (constructing the Pipeline)")
+        try:
+            self.rank, size = launch.init_from_env(timeout, backend)
+        except Exception as err:
+            if self.status is not None:
+                self.status.set(f"failed: {err}")
+            raise
+        if self.status is not None:
+            self.status.set("constructing the Pipeline")
         if data < 1 or size % data:
             raise ValueError(f"{size} processes cannot form pipelines of data_parallel={data} replicas each: the "
                              f"world size must be P x D; start a multiple of {data} processes")
@@ -390,8 +403,13 @@ class DistWorld(World):
         self.check()
         if self.watchdog is not None:
             self.watchdog.in_step = True
+        if self.status is not None:
+            self.status.set(what)
         try:
-            return {self.rank: self._guard(lambda: fn(self.rank), what)}
+            out = {self.rank: self._guard(lambda: fn(self.rank), what)}
+            if self.status is not None:
+                self.status.set(f"outside stagewise (in the script), after {what}")
+            return out
         finally:
             if self.watchdog is not None:
                 self.watchdog.in_step = False
@@ -448,10 +466,14 @@ class DistWorld(World):
             peer = None if own or not self.distributed else launch.peer_failure()
             if peer is not None:
                 self.failed = f"rank {self.rank} stopped during {what} because {peer}"
+                if self.status is not None:
+                    self.status.set(f"stopped: {self.failed}")
                 launch.abort_group()
                 raise PeerError(self.failed) from err
             msg = str(err) if isinstance(err, PipelineError) else f"rank {self.rank} failed during {what}: {err}"
             self.failed = msg
+            if self.status is not None:
+                self.status.set(f"failed: {msg}")
             if self.distributed:
                 launch.report_failure(msg, self.rank)
                 launch.abort_group()
