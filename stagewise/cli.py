@@ -10,9 +10,11 @@ import sys
 from stagewise.cli_options import (
     MODELS,
     PARTITION_HELP,
+    auto_or,
     check_train,
     checkpointing_spec,
     existing_path,
+    memory_spec,
     nonnegative_int,
     partition_spec,
     port,
@@ -99,11 +101,6 @@ def _check_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("give the script to run, e.g. `stagewise run -n 2 train.py`")
     if args.node_rank >= args.nnodes:
         parser.error(f"argument --node-rank: must be below --nnodes ({args.nnodes}), got {args.node_rank}")
-
-
-def _count_or_auto(text: str) -> int | str:
-    """An argparse type: an integer >= 1, or "auto"."""
-    return text if text == "auto" else positive_int(text)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -288,19 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--stages", type=positive_int, help="pipeline devices (processes)")
     opt("--dp", type=positive_int, help="data-parallel replicas of the pipeline: stages x dp processes")
     opt("--precision", choices=["fp32", "bf16", "fp16"], help="compute precision of the stages")
-    opt("--activation-checkpointing", dest="activation_checkpointing", type=checkpointing_spec,
+    opt("--activation-checkpointing", dest="activation_checkpointing", type=auto_or(checkpointing_spec),
         help="never, except_last, always, N layers per checkpointed group, or auto (the planner's choice)")
     opt("--max-grad-norm", dest="max_grad_norm", type=positive_float,
         help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
     opt("--on-nonfinite", dest="on_nonfinite", choices=["raise", "skip"],
         help="a step with a NaN/inf loss or gradient: stop, naming where it appeared, or skip it")
-    opt("--schedule", type=schedule_spec, metavar="NAME",
-        help=f"one of: {names()}; a schedule file (.csv); or auto: the planner's choice")
-    opt("--microbatches", type=_count_or_auto, help="m, or auto: the planner's choice")
+    opt("--schedule", type=auto_or(schedule_spec), metavar="NAME",
+        help=f"one of: {names()}; or a schedule file (.csv); or auto: the planner's choice")
+    opt("--microbatches", type=auto_or(positive_int), help="micro-batches per batch, or auto: the planner's choice")
     opt("--plan", action="store_true", help="the planner chooses schedule, m, partition and activation "
         "checkpointing (overrides those options); its table is printed and saved as plan.json")
-    opt("--memory-limit", dest="memory_limit", help="bytes per device for the planner and the memory/auto "
-        "partitions, e.g. 2GiB")
+    opt("--memory-limit", dest="memory_limit", type=memory_spec,
+        help="bytes per device for the planner and the memory/auto partitions, e.g. 2GiB")
     opt("--steps", type=positive_int, help="the run's total steps (a resumed run stops there too)")
     opt("--model", choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
     opt("--pretrained", help="Hugging Face GPT-2 weights (name or local folder)")

@@ -81,6 +81,28 @@ def checkpointing_spec(text: str) -> str:
                                      f"{text!r}")
 
 
+def auto_or(spec: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: "auto" (the planner chooses), or what `spec` accepts."""
+    def parse(text: str) -> Any:
+        return text if text == "auto" else spec(text)
+
+    parse.__name__ = getattr(spec, "__name__", "value")  # argparse names the type in its messages
+    return parse
+
+
+def memory_spec(text: str) -> str:
+    """Bytes, with an optional unit: 2GiB, 512MiB, 1.5GB, 3e9."""
+    from stagewise.partition.costs import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return text
+
+
 def partition_spec(text: str) -> str | list[int]:
     """A partition method name, `type:REGEX`, or layer counts per stage (`4,3,3,4`)."""
     from stagewise.partition import METHODS
@@ -159,27 +181,36 @@ MODELS = LazyChoices(_model_names)
 
 
 def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What depends on several options of `stagewise train`; `parser.error` (exit status 2) on the first problem."""
+    """What depends on several options of `stagewise train`; `parser.error` (exit status 2) on the first problem.
+    With the planner choosing (`--plan`, or the schedule or m left "auto"), what it holds fixed is checked."""
     from stagewise.schedules import ScheduleError
     from stagewise.schedules.registry import resolve_schedule
 
+    plan = bool(getattr(args, "plan", False))
+    m = args.microbatches if isinstance(args.microbatches, int) and not plan else None
     stages = None
-    if args.schedule != "auto" and not getattr(args, "plan", False):  # the planner's choice is checked when made
-        m = args.microbatches if isinstance(args.microbatches, int) else None
-        try:
-            stages = resolve_schedule(args.schedule, args.stages, m, args.chunks, data_parallel=args.dp).num_stages
+    if not plan and args.schedule != "auto":
+        try:  # with m left to the planner, probed with m = P
+            stages = resolve_schedule(args.schedule, args.stages, m or args.stages, args.chunks,
+                                      data_parallel=args.dp).num_stages
         except (ScheduleError, ValueError) as err:
             option = "--chunks" if args.chunks is not None and "chunk" in str(err) else "--schedule"
             parser.error(f"argument {option}: {err}")
-    if isinstance(args.microbatches, int) and args.batch_size < args.dp * args.microbatches:
-        split = f"{args.dp} data-parallel replicas x {args.microbatches}" if args.dp > 1 else f"{args.microbatches}"
+    if m is not None and args.batch_size < args.dp * m:
+        split = f"{args.dp} data-parallel replicas x {m}" if args.dp > 1 else f"{m}"
         parser.error(f"argument --batch-size: a batch of {args.batch_size} samples cannot be split into {split} "
-                     f"micro-batches; use --batch-size >= {args.dp * args.microbatches} or fewer --microbatches")
-    if isinstance(args.partition, list) and not args.pretrained and stages is not None:
+                     f"micro-batches; use --batch-size >= {args.dp * m} or fewer --microbatches")
+    if args.batch_size < args.dp:
+        parser.error(f"argument --batch-size: a batch of {args.batch_size} samples cannot feed {args.dp} "
+                     f"data-parallel replicas; use --batch-size >= {args.dp}")
+    if isinstance(args.partition, list) and not args.pretrained and not plan:
         from stagewise.models import config
 
         layers = config(args.model).n_layer + 2  # embedding, the blocks, the head
-        if len(args.partition) != stages or sum(args.partition) != layers:
+        runs = {stages} if stages is not None else {args.stages * v for v in range(1, 5)}
+        if len(args.partition) not in runs or sum(args.partition) != layers:
+            where = f"this schedule runs {stages} stages" if stages is not None else \
+                f"the schedules run {args.stages} x chunks stages"
             parser.error(f"argument --partition: {','.join(map(str, args.partition))} gives {len(args.partition)} "
                          f"stages and {sum(args.partition)} layers, but {args.model} has {layers} layers (embedding, "
-                         f"{layers - 2} blocks, head) and this schedule runs {stages} stages")
+                         f"{layers - 2} blocks, head) and {where}")

@@ -60,7 +60,7 @@ class Pipeline:
         data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank is
             given the same batch; replica r trains on its share; gradients are reduced over replicas before the step.
         max_grad_norm: clip the gradients by their global norm (every stage and replica, tied parameters once), as
-            `clip_grad_norm_` on one device; `last_step["grad_norm"]` is the norm (a non-finite one skips the step).
+            `clip_grad_norm_` on one device; `last_step["grad_norm"]` is the norm (`track_grad_norm`: measured only).
         timeout: seconds any wait on another device may take before every rank stops with an error (> 0).
         on_nonfinite: a NaN/inf loss or gradient never steps: "raise" names the stage and micro-batch, "skip" warns.
         vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
@@ -86,7 +86,8 @@ class Pipeline:
                  precision: str = "fp32", activation_checkpointing: str | int = "never", on_nonfinite: str = "raise"):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
-        check_options(schedule, timeout, on_nonfinite)  # an unknown schedule or a bad option fails before anything runs
+        # an unknown schedule or a bad option fails before anything runs ("auto": the planner picks a registered one)
+        check_options(None if schedule == "auto" else schedule, timeout, on_nonfinite)
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
         layer_list = as_layer_list(layers)

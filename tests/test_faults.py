@@ -332,13 +332,12 @@ def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     (["--partition", "3,0,3"], r"argument --partition: every stage needs at least one layer"),
     (["--partition", "type:("], r"argument --partition: 'type:\(': the regular expression does not compile"),
     (["--model", "nope"], r"argument --model: invalid choice: 'nope' \(choose from 'gpt2-tiny'"),
-    (["--schedule", "1f1b", "--partition", "3,3"],
-     r"argument --partition: 3,3 gives 2 stages and 6 layers, but gpt2-tiny has 6 layers"),
+    (["--partition", "3,3"], r"argument --partition: 3,3 gives 2 stages and 6 layers, but gpt2-tiny has 6 layers"),
     (["--microbatches", "8", "--batch-size", "4"],
      r"argument --batch-size: a batch of 4 samples cannot be split into 8 micro-batches"),
-    (["--microbatches", "8", "--dp", "2", "--batch-size", "12"], r"argument --batch-size: a batch of 12 samples cannot "
-                                                                  r"be split into 2 "
-                                          r"data-parallel replicas x 8 micro-batches"),
+    (["--microbatches", "8", "--dp", "2", "--batch-size", "12"],
+     r"argument --batch-size: a batch of 12 samples cannot be split into 2 data-parallel replicas x 8 micro-batches"),
+    (["--dp", "2", "--batch-size", "1"], r"argument --batch-size: a batch of 1 samples cannot feed 2 data-parallel"),
     (["--schedule", "zbv", "--chunks", "3"], r"argument --chunks: zbv: .*chunks must be 2"),
     (["--schedule", "pipedream", "--dp", "2"], r"argument --schedule: .*takes an optimizer step after every"),
     (["--timeout", "0"], r"argument --timeout: must be a finite number > 0, got 0"),
@@ -382,10 +381,11 @@ def test_train_help_shows_every_default_and_the_choices(capsys):
     code, out, _ = _cli(capsys, "train", "--help")
     text = " ".join(out.split())
     assert code == 0
-    for expected in ("--microbatches MICROBATCHES m, or auto: the planner's choice (default: auto)",
-                     "or auto: the planner's choice (default: auto)",
+    for expected in ("--microbatches MICROBATCHES micro-batches per batch, or auto: the planner's choice (default: "
+                     "auto)", "or auto: the planner's choice (default: auto)",
                      "one of: naive, gpipe, 1f1b, interleaved", "dualpipev, pipedream, 2bw",
-                     "uniform, parameters, type:REGEX, time, memory, auto", "4,3,3,4 (default: auto)",
+                     "uniform, parameters, type:REGEX, time, memory, auto", "or layer counts per stage such as "
+                     "4,3,3,4 (default: auto)",
                      "one of: gpt2-tiny, gpt2-mini, gpt2,", "(default: gpt2-tiny)", "(default: runs/gpt2)",
                      "--steps STEPS the run's total steps (a resumed run stops there too) (default: 300)"):
         assert expected in text, expected
