@@ -18,6 +18,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,22 @@ from torch import nn
 from stagewise.models.gpt2 import GPT2Config, config, gpt2_layers, lm_loss
 from stagewise.schedules import STEP, B, Costs, F, I, Schedule, Simulation, W, simulate
 from stagewise.schedules.timeline import Event, Timeline
+
+
+@dataclass
+class ModelSettings:
+    """The benchmark GPT (embedding, 8 blocks of d256 with 4 heads, an untied head with an 8k vocabulary) on a
+    batch of 16 x 128 token ids, and the Adam learning rate: the fields `build_layers` and `make_batch` read."""
+
+    n_layer: int = 8
+    n_embd: int = 256
+    n_head: int = 4
+    vocab: int = 8192
+    seq_len: int = 128
+    batch: int = 16
+    seed: int = 0
+    lr: float = 1e-4
+    tie: bool = False
 
 
 def model_config(s: Any) -> GPT2Config:

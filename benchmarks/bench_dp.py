@@ -25,25 +25,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_layers, make_batch  # noqa: E402
+from _common import ModelSettings, build_layers, make_batch  # noqa: E402
 
 
 @dataclass
-class Settings:
+class Settings(ModelSettings):
     schedules: tuple[str, ...] = ("1f1b", "zbv")
     microbatches: int = 4
     pipeline: int = 2
     data: int = 2
     warmup: int = 2
-    n_layer: int = 8
-    n_embd: int = 256
-    n_head: int = 4
-    vocab: int = 8192
-    seq_len: int = 128
-    batch: int = 16
-    seed: int = 0
-    lr: float = 1e-4
-    tie: bool = False
 
 
 def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:

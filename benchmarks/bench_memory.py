@@ -18,33 +18,19 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import build_layers, make_batch  # noqa: E402
+from _common import ModelSettings, build_layers, make_batch  # noqa: E402
 
 
-@dataclass
-class Settings:
-    n_layer: int = 8
-    n_embd: int = 256
-    n_head: int = 4
-    vocab: int = 8192
-    seq_len: int = 128
-    batch: int = 16
-    seed: int = 0
-    lr: float = 1e-4
-    tie: bool = False
+def tiny() -> ModelSettings:
+    return ModelSettings(n_layer=4, n_embd=128, n_head=4, vocab=8192, seq_len=128)
 
 
-def tiny() -> Settings:
-    return Settings(n_layer=4, n_embd=128, n_head=4, vocab=8192, seq_len=128)
-
-
-def predicted(layers: list, s: Settings, schedule: str, m: int, mode: str, precision: str, balance: list[int]):
+def predicted(layers: list, s: ModelSettings, schedule: str, m: int, mode: str, precision: str, balance: list[int]):
     from stagewise.models.gpt2 import lm_loss
     from stagewise.partition.memory import Footprint
     from stagewise.partition.profile import profile_layers
@@ -75,7 +61,7 @@ def main() -> None:
     from stagewise import Pipeline
     from stagewise.models.gpt2 import lm_loss
 
-    s = Settings() if args.model == "bench" else tiny()
+    s = ModelSettings() if args.model == "bench" else tiny()
     rows = []
     print(f"{args.model}: P=2 (threads), batch {s.batch} x {s.seq_len}")
     print(f"{'schedule':10} {'m':>2} {'mode':12} {'prec':5} {'measured MB per device':24} {'predicted MB':18} "

@@ -12,7 +12,6 @@ backs off, or grows the scale after `growth_interval` clean steps.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
@@ -78,6 +77,3 @@ class LossScaler:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
         self.growth_factor, self.backoff_factor = state["growth_factor"], state["backoff_factor"]
         self.growth_interval = int(state["growth_interval"])
-
-    def finite(self, value: float) -> bool:
-        return math.isfinite(value)

@@ -182,7 +182,10 @@ class Pending:
         from datetime import timedelta
 
         for w in self.works:
-            w.wait(timedelta(seconds=self.timeout)) if self.timeout else w.wait()
+            if self.timeout:
+                w.wait(timedelta(seconds=self.timeout))
+            else:
+                w.wait()
         self.works = []
 
 
