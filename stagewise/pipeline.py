@@ -92,7 +92,7 @@ class Pipeline:
                                 data_parallel=data_parallel)
         layer_list = as_layer_list(layers)
         self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition, chunks,
-                                 memory_limit, activation_checkpointing, planner)  # None unless schedule or m is "auto"
+                                 memory_limit, activation_checkpointing, planner, precision)  # None unless "auto"
         if self.plan is not None:
             schedule, microbatches, chunks, partition, activation_checkpointing = self.plan.choice.settings()
         self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks, data_parallel,

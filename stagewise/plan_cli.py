@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stagewise.cli_options import positive_float
+
 
 def load_object(spec: str) -> Any:
     """`module:attribute` imported (the current directory is on the path)."""
@@ -90,7 +92,8 @@ def _plan(args: argparse.Namespace) -> int:
         schedule=args.schedules or "auto", microbatches=args.microbatches or "auto", memory_limit=args.memory_limit,
         threads=threads, runs=args.runs, repeats=args.repeats, recompute=args.activation_checkpointing,
         cores=args.cores if args.cores is not None else "auto", top=args.top,
-        max_microbatches=args.max_microbatches or MAX_MICROBATCHES)
+        max_microbatches=args.max_microbatches or MAX_MICROBATCHES, precision=args.precision,
+        reduce_bandwidth=args.reduce_bandwidth)
     data = {"model": what, **plan.to_dict(), "threads": threads}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +145,11 @@ def add_parsers(sub: Any) -> None:
                     choices=["auto", "never", "except_last", "always"],
                     help="recompute modes to consider: auto (every one: they only win under a memory limit; "
                          "default) or one held fixed")
+    pl.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="profile the forwards under this autocast, as `train --precision` runs them")
+    pl.add_argument("--reduce-bandwidth", dest="reduce_bandwidth", type=positive_float, default=None,
+                    help="with --dp: the gradient all-reduce's speed in bytes/s (ring units); default: measured "
+                         "with D gloo processes on this machine")
     pl.add_argument("--runs", type=int, default=3, help="profile runs per micro-batch size (the noise estimate)")
     pl.add_argument("--repeats", type=int, default=3, help="timed repetitions per layer and run (the fastest counts)")
     pl.add_argument("--threads", type=int, default=None, help="intra-op threads per rank (default cores / ranks)")

@@ -290,3 +290,74 @@ def test_check_proves_a_float64_model_exact_and_catches_a_broken_layer():
     bad = stagewise_cli("check", "--layers", "plan_models:broken_layers", "--loss", "plan_models:loss", "--sample",
                         "plan_models:sample", "--schedule", "1f1b", "--stages", "2")
     assert bad.returncode == 1 and "FAILED" in bad.stdout, bad.stdout + bad.stderr[-2000:]
+
+
+# ---- data parallelism and precision in the model ----
+
+def test_gradient_reductions_are_priced_in_the_prediction():
+    from stagewise.schedules.reduction import with_reductions
+
+    profiles = synthetic(random.Random(11), 6)
+    schedule = with_reductions(build("1f1b", 2, 4))
+    prof = profiles.at(2)
+    bw = 1e6
+    free = CostModel(schedule, prof, replicas=2)
+    paid = CostModel(schedule, prof, replicas=2, reduce_bandwidth=bw)
+    balance = [3, 3]
+    params = [sum(x.params for x in prof.layers[:3]), sum(x.params for x in prof.layers[3:])]
+    assert paid.reduce_times(balance) == pytest.approx([p * 4 * 1.0 / bw for p in params], rel=1e-12)  # 2(D-1)/D = 1
+    assert free.reduce_times(balance) == [0.0, 0.0]
+    extra = paid.estimate(balance).step_s - free.estimate(balance).step_s
+    reduce = paid.reduce_times(balance)
+    assert min(reduce) - 1e-9 <= extra <= max(reduce) + 1e-9  # one device's reduction ends the step
+    # the search puts REDUCE actions into every candidate and charges them
+    cheap = search(profiles, 2, 8, data_parallel=2, schedules=["1f1b"], microbatches=[4])
+    dear = search(profiles, 2, 8, data_parallel=2, schedules=["1f1b"], microbatches=[4], reduce_bandwidth=bw)
+    assert dear.settings["reduce_bandwidth"] == bw and cheap.settings["reduce_bandwidth"] is None
+    assert dear.choice.step_s > cheap.choice.step_s
+    again = predict(profiles, schedule, 8, dear.choice.balance, data_parallel=2, reduce_bandwidth=bw)
+    assert again.step_s == pytest.approx(dear.choice.step_s, rel=1e-12)
+    assert "gradient reduction at" in dear.format()
+
+
+def test_the_reduction_speed_is_measured_on_the_runs_world():
+    from stagewise.partition.reduction_speed import local_reduce_bandwidth, reduce_bandwidth
+    from stagewise.runtime.world import make_world
+
+    world = make_world(1, data_parallel=2)  # two threads: one device, two replicas
+    try:
+        assert 0 < reduce_bandwidth(world, 4e6) < math.inf
+    finally:
+        world.close()
+    assert 0 < local_reduce_bandwidth(2, 4e6, timeout=120) < math.inf  # two gloo processes on this machine
+
+
+def test_the_profile_runs_in_the_runs_precision():
+    from stagewise.models import lm_loss
+    from stagewise.partition.measure import measure
+
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    full = measure(plan_models.small_gpt(), (ids, ids), lm_loss, [2], runs=1, repeats=1).at(2)
+    half = measure(plan_models.small_gpt(), (ids, ids), lm_loss, [2], runs=1, repeats=1, precision="bf16")
+    assert half.meta["precision"] == "bf16"
+    # what a stage sends is cast to bf16, as the pipeline sends it
+    assert [x.output_bytes for x in half.at(2).layers[:-1]] == [x.output_bytes // 2 for x in full.layers[:-1]]
+
+
+def test_a_data_parallel_pipeline_plans_with_its_reductions():
+    from stagewise import Pipeline
+    from stagewise.models import lm_loss
+
+    ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
+    pipe = Pipeline(plan_models.small_gpt(), lm_loss, schedule="auto", microbatches="auto", partition="auto",
+                    sample=(ids, ids), local_devices=2, data_parallel=2, show_partition=False,
+                    planner={"runs": 1, "repeats": 1, "max_microbatches": 4}, precision="bf16",
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-2))
+    try:
+        settings = pipe.plan.settings
+        assert settings["data_parallel"] == 2 and settings["precision"] == "bf16"
+        assert 0 < settings["reduce_bandwidth"] < math.inf
+        assert any(a.op == "REDUCE" for a in pipe.schedule.actions[0])
+        assert math.isfinite(pipe.train_step((ids, ids)).item())
+    finally:
+        pipe.close()

@@ -20,6 +20,9 @@ The planner (`stagewise.partition.plan`) asks this model about every candidate i
   ranks busy beside it / C (processor sharing, found by re-simulating with the stretch the previous
   timeline implies, a few times; per stage and action kind, averaged).
 - **The optimizer step** costs `step_per_param` seconds per parameter held, after the device's last action.
+- **Data parallelism.** With D replicas the schedule carries a REDUCE action per stage (`with_reductions`),
+  simulated as 2 (D - 1) / D x the stage's gradient bytes / `reduce_bandwidth` (measured on the run's world,
+  `stagewise.partition.reduction_speed`); the replicas also share the cores.
 """
 
 from __future__ import annotations
@@ -162,17 +165,21 @@ class CostModel:
     `bytes_per_param`: weights + gradients + optimizer state per parameter (fp32 Adam: 16); a tied
     parameter counts once per device holding it. `latency`, `bandwidth`: a message between stages on
     different devices costs latency + output bytes / bandwidth. `cores`: how many ranks can compute at
-    once (None: all); `replicas`: data-parallel copies of the pipeline sharing those cores.
+    once (None: all); `replicas`: data-parallel copies of the pipeline sharing those cores; their gradient
+    reductions (the schedule's REDUCE actions) move `grad_bytes_per_param` per parameter at `reduce_bandwidth`
+    bytes/s in ring units.
     """
 
     def __init__(self, schedule: Schedule, profile: SizeProfile, *, bytes_per_param: float = 16.0,
                  latency: float = 0.0, bandwidth: float = math.inf, step_per_param: float = 0.0,
-                 cores: int | None = None, replicas: int = 1):
+                 cores: int | None = None, replicas: int = 1, reduce_bandwidth: float = math.inf,
+                 grad_bytes_per_param: float = 4.0):
         self.schedule, self.profile = schedule, profile
         self.layers = list(profile.layers)
         self.bytes_per_param, self.step_per_param = float(bytes_per_param), float(step_per_param)
         self.latency, self.bandwidth = float(latency), float(bandwidth)
         self.cores, self.replicas = cores, replicas
+        self.reduce_bandwidth, self.grad_bytes_per_param = float(reduce_bandwidth), float(grad_bytes_per_param)
         L, sc = len(self.layers), schedule
         self.forward = ExactSums([x.forward for x in self.layers])
         self.backward = ExactSums([x.backward for x in self.layers])
@@ -230,7 +237,15 @@ class CostModel:
         t = self.stage_times(balance)
         sent = [float(self.layers[hi - 1].output_bytes) for _, hi in ranges(balance)[:-1]]
         return Costs(f=t["f"], b=t["b"], i=t["i"], w=t["w"], latency=self.latency, bytes=sent or 0.0,
-                     bandwidth=self.bandwidth)
+                     bandwidth=self.bandwidth, reduce=self.reduce_times(balance))
+
+    def reduce_times(self, balance: Sequence[int]) -> list[float]:
+        """Seconds of each stage's gradient reduction over the replicas (0 with one replica)."""
+        factor = 2.0 * (self.replicas - 1) / self.replicas
+        if factor == 0 or self.reduce_bandwidth == math.inf:
+            return [0.0] * len(balance)
+        return [float(self._param_prefix[hi] - self._param_prefix[lo]) * self.grad_bytes_per_param * factor
+                / self.reduce_bandwidth for lo, hi in ranges(balance)]
 
     def simulation(self, balance: Sequence[int]) -> Simulation:
         """The simulated step; with fewer shared cores than ranks, under processor sharing (see the module)."""
@@ -271,7 +286,7 @@ class CostModel:
         return Costs(f=[x * k for x, k in zip(base, out[F])], b=[x * k for x, k in zip(table[B], out[B])],
                      i=[x * k for x, k in zip(table[I], out[I])], w=[x * k for x, k in zip(table[W], out[W])],
                      recompute=[x * k for x, k in zip(base, out[RECOMPUTE])], latency=costs.latency,
-                     bytes=costs.bytes, bandwidth=costs.bandwidth)
+                     bytes=costs.bytes, bandwidth=costs.bandwidth, reduce=costs.reduce)
 
     def _work(self, balances: np.ndarray) -> np.ndarray:
         """Compute seconds per stage and step, shape (n, stages): m forwards and backwards, and the recomputes."""

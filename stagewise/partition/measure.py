@@ -54,13 +54,16 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 def profile_as_stages(layers: Sequence[nn.Module], sample_input: Any, loss_fn: LossFn | None, labels: Any,
-                      device: torch.device, repeats: int = 3) -> tuple[list[LayerProfile], list[float], int]:
+                      device: torch.device, repeats: int = 3, precision: str = "fp32"
+                      ) -> tuple[list[LayerProfile], list[float], int]:
     """Every layer run as a one-layer pipeline stage, through the runtime's own `Stage`: its forward (with the
     saved-bytes hooks, the loss after the last layer as the executor computes it), whole backward, and split
     backward (I, then W), each the fastest of `repeats` after one warm-up. Returns the profiles (`input_grad`:
     I; `saved_bytes`: what the stage counts, the loss's included after the last layer), the W seconds per
     layer, and 0 (the loss's bytes are in the last layer's). Parameters' `.grad` and the random number
-    generators are left as they were."""
+    generators are left as they were. `precision` runs the forwards as the pipeline will (autocast, stage
+    outputs in the low dtype, so the next layer's input and the bytes sent are what the run sees)."""
+    from stagewise.runtime.precision import Precision
     from stagewise.runtime.stage import Stage
 
     counts = describe_layers(layers)
@@ -72,7 +75,7 @@ def profile_as_stages(layers: Sequence[nn.Module], sample_input: Any, loss_fn: L
             x = sample_input
             for i, layer in enumerate(layers):
                 last = i == len(layers) - 1 and loss_fn is not None
-                stage = Stage(0 if i == 0 else 1, [layer], i)
+                stage = Stage(0 if i == 0 else 1, [layer], i, precision=Precision(precision))
                 times: dict[str, list[float]] = {"F": [], "B": [], "I": [], "W": []}
                 nxt: Any = None
                 for r in range(repeats + 1):
@@ -132,12 +135,14 @@ def optimizer_seconds_per_param(numel: int, repeats: int = 3) -> float:
 
 def measure(layers: nn.Sequential | Sequence[nn.Module], sample: tuple[Any, Any],
             loss_fn: Callable[[Any, Any], torch.Tensor] | None, sizes: Sequence[int], *, runs: int = 3,
-            repeats: int = 3, device: torch.device | str | None = None, threads: int | None = None) -> ProfileSet:
+            repeats: int = 3, device: torch.device | str | None = None, threads: int | None = None,
+            precision: str = "fp32") -> ProfileSet:
     """Profiles of `layers` at every micro-batch size in `sizes` (samples), each measured `runs` times.
 
     `sample = (inputs, labels)` is a batch at least max(sizes) samples large; its first n samples make the
     micro-batch of size n. `threads` sets torch's intra-op threads for the measurement (use what each rank
-    will have), and restores them after.
+    will have), and restores them after. `precision` ("fp32", "bf16", "fp16") profiles the forwards under the
+    autocast the pipeline will use.
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
@@ -159,13 +164,18 @@ def measure(layers: nn.Sequential | Sequence[nn.Module], sample: tuple[Any, Any]
         for _ in range(runs):
             for n in sizes:
                 x, y = (map_tensors(first_samples(t, n), lambda t: t.to(dev)) for t in sample)
-                measured[n].append(profile_as_stages(mods, x, loss_fn, y, dev, repeats))
+                measured[n].append(profile_as_stages(mods, x, loss_fn, y, dev, repeats, precision))
         out = {n: _combine(n, measured[n], _nbytes(first_samples(sample[0], n))) for n in sizes}
-        step = optimizer_seconds_per_param(sum(p.numel() for p in {id(p): p for m in mods
-                                                                     for p in m.parameters()}.values()))
+        step = optimizer_seconds_per_param(_unique_params(mods))
     finally:
         torch.set_num_threads(before)
-    return ProfileSet(out, step, runs, repeats, time.perf_counter() - t0, {"threads": threads or before})
+    return ProfileSet(out, step, runs, repeats, time.perf_counter() - t0,
+                      {"threads": threads or before, "precision": precision})
+
+
+def _unique_params(layers: Sequence[nn.Module]) -> int:
+    """Parameters of `layers`, a tied one counted once."""
+    return sum(p.numel() for p in {id(p): p for m in layers for p in m.parameters()}.values())
 
 
 def _combine(samples: int, measured: list[tuple[list[LayerProfile], list[float], int]], input_bytes: int
@@ -208,7 +218,8 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
                chunks: int | None = None, memory_limit: float | str | None = None, device: torch.device | None = None,
                threads: int | None = None, runs: int = 3, repeats: int = 3, recompute: str | Sequence[str] = "never",
                cores: int | None | str = AUTO, tokens_per_sample: int | None = None, top: int = 5,
-               max_microbatches: int | None = None) -> tuple[Plan, ProfileSet]:
+               max_microbatches: int | None = None, precision: str = "fp32",
+               reduce_bandwidth: float | None = None) -> tuple[Plan, ProfileSet]:
     """Measure `layers` on `sample` and search: the `Plan` and the profiles it used.
 
     What is not "auto" is held fixed or narrowed: a schedule name (or a list to choose from), m (an int or a
@@ -216,6 +227,9 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
     `recompute` is an activation-checkpointing mode, or "auto" (every mode), or a list of modes to try.
     `sample` is a whole batch like the ones to train on (its size is the batch). `tokens_per_sample`
     defaults to the length of dim 1 of an integer input (token ids), else throughput is in samples/s.
+    `precision`: the layers are profiled under it (see `measure`). `reduce_bandwidth` (bytes/s, ring units):
+    the data-parallel gradient reduction's speed; with `data_parallel` > 1 and None, it is measured with
+    that many gloo processes on this machine (`reduction_speed.local_reduce_bandwidth`).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     batch = batch_size(sample[0])
@@ -239,26 +253,33 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
             raise ValueError(f"partition={partition!r} with a planned schedule or m: use partition='auto' (the "
                              "planner balances by simulated step time under the memory limit) or a fixed method")
     sizes = microbatch_sizes(batch, P, data_parallel, ms)
-    profiles = measure(layers, sample, loss_fn, sizes, runs=runs, repeats=repeats, device=device, threads=threads)
+    profiles = measure(layers, sample, loss_fn, sizes, runs=runs, repeats=repeats, device=device, threads=threads,
+                       precision=precision)
     if tokens_per_sample is None:
         ids = next(iter(tensors_of(sample[0])), None)
         integer = ids is not None and not ids.is_floating_point() and ids.dim() >= 2
         tokens_per_sample = int(math.prod(ids.shape[1:])) if integer else None
+    if data_parallel > 1 and reduce_bandwidth is None:
+        from stagewise.partition.reduction_speed import local_reduce_bandwidth
+
+        reduce_bandwidth = local_reduce_bandwidth(data_parallel, 4.0 * _unique_params(layers))
     modes = MODES if recompute == AUTO else [recompute] if isinstance(recompute, str) else list(recompute)
     plan = search(profiles, P, batch, data_parallel=data_parallel, schedules=names, microbatches=ms,
                   chunks=[chunks] if chunks else None, recompute=modes, memory_limit=parse_bytes(memory_limit),
                   balance=balance_fn, cores=default_cores(device) if cores == AUTO else cores,
-                  tokens_per_sample=tokens_per_sample, top=top)
+                  tokens_per_sample=tokens_per_sample, top=top,
+                  reduce_bandwidth=math.inf if reduce_bandwidth is None else float(reduce_bandwidth))
     plan.stats["profile_s"] = profiles.seconds
+    plan.settings["precision"] = precision
     return plan, profiles
 
 
 def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | None, world: Any, schedule: Any,
                  microbatches: Any, partition: Any, chunks: int | None, memory_limit: Any,
-                 activation_checkpointing: str | int, options: dict | None) -> Plan | None:
+                 activation_checkpointing: str | int, options: dict | None, precision: str = "fp32") -> Plan | None:
     """For `Pipeline`: the plan when its schedule or m is "auto" (computed by one process, handed to all), else
     None. `activation_checkpointing` "auto" lets the planner choose the mode; another mode is held. `options`
-    go to `plan_model` (runs, repeats, cores, max_microbatches, top)."""
+    go to `plan_model` (runs, repeats, cores, max_microbatches, top); the layers are profiled in `precision`."""
     if schedule != AUTO and microbatches != AUTO:
         return None
     if sample is None:
@@ -273,10 +294,17 @@ def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | 
     device = world.device(world.local_ranks[0])
     threads = None if device.type != "cpu" else torch.get_num_threads()
     grid = world.grid
+    options = dict(options or {})
+    if grid.data > 1 and options.get("reduce_bandwidth") is None:
+        from stagewise.partition.reduction_speed import reduce_bandwidth
+
+        # every rank takes part: the reduction is timed on this run's own data groups and backend
+        options["reduce_bandwidth"] = reduce_bandwidth(world, 4.0 * _unique_params(layers))
 
     def run() -> Plan:
         return plan_model(layers, loss_fn, sample, grid.pipeline, data_parallel=grid.data, schedule=schedule,
                           microbatches=microbatches, partition=partition, chunks=chunks, memory_limit=memory_limit,
-                          device=device, threads=threads, recompute=activation_checkpointing, **(options or {}))[0]
+                          device=device, threads=threads, recompute=activation_checkpointing, precision=precision,
+                          **options)[0]
 
     return world.compute_once(run)

@@ -46,6 +46,7 @@ from stagewise.partition.search import descend, shorter
 from stagewise.partition.solver import PartitionError, min_max_partition, uniform
 from stagewise.schedules import SCHEDULES, SYNCHRONOUS, Schedule, ScheduleError, build
 from stagewise.schedules.recompute import MODES, with_recompute
+from stagewise.schedules.reduction import with_reductions
 from stagewise.schedules.timeline import Timeline
 
 # Simpler first: ties in predicted time go to the earliest. 1F1B before GPipe (the same bubble in less memory);
@@ -151,9 +152,12 @@ class Plan:
         unit = "tokens/s" if se.get("tokens_per_sample") else "samples/s"
         limit = se.get("memory_limit")
         dp = se.get("data_parallel", 1)
+        speed = se.get("reduce_bandwidth")
+        reduce = f", gradient reduction at {speed / 1e9:.2f} GB/s (ring)" if dp > 1 and speed else ""
         lines = [f"plan: {se.get('devices')} devices{f' x {dp} replicas' if dp > 1 else ''}, "
                  f"batch {se.get('batch')}, memory limit {format_bytes(limit) + ' per device' if limit else 'none'}"
-                 f"{', ' + str(se['cores']) + ' shared cores' if se.get('cores') else ''}",
+                 f"{', ' + str(se['cores']) + ' shared cores' if se.get('cores') else ''}"
+                 f"{', ' + se['precision'] if se.get('precision', 'fp32') != 'fp32' else ''}{reduce}",
                  f"searched {st.get('configurations', 0)} configurations in {self.seconds:.1f} s "
                  f"(profile {st.get('profile_s', 0.0):.1f} s, {st.get('runs', 1)} runs): "
                  f"{st.get('evaluated', 0)} evaluated, {st.get('over_memory', 0)} over the memory limit, "
@@ -347,14 +351,16 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
            memory_limit: float | None = None, balance: Callable[[Schedule], Sequence[int]] | None = None,
            bytes_per_param: float = 16.0, latency: float = 0.0, bandwidth: float = math.inf,
            cores: int | None = None, tokens_per_sample: int | None = None, top: int = 5,
-           noise: float | None = None, exhaustive: bool = False) -> Plan:
+           noise: float | None = None, exhaustive: bool = False, reduce_bandwidth: float = math.inf) -> Plan:
     """Search schedule x m x chunks x balance x recompute for the shortest predicted step within
     `memory_limit` bytes per device; see the module docstring. `batch` is the global batch (samples), split
     over `data_parallel` replicas, then into m micro-batches. `recompute`: the activation-checkpointing modes
     to try (a mode that changes nothing for a schedule, say "except_last" where every backward follows its
     forward, gives the same schedule and is kept once). `balance(schedule)` fixes the balance per
-    schedule instead of searching it. `noise` overrides the profiles' own estimate. Raises PartitionError
-    when nothing fits, naming the smallest peak seen."""
+    schedule instead of searching it. `noise` overrides the profiles' own estimate. With `data_parallel` > 1
+    every candidate carries its gradient reductions (REDUCE actions), timed at `reduce_bandwidth` (bytes/s in
+    ring units, see `stagewise.partition.reduction_speed`; infinite: free). Raises PartitionError when nothing
+    fits, naming the smallest peak seen."""
     t0 = time.perf_counter()
     names = list(SYNCHRONOUS if schedules is None else schedules)
     for n in names:
@@ -408,6 +414,8 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
         try:
             plain = build(name, devices, m, v)
             schedule = with_recompute(plain, r)
+            if data_parallel > 1:
+                schedule = with_reductions(schedule)
         except ScheduleError as err:
             failed.append(f"{name} v={v} m={m} recompute={r}: {err}")
             continue
@@ -416,7 +424,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
         seen.add((name, v, m, schedule.actions))
         model = CostModel(schedule, profiles.at(samples), bytes_per_param=bytes_per_param,
                           latency=latency, bandwidth=bandwidth, step_per_param=profiles.step_per_param,
-                          cores=cores, replicas=data_parallel)
+                          cores=cores, replicas=data_parallel, reduce_bandwidth=reduce_bandwidth)
         fixed = list(balance(schedule)) if balance is not None else None
         est, why = best_balance(model, limit, fixed=fixed, bound=threshold, exhaustive=exhaustive, stats=stats)
         if est is None:
@@ -448,7 +456,8 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     settings = {"devices": devices, "data_parallel": data_parallel, "batch": batch, "memory_limit": memory_limit,
                 "schedules": names, "microbatches": ms, "recompute": list(recompute), "cores": cores,
                 "tokens_per_sample": tokens_per_sample, "bytes_per_param": bytes_per_param, "latency": latency,
-                "bandwidth": bandwidth if bandwidth < math.inf else None, "top": top}
+                "bandwidth": bandwidth if bandwidth < math.inf else None, "top": top,
+                "reduce_bandwidth": reduce_bandwidth if reduce_bandwidth < math.inf else None}
     info = {"configurations": configurations, "evaluated": len(found), "over_memory": stats.over_memory,
             "pruned": stats.pruned, "simulations": stats.simulations, "failed": failed, "tied": len(tied),
             "runs": profiles.runs, "profile_s": profiles.seconds,
@@ -461,7 +470,7 @@ def predict(profiles: ProfileSet, schedule: Schedule, batch: int, balance: Seque
             recompute: str = "never", tokens_per_sample: int | None = None, **model: float) -> Candidate:
     """The prediction for one given configuration (no search): what `compare` holds a measured step to.
     `schedule` is as the pipeline runs it (with its RECOMPUTE actions, if any; `recompute` names the mode);
-    `model` options go to `CostModel` (bytes_per_param, latency, bandwidth, cores)."""
+    `model` options go to `CostModel` (bytes_per_param, latency, bandwidth, cores, reduce_bandwidth)."""
     per_replica = -(-batch // data_parallel)
     samples = -(-per_replica // schedule.microbatches)
     cm = CostModel(schedule, profiles.at(samples), step_per_param=profiles.step_per_param, replicas=data_parallel,
