@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         if g.get("planner"):
             x = g["planner"]
             print(f"P={P} the planner's choice ({x['choice']}) vs torch's best on the even split ({x['torch_best']}): "
-                  f"{x['ratio']:.3f}x (goal 1.15x at P=2: {'reached' if x['ratio'] >= 1.15 else 'not reached'})"
+                  f"{x['ratio']:.3f}x" + (f" (goal 1.15x: {'reached' if x['ratio'] >= 1.15 else 'not reached'})"
+                                           if P == 2 else "")
                   + (f"; vs one process x {x['threads']} threads: {x['vs_single']:.3f}x (goal 1.15x)"
                      if x.get("vs_single") else ""))
         if g["auto"]:

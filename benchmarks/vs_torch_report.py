@@ -150,8 +150,9 @@ def print_planner(P: int, result: dict[str, Any], summaries: list[dict[str, Any]
     print(f"\nthe planner's choice: {choice} (plan and profile built in {inf['build_s']:.1f} s; predicted "
           f"{plan['choice']['step_s']:.3f} s per step, noise {plan['stats'].get('noise_measured', 0):.1%}) against "
           f"torch.distributed.pipelining on the even split, alternating in every configuration's rounds")
+    threads = s.single_threads > 1
     print(f"{'torch configuration':<18} {'torch tok/s':<19} {'planner tok/s':<19} {'planner/torch':<21}"
-          f"{f'{s.single_threads}-thread process tok/s':<28} {'planner/it':<20}")
+          + (f"{f'{s.single_threads}-thread process tok/s':<28} {'planner/it':<20}" if threads else ""))
     names = [n for n, i in result["info"].items() if i.get("partition") == "even" and (n, "torch") in get]
     single_ratios: list[float] = []
     for n in names:
@@ -161,8 +162,10 @@ def print_planner(P: int, result: dict[str, Any], summaries: list[dict[str, Any]
         if one:
             single_ratios += [t / p for t, p in zip(one["step_s"], pl["step_s"])]
         print(f"{n:<18} {spread(th['tokens_per_s'], '.0f'):<19} {spread(pl['tokens_per_s'], '.0f'):<19} "
-              f"{spread(ratios, '.3f'):<21}{spread(one['tokens_per_s'], '.0f') if one else '-':<28} "
-              f"{spread([t / p for t, p in zip(one['step_s'], pl['step_s'])], '.3f') if one else '-':<20}")
+              f"{spread(ratios, '.3f'):<21}" + (
+                  f"{spread(one['tokens_per_s'], '.0f') if one else '-':<28} "
+                  f"{spread([t / p for t, p in zip(one['step_s'], pl['step_s'])], '.3f') if one else '-':<20}"
+                  if threads else ""))
     if not names:
         return None
     best = max(names, key=lambda n: med(get[(n, "torch")]["tokens_per_s"]))
@@ -173,47 +176,61 @@ def print_planner(P: int, result: dict[str, Any], summaries: list[dict[str, Any]
           f"torch's best within its rounds: {ratio:.3f}x" + (f"; planner / {s.single_threads}-thread process "
                                                               f"(pooled rounds): {spread(single_ratios, '.3f')}"
                                                               if single_ratios else ""))
+    single = get.get(("single", "single"))
+    bound = parallel_ranks(P) * med(single["tokens_per_s"]) if single else None
+    if bound:
+        top = med(get[(best, "torch")]["tokens_per_s"])
+        # P ranks of one thread cannot beat min(P, cores) single processes: what a ratio can reach is bounded
+        print(f"the cores' bound (min(P, {os.cpu_count()} cores) x the single process): {bound:.0f} tokens/s; torch's "
+              f"best reached {top / bound:.0%} of it, the planner {med(pooled) / bound:.0%}; 1.15x torch's best "
+              f"would be {1.15 * top / bound:.0%} of it")
     return {"choice": choice, "torch_best": best, "ratio": ratio, "threads": s.single_threads,
-            "vs_single": med(single_ratios) if single_ratios else None}
+            "vs_single": med(single_ratios) if single_ratios else None, "bound": bound}
 
 
 def draw_chart(all_summaries: dict[int, list[dict[str, Any]]], path: Path) -> None:
-    """Bars of tokens/s (median, min-max) per P and configuration on the even split (stagewise, torch) and with
-    partition=auto, with the single process and the cores' bound as lines; written to `path`."""
+    """Bars of tokens/s (median, min-max) per P and configuration: stagewise and torch on the even split, stagewise
+    with partition=auto, and the planner's choice timed in that configuration's rounds (each where it ran), with
+    the single process and the cores' bound as lines; written to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, sw, th, auto = [], [], [], []
+    series: dict[str, list[Any]] = {"even": [], "torch": [], "auto": [], "planner": []}
+    labels: list[str] = []
     baselines = []  # (P, first bar, last bar, single-process tokens/s) per P
     for P, summaries in all_summaries.items():
         get = {(x["config"], x["library"]): x for x in summaries}
         first = len(labels)
-        for x in summaries:
-            if x["library"] != "stagewise" or x.get("partition") != "even":
-                continue
-            labels.append(f"P={P}\n{x['config']}")
-            sw.append(x["tokens_per_s"])
-            t = get.get((x["config"], "torch"))
-            th.append(t["tokens_per_s"] if t else None)
-            a = get.get((x["config"] + " auto", "stagewise"))
-            auto.append(a["tokens_per_s"] if a else None)
-        if len(labels) > first:
+        configs = dict.fromkeys(x["config"] for x in summaries
+                                if (x["library"] == "stagewise" and x.get("partition") == "even")
+                                or x["library"] == "torch")
+        for config in configs:
+            labels.append(f"P={P}\n" + config.replace(" m=", "\nm="))
+            keys = {"even": (config, "stagewise"), "torch": (config, "torch"),
+                    "auto": (config + " auto", "stagewise"), "planner": (f"planner@{config}", "stagewise")}
+            for name, key in keys.items():
+                x = get.get(key)
+                series[name].append(x["tokens_per_s"] if x and (name != "even" or x.get("partition") == "even")
+                                    else None)
+        if len(labels) > first and ("single", "single") in get:
             baselines.append((P, first, len(labels) - 1,
                               statistics.median(get[("single", "single")]["tokens_per_s"])))
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 4.8))
-    width = 0.27
-    for k, (series, name, color) in enumerate(((sw, "stagewise (even split)", "tab:blue"),
-                                               (th, "torch.distributed.pipelining (even split)", "tab:orange"),
-                                               (auto, "stagewise partition=auto", "tab:green"))):
-        xs = [i + (k - 1) * width for i, v in enumerate(series) if v]
-        vals = [v for v in series if v]
-        if not vals:
-            continue
+    bars = (("even", "tab:blue", "stagewise (even split)"),
+            ("torch", "tab:orange", "torch.distributed.pipelining (even split)"),
+            ("auto", "tab:green", "stagewise partition=auto"),
+            ("planner", "tab:purple", "stagewise, the planner's choice"))
+    shown = [bar for bar in bars if any(series[bar[0]])]
+    width = 0.8 / max(1, len(shown))
+    for k, (name, color, text) in enumerate(shown):
+        values = series[name]
+        xs = [i + (k - (len(shown) - 1) / 2) * width for i, v in enumerate(values) if v]
+        vals = [v for v in values if v]
         mids = [statistics.median(v) for v in vals]
         err = [[m - min(v) for m, v in zip(mids, vals)], [max(v) - m for m, v in zip(mids, vals)]]
-        ax.bar(xs, mids, width, yerr=err, capsize=2, label=name, color=color)
+        ax.bar(xs, mids, width, yerr=err, capsize=2, label=text, color=color)
     for k, (P, lo, hi, value) in enumerate(baselines):
         ax.hlines(value, lo - 0.45, hi + 0.45, colors="gray", linestyles="dashed",
                   label="single process, 1 thread" if k == 0 else None)
@@ -222,8 +239,8 @@ def draw_chart(all_summaries: dict[int, list[dict[str, Any]]], path: Path) -> No
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("tokens/s (median, min-max)")
     ax.set_title("stagewise vs torch.distributed.pipelining, CPU, 1 thread per rank")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,7 @@ def test_pruning_never_drops_the_best_under_the_memory_cap():
                 assert all(max(c.memory) <= limit for c in fast.candidates)
 
 
-def test_ties_go_to_the_simpler_schedule_then_fewer_microbatches():
+def test_ties_go_to_fewer_actions_then_the_simpler_schedule():
     rng = random.Random(4)
     profiles = synthetic(rng, 8, noise=0.0)
     exact = search(profiles, 2, 16, noise=0.0, top=100)
@@ -161,6 +162,12 @@ def test_ties_go_to_the_simpler_schedule_then_fewer_microbatches():
     wide = search(profiles, 2, 16, schedules=["1f1b"], microbatches=[2, 4, 8], noise=10.0)
     assert wide.choice.microbatches == 2
     assert PREFERENCE.index("1f1b") < PREFERENCE.index("gpipe") < PREFERENCE.index("zbv")
+    # fewer actions per device (m x chunks) come before the simpler schedule, then fewer chunks
+    c = both.choice
+    many, few = replace(c, schedule="1f1b", microbatches=16), replace(c, schedule="zb-h1", microbatches=4)
+    looped = replace(c, schedule="interleaved", microbatches=4, chunks=2)
+    assert min([many, few], key=preference) is few and min([many, looped], key=preference) is looped
+    assert min([looped, replace(c, schedule="1f1b", microbatches=8)], key=preference).schedule == "1f1b"
 
 
 def test_memory_limit_errors_and_parsing():
