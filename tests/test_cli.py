@@ -99,6 +99,24 @@ def test_bench_against_torch_on_a_tiny_model(tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_bench_the_planners_choice_against_torch_and_two_threads(tmp_path):
+    """`stagewise bench --planner --single-threads 2`: the planner's pipeline in every torch configuration's rounds,
+    the 2-thread process beside it, the cores' bound printed, and the planner's bars drawn without the even split."""
+    out_file, png = tmp_path / "vs.jsonl", tmp_path / "vs.png"
+    out = stagewise("bench", "--stages", "2", "--schedules", "1f1b", "--microbatches", "2", "--steps", "1",
+                    "--repeats", "2", "--warmup", "1", "--batch", "4", "--seq-len", "8", "--n-layer", "2",
+                    "--n-embd", "32", "--n-head", "2", "--vocab", "64", "--timeout", "240", "--planner", "--no-even",
+                    "--no-auto", "--single-threads", "2", "--out", str(out_file), "--png", str(png), timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "the planner's choice:" in text and "planner/torch's best within its rounds" in text
+    assert "2-thread process tok/s" in text and "cores' bound (min(P, " in text and "goal 1.15x" in text
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    libs = {(r["config"], r["library"]) for r in rows if r.get("kind") == "round"}
+    assert {("planner@1f1b m=2", "stagewise"), ("1f1b m=2", "torch"), ("single2@1f1b m=2", "single-threads")} <= libs
+    assert png.stat().st_size > 0
+
+
 def test_train_with_data_parallel_replicas_and_clipping(tmp_path):
     run = tmp_path / "run"
     out = stagewise("train", "--stages", "1", "--dp", "2", "--steps", "6", "--microbatches", "2", "--batch-size", "8",
