@@ -183,7 +183,7 @@ class Plan:
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         c, f = self.choice, self.fastest
         why = "the fastest" if c == f else (f"within the noise of the fastest ({f.label}, "
-                                             f"{c.step_s / f.step_s - 1:.1%} slower) and simpler")
+                                             f"{c.step_s / f.step_s - 1:.1%} slower) and first by the tie-break")
         lines.append(f"choice: {c.label}, balance {c.balance}: {format_seconds(c.step_s)} per step, "
                      f"{c.throughput:,.0f} {unit} predicted; {why}")
         return "\n".join(lines)
