@@ -368,3 +368,40 @@ def test_a_data_parallel_pipeline_plans_with_its_reductions():
         assert math.isfinite(pipe.train_step((ids, ids)).item())
     finally:
         pipe.close()
+
+
+def test_ties_are_the_candidates_the_profile_runs_do_not_separate():
+    from stagewise.partition.plan import MAX_BAND
+
+    rng = random.Random(21)
+    base = synthetic(rng, 8)
+
+    def jittered(seed: int) -> dict:  # one profile run: every layer's times moved by up to +-30%
+        r = random.Random(seed)
+        out = {}
+        for n, size in base.sizes.items():
+            k = [r.uniform(0.7, 1.3) for _ in size.layers]
+            layers = tuple(replace(x, forward=x.forward * f, backward=x.backward * f, input_grad=x.input_grad * f)
+                           for x, f in zip(size.layers, k))
+            out[n] = replace(size, layers=layers, weight_grad=tuple(w * f for w, f in zip(size.weight_grad, k)))
+        return out
+
+    same = ProfileSet(base.sizes, base.step_per_param, runs=2, per_run=(base.sizes, base.sizes))
+    agreed = search(same, 2, 16, top=100)
+    assert agreed.stats["tie_rule"] == "runs" and agreed.choice.step_s == agreed.fastest.step_s
+    noisy = ProfileSet(base.sizes, base.step_per_param, runs=3, per_run=tuple(jittered(s) for s in (1, 2, 3)))
+    plan = search(noisy, 2, 16, top=100)
+    best = plan.fastest
+
+    def step(run: int, c) -> float:
+        sc = with_recompute(build(c.schedule, 2, c.microbatches, c.chunks), c.recompute)
+        return predict(noisy.run(run), sc, 16, c.balance).step_s
+
+    tied = [c for c in plan.candidates if c.step_s <= best.step_s * (1 + MAX_BAND)
+            and (c is best or any(step(k, c) <= step(k, best) for k in range(3)))]
+    within = [c for c in plan.candidates if c.step_s <= best.step_s * (1 + MAX_BAND)]
+    assert 1 < len(tied) < len(within) and plan.stats["tied"] == len(tied)  # some in the band are separated
+    assert plan.choice == min(tied, key=preference)
+    assert plan.noise == pytest.approx(max(c.step_s / best.step_s - 1 for c in tied))
+    assert "one run alone predicts no slower" in plan.format() and "no ties" in agreed.format()
+    assert len(ProfileSet.from_dict(noisy.to_dict()).per_run) == 3

@@ -81,6 +81,8 @@ class ProfileSet:
     repeats: int = 1  # timed repetitions per layer and run (the fastest counts)
     seconds: float = 0.0  # wall time of the measurement
     meta: dict = field(default_factory=dict)
+    # each profile run on its own (its fastest repetitions), per size: what decides ties (see `plan.search`)
+    per_run: tuple[dict[int, SizeProfile], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -100,16 +102,22 @@ class ProfileSet:
             lo, hi = (known[0], known[1]) if samples < known[0] else (known[-2], known[-1])
         return _between(self.sizes[lo], self.sizes[hi], samples)
 
+    def run(self, k: int) -> ProfileSet:
+        """The profiles of run `k` alone."""
+        return ProfileSet(self.per_run[k], self.step_per_param, 1, self.repeats, 0.0, self.meta)
+
     def to_dict(self) -> dict:
         return {"sizes": {str(k): v.to_dict() for k, v in sorted(self.sizes.items())},
                 "step_per_param": self.step_per_param, "runs": self.runs, "repeats": self.repeats,
-                "seconds": self.seconds, "meta": self.meta}
+                "seconds": self.seconds, "meta": self.meta,
+                "per_run": [{str(k): v.to_dict() for k, v in sorted(r.items())} for r in self.per_run]}
 
     @classmethod
     def from_dict(cls, data: dict) -> ProfileSet:
+        per_run = tuple({int(k): SizeProfile.from_dict(v) for k, v in r.items()} for r in data.get("per_run", []))
         return cls({int(k): SizeProfile.from_dict(v) for k, v in data["sizes"].items()},
                    float(data.get("step_per_param", 0.0)), int(data.get("runs", 1)), int(data.get("repeats", 1)),
-                   float(data.get("seconds", 0.0)), dict(data.get("meta", {})))
+                   float(data.get("seconds", 0.0)), dict(data.get("meta", {})), per_run)
 
 
 def _lerp(a: float, b: float, t: float) -> float:

@@ -165,12 +165,14 @@ def measure(layers: nn.Sequential | Sequence[nn.Module], sample: tuple[Any, Any]
             for n in sizes:
                 x, y = (map_tensors(first_samples(t, n), lambda t: t.to(dev)) for t in sample)
                 measured[n].append(profile_as_stages(mods, x, loss_fn, y, dev, repeats, precision))
-        out = {n: _combine(n, measured[n], _nbytes(first_samples(sample[0], n))) for n in sizes}
+        inputs = {n: _nbytes(first_samples(sample[0], n)) for n in sizes}
+        out = {n: _combine(n, measured[n], inputs[n]) for n in sizes}
+        each = tuple({n: _combine(n, [measured[n][k]], inputs[n]) for n in sizes} for k in range(runs))
         step = optimizer_seconds_per_param(_unique_params(mods))
     finally:
         torch.set_num_threads(before)
     return ProfileSet(out, step, runs, repeats, time.perf_counter() - t0,
-                      {"threads": threads or before, "precision": precision})
+                      {"threads": threads or before, "precision": precision}, each if runs > 1 else ())
 
 
 def _unique_params(layers: Sequence[nn.Module]) -> int:

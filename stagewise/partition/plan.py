@@ -22,13 +22,15 @@ How the search stays fast and exact:
    exceeds both the `top`-th best step and the best step plus the noise band (they can enter neither the
    table nor the tie), so pruning never drops the best.
 
-**Noise and ties.** Profiles are measured `runs` times (`stagewise.partition.measure`); the noise is
-the spread of each layer's time between runs (each run first scaled to the same total), summed over the
-layers, relative to the total. Candidates whose predicted step is within that fraction (at most
-MAX_BAND) of the best one are ties: the choice is the first of them by `preference` (no recompute, fewer
-actions per device, i.e. micro-batches x chunks, fewer chunks, the simpler schedule, less memory). The cap
-keeps a profile taken on a very busy machine from trading a much faster schedule for a simpler one; the
-noise itself is reported.
+**Noise and ties.** Profiles are measured `runs` times (`stagewise.partition.measure`), and every run is
+also kept alone (`ProfileSet.per_run`). The candidates within MAX_BAND of the fastest are re-predicted
+from each run's profile alone; those that some run predicts no slower than the fastest are ties (the
+repeated runs do not separate them from it), and the choice is the first of them by `preference` (no
+recompute, fewer actions per device, i.e. micro-batches x chunks, fewer chunks, the simpler schedule, less
+memory). Without runs to compare (one run, or a given `noise`), the band rule: candidates within the
+noise of the fastest are ties, the noise being the spread of each layer's time between runs (each run
+first scaled to the same total), summed over the layers, relative to the total, at most MAX_BAND. The cap
+keeps a profile taken on a very busy machine from trading a much faster schedule for a simpler one.
 """
 
 from __future__ import annotations
@@ -170,8 +172,13 @@ class Plan:
                  f"{st.get('evaluated', 0)} evaluated, {st.get('over_memory', 0)} over the memory limit, "
                  f"{st.get('pruned', 0)} pruned by the time bound, {st.get('simulations', 0)} simulations",
                  f"profile noise {st.get('noise_measured', self.noise):.1%} (per-layer spread over {st.get('runs', 1)} "
-                 f"profile runs; tie band {self.noise:.1%}): candidates within the band of the fastest are ties, "
-                 "broken toward fewer micro-batches x chunks, then the simpler schedule"]
+                 + ((f"profile runs): ties: {st.get('tied', 1) - 1} candidate(s) within {MAX_BAND:.0%} of the fastest "
+                     f"that one run alone predicts no slower (up to {self.noise:.1%} slower)" if st.get("tied", 1) > 1
+                     else f"profile runs): no ties: every run alone predicts the candidates within {MAX_BAND:.0%} "
+                     "slower than the fastest")
+                    if st.get("tie_rule") == "runs" else
+                    f"profile runs; tie band {self.noise:.1%}): candidates within the band of the fastest are ties")
+                 + ", broken toward fewer micro-batches x chunks, then the simpler schedule"]
         head = ["", "#", "schedule", "m", "chunks", "recompute", "balance", "step", unit, "bubble",
                 "peak memory per device"]
         rows = [head]
@@ -411,6 +418,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     found: list[Candidate] = []
     least_memory, failed, configurations = math.inf, [], 0
     seen: set = set()
+    built: dict[tuple[str, int, int, str], Schedule] = {}
     for lb, name, v, m, r, samples in groups:
         configurations += 1
         steps = sorted(c.step_s for c in found)
@@ -429,6 +437,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
         if (name, v, m, schedule.actions) in seen:
             continue  # the mode changes nothing here (or gives what another mode already gave)
         seen.add((name, v, m, schedule.actions))
+        built[(name, v, m, r)] = schedule
         model = CostModel(schedule, profiles.at(samples), bytes_per_param=bytes_per_param,
                           latency=latency, bandwidth=bandwidth, step_per_param=profiles.step_per_param,
                           cores=cores, replicas=data_parallel, reduce_bandwidth=reduce_bandwidth)
@@ -454,8 +463,14 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     found.sort(key=lambda c: (c.step_s, preference(c)))
     best = found[0]
     measured_noise = profiles.at(best.samples).noise
-    width = min(MAX_BAND, measured_noise) if noise is None else noise
-    tied = [c for c in found if c.step_s <= best.step_s * (1 + width)]
+    options = {"bytes_per_param": bytes_per_param, "latency": latency, "bandwidth": bandwidth, "cores": cores,
+               "replicas": data_parallel, "reduce_bandwidth": reduce_bandwidth}
+    if noise is None and len(profiles.per_run) > 1:
+        tied = unresolved(found, profiles, built, per_replica, options)
+        width = max(c.step_s / best.step_s - 1 for c in tied)
+    else:
+        width = min(MAX_BAND, measured_noise) if noise is None else noise
+        tied = [c for c in found if c.step_s <= best.step_s * (1 + width)]
     choice = min(tied, key=preference)
     shown = found[:top]
     if choice not in shown:
@@ -468,9 +483,33 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     info = {"configurations": configurations, "evaluated": len(found), "over_memory": stats.over_memory,
             "pruned": stats.pruned, "simulations": stats.simulations, "failed": failed, "tied": len(tied),
             "runs": profiles.runs, "profile_s": profiles.seconds,
+            "tie_rule": "runs" if noise is None and len(profiles.per_run) > 1 else "band",
             "noise_measured": measured_noise,
             "noise_per_size": {str(k): p.noise for k, p in sorted(profiles.sizes.items())}}
     return Plan(choice, shown, width, settings, info, time.perf_counter() - t0)
+
+
+def unresolved(found: Sequence[Candidate], profiles: ProfileSet, schedules: dict[tuple[str, int, int, str], Schedule],
+               per_replica: int, options: dict) -> list[Candidate]:
+    """The candidates the repeated profile runs do not separate from the fastest (`found[0]`): those within
+    MAX_BAND of it that some run, taken alone, predicts no slower than the fastest. The fastest is one of them.
+
+    Each run is a whole profile of the model; candidates that share a balance move together between runs and
+    are separated by all of them, candidates whose stages take different layers are not when the layers' times
+    move more between runs than the candidates differ. That is the noise the tie is about, measured on the
+    candidates themselves rather than summed over the layers."""
+    best = found[0]
+    pool = [c for c in found if c.step_s <= best.step_s * (1 + MAX_BAND)]
+    steps: dict[int, list[float]] = {id(c): [] for c in pool}
+    for k in range(len(profiles.per_run)):
+        run = profiles.run(k)
+        for c in pool:
+            schedule = schedules[(c.schedule, c.chunks, c.microbatches, c.recompute)]
+            model = CostModel(schedule, run.at(-(-per_replica // c.microbatches)),
+                              step_per_param=run.step_per_param, **options)
+            steps[id(c)].append(model.estimate(c.balance).step_s)
+    ahead = steps[id(best)]
+    return [c for c in pool if c is best or any(x <= y for x, y in zip(steps[id(c)], ahead))]
 
 
 def predict(profiles: ProfileSet, schedule: Schedule, batch: int, balance: Sequence[int], *, data_parallel: int = 1,
