@@ -43,15 +43,25 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
+def _float_above(text: str, low: float, strict: bool) -> float:
+    what = f"> {low:g}" if strict else f">= {low:g}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number {what}, got {text!r}") from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _float_above(text, 0.0, strict=True)
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    return _float_above(text, 0.0, strict=False)
 
 
 def port(text: str) -> int:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stagewise.cli_options import positive_float
+from stagewise.cli_options import nonnegative_float, positive_float
 
 
 def load_object(spec: str) -> Any:
@@ -93,7 +93,8 @@ def _plan(args: argparse.Namespace) -> int:
         threads=threads, runs=args.runs, repeats=args.repeats, recompute=args.activation_checkpointing,
         cores=args.cores if args.cores is not None else "auto", top=args.top,
         max_microbatches=args.max_microbatches or MAX_MICROBATCHES, precision=args.precision,
-        reduce_bandwidth=args.reduce_bandwidth)
+        latency=args.latency, bandwidth=args.bandwidth, reduce_bandwidth=args.reduce_bandwidth,
+        measure_links=args.measure_links)
     data = {"model": what, **plan.to_dict(), "threads": threads}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +148,13 @@ def add_parsers(sub: Any) -> None:
                          "default) or one held fixed")
     pl.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                     help="profile the forwards under this autocast, as `train --precision` runs them")
+    pl.add_argument("--latency", type=nonnegative_float, default=None,
+                    help="seconds per message between devices (default 0, or measured with --measure-links)")
+    pl.add_argument("--bandwidth", type=positive_float, default=None,
+                    help="bytes/s of a message between devices (default unlimited, or measured with --measure-links)")
+    pl.add_argument("--measure-links", dest="measure_links", action="store_true", default=None,
+                    help="time messages between 2 gloo processes here and charge them as link delays (on CPU "
+                         "ranks they cost the cores' time instead, so this is off by default)")
     pl.add_argument("--reduce-bandwidth", dest="reduce_bandwidth", type=positive_float, default=None,
                     help="with --dp: the gradient all-reduce's speed in bytes/s (ring units); default: measured "
                          "with D gloo processes on this machine")

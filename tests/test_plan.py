@@ -223,6 +223,7 @@ def test_pipeline_plans_itself_and_meets_its_saved_bytes_prediction():
         assert (pipe.schedule.name, pipe.microbatches, pipe.schedule.chunks, pipe.balance) == \
             (c.schedule, c.microbatches, c.chunks, c.balance)
         assert "choice:" in pipe.plan.format()
+        assert pipe.plan.settings["latency"] == 0.0 and pipe.plan.settings["bandwidth"] is None  # CPU: not charged
         losses = [pipe.train_step((ids, ids)).item() for _ in range(3)]
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
         result = pipe.plan.compare(pipe.last_trace(), 0.1)
@@ -327,16 +328,30 @@ def test_gradient_reductions_are_priced_in_the_prediction():
     assert "gradient reduction at" in dear.format()
 
 
-def test_the_reduction_speed_is_measured_on_the_runs_world():
-    from stagewise.partition.reduction_speed import local_reduce_bandwidth, reduce_bandwidth
+def test_the_links_are_measured_on_the_runs_world():
+    from stagewise.partition.link_speed import Links, local_links, measure_links
     from stagewise.runtime.world import make_world
 
-    world = make_world(1, data_parallel=2)  # two threads: one device, two replicas
+    world = make_world(2, data_parallel=2)  # four threads: two devices, two replicas
     try:
-        assert 0 < reduce_bandwidth(world, 4e6) < math.inf
+        links = measure_links(world, 1e6, 4e6)
+        assert 0 < links.latency < 1 and 0 < links.bandwidth < math.inf and 0 < links.reduce_bandwidth < math.inf
     finally:
         world.close()
-    assert 0 < local_reduce_bandwidth(2, 4e6, timeout=120) < math.inf  # two gloo processes on this machine
+    assert local_links(1, 1, 1e6, 4e6) == Links()  # nothing to measure, nothing started
+    here = local_links(4, 1, 1e6, 4e6, timeout=120)  # two gloo processes on this machine
+    assert 0 < here.latency < 1 and 0 < here.bandwidth < math.inf and here.reduce_bandwidth == math.inf
+    both = local_links(2, 2, 1e6, 4e6, timeout=120)
+    assert 0 < both.reduce_bandwidth < math.inf and 0 < both.bandwidth < math.inf
+
+
+def test_messages_are_priced_in_the_prediction():
+    profiles = synthetic(random.Random(12), 6)
+    free = search(profiles, 2, 8, schedules=["1f1b"], microbatches=[4])
+    paid = search(profiles, 2, 8, schedules=["1f1b"], microbatches=[4], latency=0.5, bandwidth=1e3)
+    assert paid.choice.step_s > free.choice.step_s
+    assert paid.settings["latency"] == 0.5 and paid.settings["bandwidth"] == 1e3
+    assert "messages 500000 us + bytes at 0.00 GB/s" in paid.format()
 
 
 def test_the_profile_runs_in_the_runs_precision():
@@ -358,12 +373,12 @@ def test_a_data_parallel_pipeline_plans_with_its_reductions():
     ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
     pipe = Pipeline(plan_models.small_gpt(), lm_loss, schedule="auto", microbatches="auto", partition="auto",
                     sample=(ids, ids), local_devices=2, data_parallel=2, show_partition=False,
-                    planner={"runs": 1, "repeats": 1, "max_microbatches": 4}, precision="bf16",
+                    planner={"runs": 1, "repeats": 1, "max_microbatches": 4, "measure_links": True}, precision="bf16",
                     optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-2))
     try:
         settings = pipe.plan.settings
         assert settings["data_parallel"] == 2 and settings["precision"] == "bf16"
-        assert 0 < settings["reduce_bandwidth"] < math.inf
+        assert 0 < settings["reduce_bandwidth"] < math.inf and 0 < settings["latency"] < 1
         assert any(a.op == "REDUCE" for a in pipe.schedule.actions[0])
         assert math.isfinite(pipe.train_step((ids, ids)).item())
     finally:

@@ -22,7 +22,7 @@ The planner (`stagewise.partition.plan`) asks this model about every candidate i
 - **The optimizer step** costs `step_per_param` seconds per parameter held, after the device's last action.
 - **Data parallelism.** With D replicas the schedule carries a REDUCE action per stage (`with_reductions`),
   simulated as 2 (D - 1) / D x the stage's gradient bytes / `reduce_bandwidth` (measured on the run's world,
-  `stagewise.partition.reduction_speed`); the replicas also share the cores.
+  `stagewise.partition.link_speed`); the replicas also share the cores.
 """
 
 from __future__ import annotations

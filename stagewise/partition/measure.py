@@ -34,6 +34,7 @@ from stagewise.schedules.recompute import MODES
 from stagewise.tree import map_tensors, tensors_of
 
 AUTO = "auto"
+MESSAGE_BYTES = 1 << 20  # the buffer the link between stages is timed with (see `link_speed`)
 
 
 def first_samples(tree: Any, n: int) -> Any:
@@ -220,8 +221,9 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
                chunks: int | None = None, memory_limit: float | str | None = None, device: torch.device | None = None,
                threads: int | None = None, runs: int = 3, repeats: int = 3, recompute: str | Sequence[str] = "never",
                cores: int | None | str = AUTO, tokens_per_sample: int | None = None, top: int = 5,
-               max_microbatches: int | None = None, precision: str = "fp32",
-               reduce_bandwidth: float | None = None) -> tuple[Plan, ProfileSet]:
+               max_microbatches: int | None = None, precision: str = "fp32", latency: float | None = None,
+               bandwidth: float | None = None, reduce_bandwidth: float | None = None,
+               measure_links: bool | None = None) -> tuple[Plan, ProfileSet]:
     """Measure `layers` on `sample` and search: the `Plan` and the profiles it used.
 
     What is not "auto" is held fixed or narrowed: a schedule name (or a list to choose from), m (an int or a
@@ -229,9 +231,10 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
     `recompute` is an activation-checkpointing mode, or "auto" (every mode), or a list of modes to try.
     `sample` is a whole batch like the ones to train on (its size is the batch). `tokens_per_sample`
     defaults to the length of dim 1 of an integer input (token ids), else throughput is in samples/s.
-    `precision`: the layers are profiled under it (see `measure`). `reduce_bandwidth` (bytes/s, ring units):
-    the data-parallel gradient reduction's speed; with `data_parallel` > 1 and None, it is measured with
-    that many gloo processes on this machine (`reduction_speed.local_reduce_bandwidth`).
+    `precision`: the layers are profiled under it (see `measure`). `latency` (s) and `bandwidth` (bytes/s) of
+    a message between devices: given, or measured with two gloo processes on this machine when
+    `measure_links` (default: on GPUs only, see `link_speed`), else free. `reduce_bandwidth` (bytes/s, ring
+    units) of the data-parallel gradient reduction: given, or measured with D gloo processes on this machine.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     batch = batch_size(sample[0])
@@ -261,15 +264,24 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
         ids = next(iter(tensors_of(sample[0])), None)
         integer = ids is not None and not ids.is_floating_point() and ids.dim() >= 2
         tokens_per_sample = int(math.prod(ids.shape[1:])) if integer else None
-    if data_parallel > 1 and reduce_bandwidth is None:
-        from stagewise.partition.reduction_speed import local_reduce_bandwidth
+    if measure_links is None:
+        measure_links = device.type == "cuda"
+    messages = measure_links and P > 1 and (latency is None or bandwidth is None)
+    if messages or (data_parallel > 1 and reduce_bandwidth is None):
+        from stagewise.partition.link_speed import local_links
 
-        reduce_bandwidth = local_reduce_bandwidth(data_parallel, 4.0 * _unique_params(layers))
+        links = local_links(P if messages else 1,
+                            data_parallel if reduce_bandwidth is None else 1, MESSAGE_BYTES,
+                            4.0 * _unique_params(layers))
+        latency = links.latency if latency is None else latency
+        bandwidth = links.bandwidth if bandwidth is None else bandwidth
+        reduce_bandwidth = links.reduce_bandwidth if reduce_bandwidth is None else reduce_bandwidth
     modes = MODES if recompute == AUTO else [recompute] if isinstance(recompute, str) else list(recompute)
     plan = search(profiles, P, batch, data_parallel=data_parallel, schedules=names, microbatches=ms,
                   chunks=[chunks] if chunks else None, recompute=modes, memory_limit=parse_bytes(memory_limit),
                   balance=balance_fn, cores=default_cores(device) if cores == AUTO else cores,
                   tokens_per_sample=tokens_per_sample, top=top,
+                  latency=latency or 0.0, bandwidth=math.inf if bandwidth is None else float(bandwidth),
                   reduce_bandwidth=math.inf if reduce_bandwidth is None else float(reduce_bandwidth))
     plan.stats["profile_s"] = profiles.seconds
     plan.settings["precision"] = precision
@@ -281,7 +293,8 @@ def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | 
                  activation_checkpointing: str | int, options: dict | None, precision: str = "fp32") -> Plan | None:
     """For `Pipeline`: the plan when its schedule or m is "auto" (computed by one process, handed to all), else
     None. `activation_checkpointing` "auto" lets the planner choose the mode; another mode is held. `options`
-    go to `plan_model` (runs, repeats, cores, max_microbatches, top); the layers are profiled in `precision`."""
+    go to `plan_model` (runs, repeats, cores, max_microbatches, top, latency, bandwidth, reduce_bandwidth,
+    measure_links); the layers are profiled in `precision`, the links measured on `world` (see `link_speed`)."""
     if schedule != AUTO and microbatches != AUTO:
         return None
     if sample is None:
@@ -297,11 +310,19 @@ def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | 
     threads = None if device.type != "cpu" else torch.get_num_threads()
     grid = world.grid
     options = dict(options or {})
-    if grid.data > 1 and options.get("reduce_bandwidth") is None:
-        from stagewise.partition.reduction_speed import reduce_bandwidth
+    links = options.pop("measure_links", None)
+    messages = (device.type == "cuda" if links is None else bool(links)) and grid.pipeline > 1 and (
+        options.get("latency") is None or options.get("bandwidth") is None)
+    reductions = grid.data > 1 and options.get("reduce_bandwidth") is None
+    if messages or reductions:
+        from stagewise.partition.link_speed import measure_links
 
-        # every rank takes part: the reduction is timed on this run's own data groups and backend
-        options["reduce_bandwidth"] = reduce_bandwidth(world, 4.0 * _unique_params(layers))
+        # every rank takes part: messages and reductions are timed on this run's own ranks and backend
+        measured = measure_links(world, MESSAGE_BYTES, 4.0 * _unique_params(layers), messages, reductions)
+        for key in (("latency", "bandwidth") if messages else ()) + (("reduce_bandwidth",) if reductions else ()):
+            if options.get(key) is None:
+                options[key] = getattr(measured, key)
+    options["measure_links"] = False  # measured here on the world, or free
 
     def run() -> Plan:
         return plan_model(layers, loss_fn, sample, grid.pipeline, data_parallel=grid.data, schedule=schedule,

@@ -163,6 +163,9 @@ class Plan:
         dp = se.get("data_parallel", 1)
         speed = se.get("reduce_bandwidth")
         reduce = f", gradient reduction at {speed / 1e9:.2f} GB/s (ring)" if dp > 1 and speed else ""
+        if se.get("devices", 1) > 1 and (se.get("latency") or se.get("bandwidth")):
+            bw = f"{se['bandwidth'] / 1e9:.2f} GB/s" if se.get("bandwidth") else "unlimited"
+            reduce = f", messages {se.get('latency', 0.0) * 1e6:.0f} us + bytes at {bw}" + reduce
         lines = [f"plan: {se.get('devices')} devices{f' x {dp} replicas' if dp > 1 else ''}, "
                  f"batch {se.get('batch')}, memory limit {format_bytes(limit) + ' per device' if limit else 'none'}"
                  f"{', ' + str(se['cores']) + ' shared cores' if se.get('cores') else ''}"
@@ -373,7 +376,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     forward, gives the same schedule and is kept once). `balance(schedule)` fixes the balance per
     schedule instead of searching it. `noise` overrides the profiles' own estimate. With `data_parallel` > 1
     every candidate carries its gradient reductions (REDUCE actions), timed at `reduce_bandwidth` (bytes/s in
-    ring units, see `stagewise.partition.reduction_speed`; infinite: free). Raises PartitionError when nothing
+    ring units, see `stagewise.partition.link_speed`; infinite: free). Raises PartitionError when nothing
     fits, naming the smallest peak seen."""
     t0 = time.perf_counter()
     names = list(SYNCHRONOUS if schedules is None else schedules)
