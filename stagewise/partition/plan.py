@@ -395,7 +395,10 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
         if mode not in MODES:
             raise ValueError(f"the planner models the activation-checkpointing modes {', '.join(MODES)}, not {mode!r}")
     limit = math.inf if memory_limit is None else float(memory_limit)
-    band = min(MAX_BAND, max(p.noise for p in profiles.sizes.values())) if noise is None else noise
+    by_runs = noise is None and len(profiles.per_run) > 1  # ties decided by the runs (see `unresolved`)
+    # how far from the best a candidate can still tie: it must not be pruned before the tie is decided
+    band = MAX_BAND if by_runs else min(MAX_BAND, max(p.noise for p in profiles.sizes.values())) if noise is None \
+        else noise
     tokens = tokens_per_sample or 1
     groups = []
     for name in names:
@@ -468,7 +471,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     measured_noise = profiles.at(best.samples).noise
     options = {"bytes_per_param": bytes_per_param, "latency": latency, "bandwidth": bandwidth, "cores": cores,
                "replicas": data_parallel, "reduce_bandwidth": reduce_bandwidth}
-    if noise is None and len(profiles.per_run) > 1:
+    if by_runs:
         tied = unresolved(found, profiles, built, per_replica, options)
         width = max(c.step_s / best.step_s - 1 for c in tied)
     else:
@@ -486,7 +489,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     info = {"configurations": configurations, "evaluated": len(found), "over_memory": stats.over_memory,
             "pruned": stats.pruned, "simulations": stats.simulations, "failed": failed, "tied": len(tied),
             "runs": profiles.runs, "profile_s": profiles.seconds,
-            "tie_rule": "runs" if noise is None and len(profiles.per_run) > 1 else "band",
+            "tie_rule": "runs" if by_runs else "band",
             "noise_measured": measured_noise,
             "noise_per_size": {str(k): p.noise for k, p in sorted(profiles.sizes.items())}}
     return Plan(choice, shown, width, settings, info, time.perf_counter() - t0)
