@@ -91,13 +91,13 @@ class Pipeline:
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
         layer_list = as_layer_list(layers)
+        self.precision = Precision(precision)  # a bad name fails here, on every rank, before any planning
         self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition, chunks,
                                  memory_limit, activation_checkpointing, planner, precision)  # None unless "auto"
         if self.plan is not None:
             schedule, microbatches, chunks, partition, activation_checkpointing = self.plan.choice.settings()
         self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks, data_parallel,
                                          check_mode(activation_checkpointing), **options)
-        self.precision = Precision(precision)
         self.microbatches = self.schedule.microbatches
         self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
         self.device = self.world.device(self.world.local_ranks[0])

@@ -318,6 +318,8 @@ def test_gradient_reductions_are_priced_in_the_prediction():
     extra = paid.estimate(balance).step_s - free.estimate(balance).step_s
     reduce = paid.reduce_times(balance)
     assert min(reduce) - 1e-9 <= extra <= max(reduce) + 1e-9  # one device's reduction ends the step
+    # busy is compute, as the trace measures it: the reductions are not in it
+    assert paid.estimate(balance).busy_s == pytest.approx(free.estimate(balance).busy_s, rel=1e-12)
     # the search puts REDUCE actions into every candidate and charges them
     cheap = search(profiles, 2, 8, data_parallel=2, schedules=["1f1b"], microbatches=[4])
     dear = search(profiles, 2, 8, data_parallel=2, schedules=["1f1b"], microbatches=[4], reduce_bandwidth=bw)
@@ -364,6 +366,16 @@ def test_the_profile_runs_in_the_runs_precision():
     assert half.meta["precision"] == "bf16"
     # what a stage sends is cast to bf16, as the pipeline sends it
     assert [x.output_bytes for x in half.at(2).layers[:-1]] == [x.output_bytes // 2 for x in full.layers[:-1]]
+
+
+def test_a_bad_precision_fails_before_any_planning():
+    from stagewise import Pipeline
+    from stagewise.models import lm_loss
+
+    ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Pipeline(plan_models.small_gpt(), lm_loss, schedule="auto", microbatches="auto", partition="auto",
+                 sample=(ids, ids), local_devices=2, precision="fp8", show_partition=False)
 
 
 def test_a_data_parallel_pipeline_plans_with_its_reductions():

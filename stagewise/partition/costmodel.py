@@ -22,7 +22,10 @@ The planner (`stagewise.partition.plan`) asks this model about every candidate i
 - **The optimizer step** costs `step_per_param` seconds per parameter held, after the device's last action.
 - **Data parallelism.** With D replicas the schedule carries a REDUCE action per stage (`with_reductions`),
   simulated as 2 (D - 1) / D x the stage's gradient bytes / `reduce_bandwidth` (measured on the run's world,
-  `stagewise.partition.link_speed`); the replicas also share the cores.
+  `stagewise.partition.link_speed`); the replicas also share the cores. The simulator runs a REDUCE on its
+  device's timeline, so a device with several stages computes nothing while one of its stages reduces:
+  pessimistic where the runtime's asynchronous all-reduce really overlaps (NCCL), about right on CPU ranks,
+  where gloo's reduction competes for the same cores (measured: nothing hidden, README "Data parallelism").
 """
 
 from __future__ import annotations
@@ -381,7 +384,10 @@ class CostModel:
         sim = self.simulation(balance)
         opt = self.optimizer_times(arr)[0]
         step = max(sim.makespan, float(self.floors(arr)[0])) + float(opt.max())
-        busy = [(1.0 - b) * sim.makespan + o for b, o in zip(sim.bubble_per_device, opt.tolist())]
+        # busy is compute: a device's gradient reductions (REDUCE actions) are communication
+        reduce = np.bincount(np.asarray(self.schedule.placement), weights=self.reduce_times(balance),
+                             minlength=self.schedule.num_devices)
+        busy = [(1.0 - b) * sim.makespan + o - r for b, o, r in zip(sim.bubble_per_device, opt.tolist(), reduce)]
         per_device = [1.0 - x / step if step > 0 else 0.0 for x in busy]
         peaks = self.activation_peaks(arr)[0]
         memory = self.device_params(arr)[0] * self.bytes_per_param + peaks

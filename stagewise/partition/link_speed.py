@@ -3,16 +3,16 @@
 The planner cannot guess these (threads of one process, gloo on loopback, NCCL over NVLink or a network
 differ by orders of magnitude), so they are measured on the world the run uses, with its own collectives:
 
-- **Between stages**: two neighbouring pipeline ranks all-reduce a one-element tensor (the latency: for two
-  ranks, one exchange) and a buffer of about one message's size (the bandwidth: two ranks exchange the whole
-  buffer, as a send and a receive of it would); the fastest of a few repetitions counts. A message of b bytes
-  is then predicted at latency + b / bandwidth.
+- **Between stages**: two neighbouring pipeline ranks all-reduce a one-element tensor and a buffer of about
+  one message's size, the fastest of a few repetitions each. A two-rank all-reduce is two exchanges (reduce-
+  scatter, all-gather) of half the buffer each, so the latency is half the small one's time and the bandwidth
+  the buffer's bytes / (large - small). A message of b bytes is then predicted at latency + b / bandwidth.
 - **Gradient reduction**: every data group all-reduces a float32 buffer of about a stage's gradient size;
   the slowest group's fastest repetition counts, as a bandwidth in the units a ring all-reduce moves, 2 (D - 1)
   / D x bytes per second, so that a stage's reduction is predicted as 2 (D - 1) / D x its gradient bytes /
   bandwidth.
 
-`local_links` measures the same with gloo processes on this machine (`stagewise plan` without a world).
+`local_links` measures the same with gloo processes on this machine's CPU (`stagewise plan` without a world).
 
 The planner charges messages only where they run beside the compute (GPUs: NCCL has its own engines), or
 when asked: on CPU ranks a message costs the cores' time on both ends, which a link delay does not
@@ -74,17 +74,17 @@ def _fastest(world: Any, rank: int, group: Any, numel: int) -> float:
     return best
 
 
-def measure_links(world: Any, message_bytes: float, gradient_bytes: float, messages: bool = True,
+def measure_links(world: Any, message_bytes: float, stage_gradient_bytes: float, messages: bool = True,
                   reductions: bool = True) -> Links:
     """The link speeds of `world` (a `stagewise.runtime.world.World`): with `messages`, messages of about
     `message_bytes` between pipeline devices 0 and 1 of replica 0; with `reductions`, reductions of about
-    `gradient_bytes` / P over every data group (what is not measured, or cannot be, stays free). Every rank of
-    the world must call it with the same arguments (it is a collective)."""
+    `stage_gradient_bytes` (one stage's gradients) over every data group (what is not measured, or cannot be,
+    stays free). Every rank of the world must call it with the same arguments (it is a collective)."""
     grid = world.grid
     pair = world.group([grid.rank(0, 0), grid.rank(1, 0)]) if messages and grid.pipeline > 1 else None
     groups = world.grid_groups() if reductions and grid.data > 1 else None
     message = buffer_bytes(message_bytes) // 4
-    reduce = buffer_bytes(gradient_bytes / grid.pipeline) // 4
+    reduce = buffer_bytes(stage_gradient_bytes) // 4
 
     def timed(rank: int) -> tuple[float, float, float]:
         small = large = reduced = math.nan
@@ -101,7 +101,7 @@ def measure_links(world: Any, message_bytes: float, gradient_bytes: float, messa
     if pair is not None:
         small = max(t[0] for t in times if not math.isnan(t[0]))
         large = max(t[1] for t in times if not math.isnan(t[1]))
-        links = Links(small, 4 * message / (large - small) if large > small else math.inf)
+        links = Links(small / 2, 4 * message / (large - small) if large > small else math.inf)
     if groups is not None:
         seconds = max(t[2] for t in times)
         links = Links(links.latency, links.bandwidth,
@@ -110,17 +110,17 @@ def measure_links(world: Any, message_bytes: float, gradient_bytes: float, messa
 
 
 def _spawned(rank: int, world_size: int, devices: int, replicas: int, message_bytes: float,
-             gradient_bytes: float) -> Links:
+             stage_gradient_bytes: float) -> Links:
     from stagewise.runtime.world import DistWorld
 
-    world = DistWorld(timeout=60.0, data=replicas)
+    world = DistWorld(timeout=60.0, backend="gloo", data=replicas, device="cpu")
     try:
-        return measure_links(world, message_bytes, gradient_bytes)
+        return measure_links(world, message_bytes, stage_gradient_bytes)
     finally:
         world.close()
 
 
-def local_links(devices: int, replicas: int, message_bytes: float, gradient_bytes: float,
+def local_links(devices: int, replicas: int, message_bytes: float, stage_gradient_bytes: float,
                 timeout: float = 120.0) -> Links:
     """The link speeds of min(devices, 2) x `replicas` gloo processes on this machine (ranks of one machine, as
     `stagewise run` starts them): what `stagewise plan` uses unless given `--latency`/`--bandwidth`/
@@ -130,5 +130,10 @@ def local_links(devices: int, replicas: int, message_bytes: float, gradient_byte
     pipeline = min(devices, 2)
     if pipeline * replicas == 1:
         return Links()
-    return spawn(_spawned, pipeline * replicas, args=(pipeline, replicas, message_bytes, gradient_bytes),
-                 timeout=timeout)[0]
+    try:
+        return spawn(_spawned, pipeline * replicas, args=(pipeline, replicas, message_bytes, stage_gradient_bytes),
+                     timeout=timeout)[0]
+    except RuntimeError as err:
+        raise RuntimeError(f"measuring the links with {pipeline * replicas} gloo processes on this machine failed "
+                           "(give --latency and --bandwidth, or --reduce-bandwidth with --dp, to skip the "
+                           f"measurement):\n{err}") from err

@@ -272,7 +272,7 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
 
         links = local_links(P if messages else 1,
                             data_parallel if reduce_bandwidth is None else 1, MESSAGE_BYTES,
-                            4.0 * _unique_params(layers))
+                            4.0 * _unique_params(layers) / P)
         latency = links.latency if latency is None else latency
         bandwidth = links.bandwidth if bandwidth is None else bandwidth
         reduce_bandwidth = links.reduce_bandwidth if reduce_bandwidth is None else reduce_bandwidth
@@ -318,7 +318,8 @@ def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | 
         from stagewise.partition.link_speed import measure_links
 
         # every rank takes part: messages and reductions are timed on this run's own ranks and backend
-        measured = measure_links(world, MESSAGE_BYTES, 4.0 * _unique_params(layers), messages, reductions)
+        measured = measure_links(world, MESSAGE_BYTES, 4.0 * _unique_params(layers) / grid.pipeline, messages,
+                                 reductions)
         for key in (("latency", "bandwidth") if messages else ()) + (("reduce_bandwidth",) if reductions else ()):
             if options.get(key) is None:
                 options[key] = getattr(measured, key)

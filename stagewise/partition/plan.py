@@ -19,8 +19,8 @@ How the search stays fast and exact:
    from the min-max DP answer (`auto`'s method) takes over.
 3. **Configurations by bound.** Each configuration has a bound too (m x the work of a micro-batch / P,
    the cores' floor): configurations are visited in that order and the rest are skipped once a bound
-   exceeds both the `top`-th best step and the best step plus the noise band (they can enter neither the
-   table nor the tie), so pruning never drops the best.
+   exceeds both the `top`-th best step and the best step plus the tie band (MAX_BAND when the runs decide
+   ties, else the noise; they can enter neither the table nor the tie), so pruning never drops the best.
 
 **Noise and ties.** Profiles are measured `runs` times (`stagewise.partition.measure`), and every run is
 also kept alone (`ProfileSet.per_run`). The candidates within MAX_BAND of the fastest are re-predicted
@@ -237,10 +237,11 @@ def format_comparison(result: dict) -> str:
 
 
 def measured_busy(trace: Timeline, rows: Sequence[int]) -> list[float]:
-    """Seconds each row computed (F, B, I, W and the optimizer STEP; an overlapped pair counts by its members)."""
+    """Seconds each row computed (F, B, I, W, RECOMPUTE and the optimizer STEP; an overlapped pair counts by its
+    members; a gradient reduction is communication, not counted), as `CostModel.estimate`'s `busy_s`."""
     busy = {r: 0.0 for r in rows}
     for e in trace.events:
-        if e.device in busy and e.op in ("F", "B", "I", "W", "STEP"):
+        if e.device in busy and e.op in ("F", "B", "I", "W", "RECOMPUTE", "STEP"):
             busy[e.device] += e.end - e.start
     return [busy[r] for r in rows]
 
@@ -500,10 +501,9 @@ def unresolved(found: Sequence[Candidate], profiles: ProfileSet, schedules: dict
     """The candidates the repeated profile runs do not separate from the fastest (`found[0]`): those within
     MAX_BAND of it that some run, taken alone, predicts no slower than the fastest. The fastest is one of them.
 
-    Each run is a whole profile of the model; candidates that share a balance move together between runs and
-    are separated by all of them, candidates whose stages take different layers are not when the layers' times
-    move more between runs than the candidates differ. That is the noise the tie is about, measured on the
-    candidates themselves rather than summed over the layers."""
+    Each run is a whole profile of the model: a slow layer in one run moves every candidate that holds it, so
+    this is the noise the tie is about, measured on the candidates themselves rather than summed over the
+    layers."""
     best = found[0]
     pool = [c for c in found if c.step_s <= best.step_s * (1 + MAX_BAND)]
     steps: dict[int, list[float]] = {id(c): [] for c in pool}
