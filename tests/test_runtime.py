@@ -237,8 +237,13 @@ def test_split_backward_frees_every_saved_tensor():
 
 
 _FAULTS = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
 from stagewise.runtime.host_memory import keep_freed_host_memory
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
 print(keep_freed_host_memory() if sys.argv[1] == "keep" else "untouched")
 def cycle():
     ts = [torch.ones(2 * 2**20) for _ in range(3)]  # 3 x 8 MiB, every page touched
@@ -248,21 +253,34 @@ for _ in range(3):
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     cycle()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, libc.mallinfo2().fordblks)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_keep_freed_host_memory_stops_page_faults_of_repeated_activations():
     """Freed 8 MiB blocks went back to the kernel (heap trim) and faulted in again each cycle; kept, they do not."""
-    out = subprocess.run([sys.executable, "-c", _FAULTS, "keep"], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert out.returncode == 0, out.stderr[-2000:]
-    applied, faults = out.stdout.split()
-    assert applied == "True", out.stdout
-    # 10 cycles of 3 x 8 MiB: handed back (argument "default"), every cycle faults its 6,144 pages in again
-    # (40,640 in all measured here); kept, at most a one-time growth of the heap (0 to 2,048 measured)
-    assert int(faults) < 6144, out.stdout
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert out.returncode == 0, out.stderr[-2000:]
+        applied, count, free = out.stdout.split()
+        assert applied == ("True" if mode == "keep" else "untouched"), out.stdout
+        if mode == "keep":  # deterministic: the freed 24 MiB stay in the heap, neither unmapped nor trimmed
+            assert int(free) >= 3 * 8 * 2**20, f"only {int(free) >> 20} MiB kept free in the heap"
+        return int(count)
+
+    # 10 cycles of 3 x 8 MiB: handed back, every cycle faults its 6,144 pages in again (40,640 in all measured
+    # here); kept, a one-time growth of the heap (0 or 2,048). The default is not certain to hand memory back
+    # (glibc's dynamic mmap threshold sometimes stops it: 2,048-10,240 faults), and some kept runs still see
+    # about 10,240 faults for the kernel's own reasons (about half the runs on a quiet machine), so what is
+    # asserted is the heap keeping the freed blocks (deterministic) and a kept run free of re-faults within a
+    # few tries.
+    default = faults("default")  # reported, not asserted: glibc decides
+    kept: list[int] = []
+    while len(kept) < 8 and (not kept or min(kept) >= 6144):
+        kept.append(faults("keep"))
+    assert min(kept) < 6144, f"kept: {kept} faults in every run, default: {default}"
 
 
 def test_pipeline_sets_host_memory_only_when_asked(monkeypatch):
