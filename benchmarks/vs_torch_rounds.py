@@ -15,19 +15,12 @@ def _block(fn: Any, n: int, warm: int) -> tuple[float, list[float], list[float]]
     """`warm` untimed steps, then n consecutive steps and a barrier: (seconds per step, each timed step's
     own seconds on this rank, each untimed step's seconds)."""
     import torch.distributed as dist
+    from _common import timed
 
-    warm_times = []
-    for _ in range(warm):
-        t = time.perf_counter()
-        fn()
-        warm_times.append(time.perf_counter() - t)
+    warm_times = timed(fn, warm)
     dist.barrier()
     t0 = time.perf_counter()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+    times = timed(fn, n)
     dist.barrier()
     return (time.perf_counter() - t0) / n, times, warm_times
 

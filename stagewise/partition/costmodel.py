@@ -152,6 +152,11 @@ def _scaled(a: SizeProfile, samples: int) -> SizeProfile:
     return SizeProfile(samples, layers, round(a.input_bytes * k), round(a.loss_bytes * k), a.noise, w)
 
 
+def ring_factor(replicas: int) -> float:
+    """The share of a buffer each rank sends (and receives) in a ring all-reduce of `replicas` ranks."""
+    return 2.0 * (replicas - 1) / replicas if replicas > 1 else 0.0
+
+
 _TRACKED = (F, B, I, W, RECOMPUTE)  # the actions that change what a device holds
 SHARING_ROUNDS = 3  # re-simulations under processor sharing (shared cores)
 
@@ -252,7 +257,7 @@ class CostModel:
 
     def reduce_times(self, balance: Sequence[int]) -> list[float]:
         """Seconds of each stage's gradient reduction over the replicas (0 with one replica)."""
-        factor = 2.0 * (self.replicas - 1) / self.replicas
+        factor = ring_factor(self.replicas)
         if factor == 0 or self.reduce_bandwidth == math.inf:
             return [0.0] * len(balance)
         return [float(self._param_prefix[hi] - self._param_prefix[lo]) * self.grad_bytes_per_param * factor

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from stagewise.partition.costmodel import ring_factor
+
 MIN_BYTES = 1 << 20  # smaller buffers measure the latency, not the bandwidth
 MAX_BYTES = 64 << 20
 REPEATS = 5
@@ -42,11 +44,6 @@ class Links:
     latency: float = 0.0
     bandwidth: float = math.inf
     reduce_bandwidth: float = math.inf
-
-
-def ring_factor(replicas: int) -> float:
-    """The share of a buffer each rank sends (and receives) in a ring all-reduce of `replicas` ranks."""
-    return 2.0 * (replicas - 1) / replicas if replicas > 1 else 0.0
 
 
 def buffer_bytes(nbytes: float) -> int:

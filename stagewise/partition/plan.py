@@ -162,14 +162,14 @@ class Plan:
         limit = se.get("memory_limit")
         dp = se.get("data_parallel", 1)
         speed = se.get("reduce_bandwidth")
-        reduce = f", gradient reduction at {speed / 1e9:.2f} GB/s (ring)" if dp > 1 and speed else ""
+        links = f", gradient reduction at {speed / 1e9:.2f} GB/s (ring)" if dp > 1 and speed else ""
         if se.get("devices", 1) > 1 and (se.get("latency") or se.get("bandwidth")):
             bw = f"{se['bandwidth'] / 1e9:.2f} GB/s" if se.get("bandwidth") else "unlimited"
-            reduce = f", messages {se.get('latency', 0.0) * 1e6:.0f} us + bytes at {bw}" + reduce
+            links = f", messages {se.get('latency', 0.0) * 1e6:.0f} us + bytes at {bw}" + links
         lines = [f"plan: {se.get('devices')} devices{f' x {dp} replicas' if dp > 1 else ''}, "
                  f"batch {se.get('batch')}, memory limit {format_bytes(limit) + ' per device' if limit else 'none'}"
                  f"{', ' + str(se['cores']) + ' shared cores' if se.get('cores') else ''}"
-                 f"{', ' + se['precision'] if se.get('precision', 'fp32') != 'fp32' else ''}{reduce}",
+                 f"{', ' + se['precision'] if se.get('precision', 'fp32') != 'fp32' else ''}{links}",
                  f"searched {st.get('configurations', 0)} configurations in {self.seconds:.1f} s "
                  f"(profile {st.get('profile_s', 0.0):.1f} s, {st.get('runs', 1)} runs): "
                  f"{st.get('evaluated', 0)} evaluated, {st.get('over_memory', 0)} over the memory limit, "
@@ -424,6 +424,8 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     stats = _Stats()
     found: list[Candidate] = []
     least_memory, failed, configurations = math.inf, [], 0
+    options = {"bytes_per_param": bytes_per_param, "latency": latency, "bandwidth": bandwidth, "cores": cores,
+               "replicas": data_parallel, "reduce_bandwidth": reduce_bandwidth}  # every CostModel of the search
     seen: set = set()
     built: dict[tuple[str, int, int, str], Schedule] = {}
     for lb, name, v, m, r, samples in groups:
@@ -445,9 +447,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
             continue  # the mode changes nothing here (or gives what another mode already gave)
         seen.add((name, v, m, schedule.actions))
         built[(name, v, m, r)] = schedule
-        model = CostModel(schedule, profiles.at(samples), bytes_per_param=bytes_per_param,
-                          latency=latency, bandwidth=bandwidth, step_per_param=profiles.step_per_param,
-                          cores=cores, replicas=data_parallel, reduce_bandwidth=reduce_bandwidth)
+        model = CostModel(schedule, profiles.at(samples), step_per_param=profiles.step_per_param, **options)
         fixed = list(balance(schedule)) if balance is not None else None
         est, why = best_balance(model, limit, fixed=fixed, bound=threshold, exhaustive=exhaustive, stats=stats)
         if est is None:
@@ -470,8 +470,6 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     found.sort(key=lambda c: (c.step_s, preference(c)))
     best = found[0]
     measured_noise = profiles.at(best.samples).noise
-    options = {"bytes_per_param": bytes_per_param, "latency": latency, "bandwidth": bandwidth, "cores": cores,
-               "replicas": data_parallel, "reduce_bandwidth": reduce_bandwidth}
     if by_runs:
         tied = unresolved(found, profiles, built, per_replica, options)
         width = max(c.step_s / best.step_s - 1 for c in tied)
