@@ -250,13 +250,13 @@ class Stage:
         for outs, grads, params, pinned in pending.weight_work:
             handles = [node.register_prehook(_pin(g)) for node, g in pinned]
             try:
-                got = torch.autograd.grad(outs, params, grads, allow_unused=True)
+                # Into .grad through autograd's own AccumulateGrad, which locks the parameter: a tied parameter
+                # held by stages on two threads may receive a gradient from both at once, and a read-add-write
+                # of p.grad here would lose one of them.
+                torch.autograd.backward(outs, grads, inputs=params)
             finally:
                 for h in handles:
                     h.remove()
-            for p, g in zip(params, got):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
         pending.weight_work = []
         self.release(pending)
 
