@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stagewise.runtime.loss import mean_of
 from stagewise.tree import map_tensors
 
 
@@ -114,7 +115,7 @@ def check(layers: nn.Sequential | Sequence[nn.Module], loss_fn: Callable[[Any, A
 
     model = nn.Sequential(*reference)
     model.zero_grad(set_to_none=True)
-    ref_loss = loss_fn(model(batch[0]), batch[1])
+    ref_loss = mean_of(loss_fn(model(batch[0]), batch[1]))  # a (sum, count) pair's reference is sum / count
     ref_loss.backward()
     want = {n: p.grad for n, p in model.named_parameters()}
 

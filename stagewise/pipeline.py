@@ -45,7 +45,10 @@ class Pipeline:
     Args:
         layers: an `nn.Sequential`, a list of modules, or zero-argument factories (each rank
             then builds only its own layers; `seed` makes that deterministic).
-        loss_fn: `(last stage output, labels) -> scalar`, the mean over that micro-batch.
+        loss_fn: `(last stage output, labels) -> scalar`, the mean over that micro-batch's samples (weighted by its
+            share of samples: exact for sample means), or `-> (sum, count)`: the step's loss is then
+            sum(sums) / sum(counts) over every micro-batch, replica and accumulating call, exact for token means
+            of padded batches (`stagewise.models.causal_lm_loss`; see `stagewise.runtime.loss`).
         schedule: a registered name (see `stagewise simulate --list`), the path of a schedule file (.csv/.txt), a
             `Schedule` built by hand for P devices (validated before anything runs), or "auto": the planner
             (`stagewise.partition.plan`) measures the layers on `sample` and picks schedule, m and balance within
@@ -162,10 +165,13 @@ class Pipeline:
     def train_step(self, batch: tuple[Any, Any], step: bool = True) -> torch.Tensor:
         """One pipelined step over `batch = (inputs, labels)`: forward, backward, and the optimizer step
         if an optimizer was given. Returns the batch loss (the mean over the batch, as one unpipelined
-        `loss_fn(model(inputs), labels)` would give) on every rank, as a float64 scalar tensor.
+        `loss_fn(model(inputs), labels)` would give; sum / count for a pair) on every rank, as a float64 scalar
+        tensor.
 
         With `step=False` the gradients are only accumulated (no reduction, no optimizer step); the next
-        call with `step=True` steps on the mean gradient over every sample since the last step."""
+        call with `step=True` steps on the mean gradient over every sample since the last step (for (sum, count)
+        losses: over every counted item). Each call returns its own batch's loss; `last_step["loss"]` is the
+        step's, over all its calls."""
         if self.schedule.asynchronous:  # one batch as its own program: the pipeline fills and drains around it
             if not step:
                 raise ValueError(f"schedule {self.schedule.name!r} steps by itself; step=False needs a synchronous one")
@@ -240,7 +246,7 @@ class Pipeline:
         self.world.check()
         loss = self.runner.step_batch(batch, self.microbatches, train, step)
         if train and step:
-            self.last_step = {"loss": loss.item(), **self.runner.report()}
+            self.last_step = {"loss": self.runner.step_loss, **self.runner.report()}
             if "skipped" in self.last_step and 0 in self.world.local_ranks:
                 warnings.warn(f"stagewise: step skipped on every rank: {self.last_step['skipped']}", stacklevel=3)
         return {"loss": loss, "outputs": None if train else self.runner.outputs()}

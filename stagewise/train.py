@@ -123,8 +123,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import torch
 
     from stagewise import Pipeline
-    from stagewise.models import count_parameters, lm_loss
+    from stagewise.models import causal_lm_loss, count_parameters, lm_loss
     from stagewise.runtime import launch
+    from stagewise.schedules import SCHEDULES
 
     rank, world = launch.init_from_env(cfg.timeout)
     if world != cfg.stages * cfg.dp:
@@ -155,7 +156,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s)")
     layers = build_layers(cfg, tok.get_vocab_size())
     sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
-    pipe = Pipeline(layers, lm_loss, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
+    # the mean over every label token of the batch, as the unsplit model's cross-entropy; asynchronous schedules
+    # step during a batch, before its token count is known, so they take each micro-batch's own token mean
+    info = SCHEDULES.get(cfg.schedule)
+    loss_fn = lm_loss if info is not None and info.asynchronous else causal_lm_loss
+    pipe = Pipeline(layers, loss_fn, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
                     chunks=cfg.chunks, timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
                     precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),

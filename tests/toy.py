@@ -53,6 +53,21 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
 
 
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, label tokens): the token mean over a padded batch (labels -100 skipped)."""
+    flat = labels.reshape(-1)
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), flat, reduction="sum"), (flat != -100).sum()
+
+
+def make_padded_batch(n: int = 8, t: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of random lengths 1..t, labels -100 past each length (padding): unequal tokens per sample."""
+    ids, labels = make_batch(n, t, seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    lengths = torch.randint(1, t + 1, (n,), generator=g)
+    labels[torch.arange(t).expand(n, t) >= lengths.unsqueeze(1)] = -100
+    return ids, labels
+
+
 def make_batch(n: int = 8, t: int = 5, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, t), generator=g)

@@ -18,6 +18,7 @@ from stagewise.models.gpt2 import (
     to_transformers,
     to_transformers_state_dict,
 )
+from stagewise.models.losses import causal_lm_loss
 
 __all__ = [
     "CONFIGS",
@@ -27,6 +28,7 @@ __all__ = [
     "GPT2Config",
     "GPT2Embedding",
     "GPT2Head",
+    "causal_lm_loss",
     "config",
     "count_parameters",
     "from_transformers",

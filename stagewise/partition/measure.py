@@ -64,6 +64,7 @@ def profile_as_stages(layers: Sequence[nn.Module], sample_input: Any, loss_fn: L
     layer, and 0 (the loss's bytes are in the last layer's). Parameters' `.grad` and the random number
     generators are left as they were. `precision` runs the forwards as the pipeline will (autocast, stage
     outputs in the low dtype, so the next layer's input and the bytes sent are what the run sees)."""
+    from stagewise.runtime.loss import mean_of
     from stagewise.runtime.precision import Precision
     from stagewise.runtime.stage import Stage
 
@@ -83,7 +84,7 @@ def profile_as_stages(layers: Sequence[nn.Module], sample_input: Any, loss_fn: L
                     for split in (False, True):
                         _sync(device)
                         t0 = time.perf_counter()
-                        out, pending = stage.forward(x, loss=(lambda o: loss_fn(o, labels) * 1.0) if last else None)
+                        out, pending = stage.forward(x, loss=(lambda o: mean_of(loss_fn(o, labels))) if last else None)
                         _sync(device)
                         t1 = time.perf_counter()
                         seeds = None if last else [torch.ones_like(t) for t in pending.roots]

@@ -11,6 +11,7 @@ from torch import nn
 
 from stagewise.partition.costs import LayerProfile
 from stagewise.runtime.activations import SavedBytes
+from stagewise.runtime.loss import mean_of
 from stagewise.tree import cut, describe, flatten, map_tensors, tensors_of
 
 __all__ = ["LayerProfile", "profile_layers"]
@@ -161,7 +162,7 @@ class _WithLoss(nn.Module):
         self.layer, self.loss_fn, self.labels = layer, loss_fn, labels
 
     def forward(self, x: Any) -> torch.Tensor:
-        return self.loss_fn(self.layer(x), self.labels)
+        return mean_of(self.loss_fn(self.layer(x), self.labels))
 
 
 def _measure_input_grad(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> float:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
+from stagewise.runtime.loss import LossError, split_loss
 from stagewise.runtime.stage import Pending, Stage
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
 from stagewise.schedules.actions import (
@@ -42,7 +43,7 @@ TRAIN_ONLY = frozenset((B, I, W, SEND_B, RECV_B, STEP, REDUCE, RECOMPUTE))  # sk
 class StepRunner(Protocol):
     """What the executor calls at a STEP action (see `stagewise.runtime.step.RankStep`)."""
 
-    def run(self, action: Action) -> None: ...
+    def run(self, action: Action, counts: dict[int, float] | None = None) -> None: ...
 
     def reduce(self, action: Action) -> None: ...
 
@@ -61,7 +62,8 @@ class RunResult:
     """One pass over a device's program.
 
     `loss`: the weighted sum of the micro-batch losses (the batch mean) on the device holding
-    the last stage, else None; `losses`: micro-batch -> its weighted loss; `outputs`: the last
+    the last stage, else None; `losses`: micro-batch -> its weighted loss (its sum, for a loss_fn
+    returning (sum, count)); `counts`: micro-batch -> its count (pair losses only); `outputs`: the last
     stage's outputs per micro-batch when asked for; `events`: the measured timeline.
     """
 
@@ -69,6 +71,7 @@ class RunResult:
     losses: dict[int, torch.Tensor]
     outputs: list[Any]
     events: list[Event]
+    counts: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +89,7 @@ class RunState:
     grad_in: dict[tuple[int, int], list] = field(default_factory=dict)  # input gradients not yet sent or consumed
     signatures: dict[tuple[int, int], tuple[int, Spec, Any]] = field(default_factory=dict)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    counts: dict[int, float] = field(default_factory=dict)  # micro-batch -> count, for (sum, count) losses
     kept: dict[int, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     received_spec: Spec | None = None  # the structure of the last activation received (for error messages)
@@ -160,7 +164,7 @@ class Executor:
             left = sorted(set(st.pending) | set(st.grad_in))
             raise PipelineError(f"device {self.device}: the schedule left work unfinished for (stage, mb) {left[:4]}")
         total = torch.stack([st.losses[n] for n in sorted(st.losses)]).sum() if st.losses else None
-        return RunResult(total, st.losses, [st.kept[i] for i in sorted(st.kept)], st.events)
+        return RunResult(total, st.losses, [st.kept[i] for i in sorted(st.kept)], st.events, st.counts)
 
     def _run_action(self, a: Action, st: RunState, extra: dict[str, Any] | None = None) -> None:
         """Run one action through its handler and record its event; errors name the action."""
@@ -246,7 +250,7 @@ class Executor:
             labels, weight = st.labels[n], st.weights[n]
 
             def loss(out: Any) -> torch.Tensor:
-                return self._loss(out, labels, weight)
+                return self._loss(out, labels, weight, n, st)
 
         with torch.set_grad_enabled(st.train):
             out, p = stage.forward(x, version=a.version if self.schedule.asynchronous else None, loss=loss,
@@ -264,14 +268,26 @@ class Executor:
         else:
             stage.release(p)
 
-    def _loss(self, out: Any, labels: Any, weight: float) -> torch.Tensor:
+    def _loss(self, out: Any, labels: Any, weight: float, n: int, st: RunState) -> torch.Tensor:
+        """What micro-batch n's backward starts from: a mean weighted by the micro-batch's share of the batch,
+        or a (sum, count) pair's sum, its count kept for the step (see `stagewise.runtime.loss`)."""
         if self.loss_fn is None:
             raise PipelineError("no loss_fn given, so the last stage cannot compute a loss")
-        loss = self.loss_fn(out, labels)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
-            raise PipelineError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}{shape}")
-        return loss * weight
+        try:
+            value, count = split_loss(self.loss_fn(out, labels))
+        except LossError as err:
+            raise PipelineError(str(err)) from None
+        if st.losses and (count is not None) != bool(st.counts):
+            raise PipelineError("loss_fn returned a (sum, count) pair for some micro-batches and a scalar for others; "
+                                "return one form for every micro-batch")
+        if count is None:
+            return value * weight
+        if self.schedule.asynchronous:
+            raise PipelineError(f"loss_fn returned a (sum, count) pair, which needs every count of a batch before its "
+                                f"step; schedule {self.schedule.name!r} steps during the batch. Return a mean, or "
+                                "use a flushed schedule")
+        st.counts[n] = count
+        return value
 
     def _backward(self, a: Action, st: RunState, timing: _Timing) -> None:
         """B (input and weight gradients) or I (input gradients only, the rest kept for W)."""
@@ -306,7 +322,7 @@ class Executor:
 
     def _step(self, a: Action, st: RunState, timing: _Timing) -> None:
         if self.step is not None:
-            self.step.run(a)
+            self.step.run(a, st.counts)
 
     def _reduce(self, a: Action, st: RunState, timing: _Timing) -> None:
         if self.step is not None:

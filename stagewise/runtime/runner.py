@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from stagewise.runtime.errors import PipelineError
 from stagewise.runtime.executor import Executor, RunResult
 from stagewise.runtime.feed import Microbatches, MicrobatchFeed
 from stagewise.runtime.guards import BatchCheck, NonFiniteGuard, RankWatch, guarded
@@ -54,6 +55,9 @@ class Runner:
         self._accumulating: dict[int, Executor] | None = None
         self.results: dict[int, RunResult] = {}
         self.samples = 0  # samples whose gradients are accumulated since the last optimizer step
+        self.pairs = False  # whether loss_fn returned (sum, count) pairs in the last run (learnt from the runs)
+        self.carried = [0.0, 0.0]  # (loss, weight) of the accumulating calls since the last step: samples or counts
+        self.step_loss: float | None = None  # the loss of the last step over all its calls (see `step_batch`)
 
     def executors_for(self, schedule: Schedule) -> dict[int, Executor]:
         out = {}
@@ -71,26 +75,47 @@ class Runner:
         """One flushed pass over `batch` (every rank is given the same batch; each replica takes its share).
 
         Training calls with `step=False` only accumulate gradients; the next stepping call steps on the
-        mean over every sample since the last step (earlier gradients are rescaled as samples come in).
-        Returns the batch's mean loss (float64, on the CPU), the same on every rank.
+        mean over every sample since the last step (earlier gradients are rescaled as samples come in), or,
+        for (sum, count) losses, on sum(sums) / sum(counts) over every call (`.grad` holds the sums until the
+        step divides them). Returns this call's loss (float64, on the CPU), the same on every rank;
+        `step_loss` is the loss over every call of the step, once a call has stepped.
         """
         grid, device = self.world.grid, self.model.world.device(self.world.local_ranks[0])
         fields = self.check.fields(batch, "eval_step" if not train else "train_step" if step else
                                    "train_step(step=False)")
-        scale = 1.0
+        scale, total = 1.0, 0
         if train:
             total = batch_size(batch[0]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else 0
             if self.samples == 0:
                 self.model.zero_grad()
-            else:  # keep .grad the mean over all samples so far
+                self.carried = [0.0, 0.0]
+            elif not self.pairs:  # keep .grad the mean over all samples so far
                 self.model.scale_grads(self.samples / (self.samples + total))
                 scale = total / (self.samples + total)
+            for st in self.rank_steps.values():
+                st.carried = self.carried[1]  # the counts of the earlier calls, for MeanOverCount
             self.samples = 0 if step else self.samples + total
         replicas = sorted({grid.coords(r)[1] for r in self.world.local_ranks})
         feeds = {r: Microbatches.of_batch(batch, microbatches, device, self.schedule.name, r, grid.data, scale)
                  for r in replicas}
         executors = self.executors if step or not train else self._accumulate()
-        return self.run(feeds, train, executors=executors, fields=fields)[0] / scale
+        tallies = self.run(feeds, train, executors=executors, fields=fields, tallies=True)[0]
+        loss_sum, count, pairs = tallies.tolist()
+        pairs = pairs > 0
+        if train and pairs != self.pairs and self.carried[1]:
+            raise PipelineError("loss_fn changed between a (sum, count) pair and a scalar within one accumulated step; "
+                                "return one form for every call")
+        self.pairs = bool(pairs)
+        if not self.pairs:
+            loss, count = loss_sum / scale, float(total)
+        else:
+            loss = loss_sum / count if count else float("nan")
+        if train:
+            self.carried = [self.carried[0] + (loss_sum if self.pairs else loss * count), self.carried[1] + count]
+            if step:
+                self.step_loss = self.carried[0] / self.carried[1] if self.carried[1] else loss
+                self.carried = [0.0, 0.0]
+        return torch.tensor(loss, dtype=torch.float64)
 
     def _accumulate(self) -> dict[int, Executor]:
         if self._accumulating is None:
@@ -98,10 +123,13 @@ class Runner:
         return self._accumulating
 
     def run(self, feeds: dict[int, Microbatches], train: bool, schedule: Schedule | None = None, batches: int = 1,
-            executors: dict[int, Executor] | None = None, fields: dict[str, str] | None = None) -> torch.Tensor:
+            executors: dict[int, Executor] | None = None, fields: dict[str, str] | None = None,
+            tallies: bool = False) -> torch.Tensor:
         """Every local rank walks its program over its replica's feed; returns the loss of each batch (float64,
         on the CPU), the same on every rank: the last stage's, broadcast along each pipeline, summed over the
-        replicas. The ranks first agree on `fields` (the batch's fingerprint; without it, the settings alone)."""
+        replicas; for (sum, count) losses sum(sums) / sum(counts). With `tallies`, each batch's row is
+        (sum of the weighted losses or of the sums, sum of the counts, 1 if the losses were pairs). The ranks
+        first agree on `fields` (the batch's fingerprint; without it, the settings alone)."""
         if executors is None:
             executors = self.executors if schedule is None else self.executors_for(schedule)
         grid = self.world.grid
@@ -118,9 +146,12 @@ class Runner:
             replica = grid.coords(rank)[1]
             feed = feeds[replica]
             res = executors[rank].run(feed.inputs, feed.labels, feed.weights, train=train, keep_outputs=not train)
-            losses = torch.zeros(batches, dtype=torch.float64, device=self.world.device(rank))
+            losses = torch.zeros(batches, 3, dtype=torch.float64, device=self.world.device(rank))
             for n, value in res.losses.items():  # float64, so that every rank sees the last stage's loss to the bit
-                losses[n // m] += value.to(torch.float64)
+                losses[n // m, 0] += value.to(torch.float64)
+            for n, count in res.counts.items():
+                losses[n // m, 1] += count
+                losses[n // m, 2] = 1.0
             pipeline, data = self.groups.of_rank(grid, rank)
             self.world.broadcast(rank, losses, grid.rank(self.schedule.placement[-1], replica), pipeline)
             self.world.all_reduce(rank, [losses], data)
@@ -128,7 +159,11 @@ class Runner:
 
         done = self.world.run(on_rank, "the step")
         self.results = {r: res for r, (res, _) in done.items()}
-        return done[self.world.local_ranks[0]][1].cpu()
+        rows = done[self.world.local_ranks[0]][1].cpu()
+        if tallies:
+            return rows
+        pairs = rows[:, 2] > 0
+        return torch.where(pairs, rows[:, 0] / rows[:, 1], rows[:, 0])
 
     def unflushed(self, it: Iterator[tuple[Any, Any]], schedule: Schedule, batches: int
                   ) -> tuple[list[float], dict[int, int]]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from stagewise.runtime.errors import PipelineError
 from stagewise.runtime.precision import LossScaler
 from stagewise.runtime.stage import Stage
 from stagewise.runtime.ties import Ties
@@ -40,6 +41,8 @@ class StepContext:
     optimizer: torch.optim.Optimizer | None
     report: dict[str, Any] = field(default_factory=dict)
     skip: bool = False  # set by a part that finds the step must not be taken (the same on every rank)
+    counts: dict[int, float] = field(default_factory=dict)  # micro-batch -> count of a (sum, count) loss, this run
+    carried: float = 0.0  # the global count of earlier accumulating calls (step=False) since the last step
 
 
 class StepPart(ABC):
@@ -110,6 +113,40 @@ class ReduceGradients(StepPart):
                 g.copy_(reduced)
         ctx.report["reduce_wait_s"] = time.perf_counter() - t0  # what the reductions did not hide
         del self.waiting[rank]
+
+
+class MeanOverCount(StepPart):
+    """Losses given as (sum, count) pairs (see `stagewise.runtime.loss`): the backward ran on the sums, so the
+    gradients are divided by the global count, known once every micro-batch's forward has run. The rank holding
+    the last stage knows its replica's counts; a broadcast along the pipeline and a sum over the replicas give
+    every rank the total (and whether the losses were pairs at all; scalar losses are already means)."""
+
+    contract = ("with (sum, count) losses, every gradient is divided by the count summed over every micro-batch, "
+                "replica and accumulating call since the last step: the gradient of sum(sums) / sum(counts)")
+
+    def __init__(self, world: World, model: StageSet, last_device: int):
+        self.world, self.model, self.last_device = world, model, last_device
+
+    def __call__(self, ctx: StepContext) -> None:
+        grid = self.world.grid
+        tally = torch.tensor([sum(ctx.counts.values()), float(bool(ctx.counts))], dtype=torch.float64,
+                             device=self.world.device(ctx.rank))
+        pipeline, data = self.world.grid_groups().of_rank(grid, ctx.rank)
+        self.world.broadcast(ctx.rank, tally, grid.rank(self.last_device, grid.coords(ctx.rank)[1]), pipeline)
+        if grid.data > 1:
+            self.world.all_reduce(ctx.rank, [tally], data)
+        count, pairs = tally.tolist()
+        if not pairs:
+            return
+        count += ctx.carried
+        ctx.report["count"] = count
+        if count == 0:
+            raise PipelineError("every (sum, count) loss of this step counted 0 items (all labels ignored?), so the "
+                                "mean is undefined; give the step a batch with at least one counted item",
+                                action=str(ctx.action), rank=ctx.rank)
+        for p in self.model.owned[ctx.rank]:
+            if p.grad is not None:
+                p.grad.div_(count)
 
 
 class LossScaling(StepPart):
@@ -210,6 +247,7 @@ def training_step(world: World, model: StageSet, ties: Ties, *, asynchronous: bo
     version."""
     parts: list[StepPart] = [ReduceGradients(world, model)] if world.grid.data > 1 else []
     parts += [SyncTiedGrads(ties)] if ties else []
+    parts += [] if asynchronous else [MeanOverCount(world, model, model.schedule.placement[-1])]
     parts += [LossScaling(world, model, scalers)] if scalers else []
     if max_grad_norm is not None or track_grad_norm:
         parts.append(ClipGradNorm(world, model, ties, max_grad_norm))
@@ -239,9 +277,12 @@ class RankStep:
     def __init__(self, step: Step, rank: int, stages: list[Stage], optimizer: torch.optim.Optimizer | None):
         self.step, self.rank, self.stages, self.optimizer = step, rank, stages, optimizer
         self.report: dict[str, Any] = {}
+        self.carried = 0.0  # set by the runner: the global count of the accumulating calls before this step
 
-    def run(self, action: Action) -> None:
-        ctx = StepContext(self.rank, action, self.stages, self.optimizer)
+    def run(self, action: Action, counts: dict[int, float] | None = None) -> None:
+        """Every part, in order; `counts`: this run's (sum, count) loss counts on the rank holding the last stage."""
+        ctx = StepContext(self.rank, action, self.stages, self.optimizer, counts=dict(counts or {}),
+                          carried=self.carried)
         for part in self.step.parts:
             part(ctx)
         self.report = ctx.report
