@@ -104,3 +104,24 @@ def test_drawn_schedules_and_features_stay_exact_under_short_thread_switches(sch
                                        schedule=schedule, microbatches=m, local_devices=P, chunks=chunks,
                                        activation_checkpointing=recompute)
     assert err <= 1e-10, err
+
+
+@pytest.mark.parametrize("schedule,data", [("zb-h1", 1), ("zb-h2", 2), ("1f1b", 2)])
+def test_a_tie_between_middle_stages_is_stepped_only_once_every_holder_is_done(schedule, data):
+    """A weight shared by stages 1 and 2 of 4 (threads): the rank owning it must not scale or step it while the
+    other holder's backward still adds to it (its W may run after the last stage's step), nor reduce it over the
+    data replicas (`data` of them) before that."""
+    from toy import make_layers, make_padded_batch, token_loss
+
+    def layers() -> list[nn.Module]:
+        out = make_layers(blocks=6)
+        out[4].norm.weight = out[2].norm.weight  # layers 2 and 4: stages 1 and 2 of [2, 2, 2, 2]
+        return out
+
+    batch = make_padded_batch(8, 6)
+    with short_switches():
+        errors = [_pipeline_vs_one_process(layers(), token_loss, batch, 2, schedule=schedule, microbatches=4,
+                                           local_devices=4, partition=[2, 2, 2, 2], max_grad_norm=1.0,
+                                           data_parallel=data)
+                  for _ in range(8)]
+    assert max(errors) <= 1e-10, errors

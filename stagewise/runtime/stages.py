@@ -67,6 +67,13 @@ class StageSet:
                     if key is not None:
                         tied[key] = p
             self.owned[rank], self.tied[rank] = own, tied
+        # parameter objects held by stages of several local ranks (ties between threads): id -> those ranks
+        holders: dict[int, set[int]] = {}
+        for rank, mine in self.by_rank.items():
+            for st in mine.values():
+                for p in st.parameters():
+                    holders.setdefault(id(p), set()).add(rank)
+        self.shared: dict[int, list[int]] = {i: sorted(rs) for i, rs in holders.items() if len(rs) > 1}
         self.replicate()
 
     def of_rank(self, rank: int) -> dict[int, Stage]:

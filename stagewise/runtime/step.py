@@ -99,6 +99,7 @@ class ReduceGradients(StepPart):
         stages = self.model.of_rank(rank)
         self.waiting[rank].discard(action.stage)
         later = {id(p) for t in self.waiting[rank] for p in stages[t].parameters()}
+        later |= set(self.model.shared)  # another thread may still add to it: reduced at the step, once settled
         self._start(rank, [p for p in stages[action.stage].parameters()
                            if id(p) in self.owned[rank] and id(p) not in later and id(p) not in self.done[rank]])
 
@@ -115,26 +116,40 @@ class ReduceGradients(StepPart):
         del self.waiting[rank]
 
 
+class SettleSharedGrads(StepPart):
+    """Ranks that are threads of one process may hold the very same parameter object (a tie between their
+    stages); each adds its gradient into the one `.grad` (autograd's accumulation locks it). No part may read or
+    scale such a gradient before every holder has run its last backward: this part waits for all of them."""
+
+    contract = "every rank holding a parameter object shared with another rank has finished adding to its gradient"
+
+    def __init__(self, world: World, model: StageSet):
+        self.world = world
+        self.ranks = sorted({r for ranks in model.shared.values() for r in ranks})
+        self.group = world.group(self.ranks)
+
+    def __call__(self, ctx: StepContext) -> None:
+        if ctx.rank in self.ranks:
+            self.world.barrier(ctx.rank, self.group)
+
+
 class MeanOverCount(StepPart):
     """Losses given as (sum, count) pairs (see `stagewise.runtime.loss`): the backward ran on the sums, so the
     gradients are divided by the global count, known once every micro-batch's forward has run. The rank holding
     the last stage knows its replica's counts; a broadcast along the pipeline and a sum over the replicas give
-    every rank the total (and whether the losses were pairs at all; scalar losses are already means)."""
+    every rank the total (and whether the losses were pairs at all; scalar losses are already means): one
+    all-reduce of every rank, where only the ranks holding the last stage add their counts."""
 
     contract = ("with (sum, count) losses, every gradient is divided by the count summed over every micro-batch, "
                 "replica and accumulating call since the last step: the gradient of sum(sums) / sum(counts)")
 
-    def __init__(self, world: World, model: StageSet, last_device: int):
-        self.world, self.model, self.last_device = world, model, last_device
+    def __init__(self, world: World, model: StageSet):
+        self.world, self.model = world, model
 
     def __call__(self, ctx: StepContext) -> None:
-        grid = self.world.grid
         tally = torch.tensor([sum(ctx.counts.values()), float(bool(ctx.counts))], dtype=torch.float64,
                              device=self.world.device(ctx.rank))
-        pipeline, data = self.world.grid_groups().of_rank(grid, ctx.rank)
-        self.world.broadcast(ctx.rank, tally, grid.rank(self.last_device, grid.coords(ctx.rank)[1]), pipeline)
-        if grid.data > 1:
-            self.world.all_reduce(ctx.rank, [tally], data)
+        self.world.all_reduce(ctx.rank, [tally], self.world.grid_groups().everyone)
         count, pairs = tally.tolist()
         if not pairs:
             return
@@ -242,12 +257,14 @@ class NewWeightVersion(StepPart):
 def training_step(world: World, model: StageSet, ties: Ties, *, asynchronous: bool = False,
                   max_grad_norm: float | None = None, track_grad_norm: bool = False,
                   scalers: dict[int, LossScaler] | None = None) -> Step:
-    """The standard step: reduce over data replicas (D > 1), sum tied gradients, unscale (fp16), measure and
+    """The standard step: wait for threads sharing a parameter, reduce over data replicas (D > 1), sum tied
+    gradients, divide (sum, count) losses' gradients by the global count, unscale (fp16), measure and
     clip the global norm (when asked), step the optimizer, and for asynchronous schedules make the new weight
     version."""
-    parts: list[StepPart] = [ReduceGradients(world, model)] if world.grid.data > 1 else []
+    parts: list[StepPart] = [SettleSharedGrads(world, model)] if model.shared else []
+    parts += [ReduceGradients(world, model)] if world.grid.data > 1 else []
     parts += [SyncTiedGrads(ties)] if ties else []
-    parts += [] if asynchronous else [MeanOverCount(world, model, model.schedule.placement[-1])]
+    parts += [] if asynchronous else [MeanOverCount(world, model)]
     parts += [LossScaling(world, model, scalers)] if scalers else []
     if max_grad_norm is not None or track_grad_norm:
         parts.append(ClipGradNorm(world, model, ties, max_grad_norm))
