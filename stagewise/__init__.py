@@ -1,6 +1,6 @@
 """stagewise: pipeline-parallel training for PyTorch, with schedules as data."""
 
-__version__ = "0.1.0"
+from stagewise.version import __version__
 
 __all__ = ["CheckpointError", "GPipe", "Pipeline", "PipelineError", "PeerError", "check", "load_full", "spawn",
            "__version__"]

@@ -40,7 +40,7 @@ def test_every_synchronous_schedule_round_trips_exactly(name, tmp_path):
         assert back.name == f"{name}-{P}-{m}"
         split_used = any(a.op in ("I", "W") for p in sc.actions for a in p)
         assert back.split_backward == split_used
-        assert Schedule.load(path, name=name).name == name
+        assert load(path, name=name).name == name
         assert dumps(back) == dumps(sc) == dumps(lower(sc))  # communication is left out of the file
 
 

@@ -9,9 +9,9 @@ A snapshot is dropped once the newest version has replaced it and no backward st
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,8 +19,13 @@ from torch import nn
 from stagewise.schedules.actions import B
 from stagewise.schedules.schedule import Schedule
 
-if TYPE_CHECKING:
-    from stagewise.runtime.stage import Stage
+
+class Versioned(Protocol):
+    """What `stashing` needs of a stage (`stagewise.runtime.stage.Stage`): its index, layers and versions slot."""
+
+    index: int
+    module: nn.Module
+    versions: WeightVersions | None
 
 
 class WeightVersions:
@@ -71,7 +76,7 @@ class WeightVersions:
 
 
 @contextmanager
-def stashing(schedule: Schedule, stages: list[Stage], peaks: dict[int, int]) -> Iterator[None]:
+def stashing(schedule: Schedule, stages: Sequence[Versioned], peaks: dict[int, int]) -> Iterator[None]:
     """Give every stage (of every local replica) the weight versions `schedule` uses while it runs; `peaks`
     receives the most versions each stage index held at once (compare `simulate(schedule).peak_weight_versions`)."""
     for st in stages:

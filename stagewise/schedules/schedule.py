@@ -52,19 +52,6 @@ class Schedule:
     def compute_actions(self, device: int) -> list[Action]:
         return [a for a in self.actions[device] if a.op in COMPUTE_OPS]
 
-    def save(self, path) -> str:
-        """Write the schedule as a CSV file (`stagewise.schedules.files`); return the path."""
-        from stagewise.schedules.files import save
-
-        return save(self, path)
-
-    @staticmethod
-    def load(path, name: str | None = None) -> Schedule:
-        """The (validated) schedule in a CSV file (`stagewise.schedules.files`)."""
-        from stagewise.schedules.files import load
-
-        return load(path, name=name)
-
     def describe(self) -> str:
         return (
             f"{self.name}: {self.num_devices} devices, {self.num_stages} stages, "

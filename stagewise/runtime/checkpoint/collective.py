@@ -22,7 +22,6 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-import stagewise
 from stagewise.runtime.checkpoint import files
 from stagewise.runtime.checkpoint.files import CheckpointError
 from stagewise.runtime.checkpoint.serialize import write_safetensors, write_torch
@@ -40,6 +39,7 @@ from stagewise.runtime.checkpoint.state import (
 )
 from stagewise.runtime.stages import StageSet
 from stagewise.runtime.world import World
+from stagewise.version import __version__
 
 EXTRA_FILE = "extra.pt"
 
@@ -165,7 +165,7 @@ def _manifest(world: World, schedule: Any, model: StageSet, step: int | None, pl
     groups = {n: list(v) for r in reports for n, v in r["groups"].items()}
     return {
         "format": files.FORMAT, "version": files.VERSION, "step": step, "created": time.time(),
-        "stagewise": stagewise.__version__, "torch": torch.__version__,
+        "stagewise": __version__, "torch": torch.__version__,
         "schedule": schedule.name, "microbatches": schedule.microbatches, "chunks": schedule.chunks,
         "stages": schedule.num_stages, "balance": [hi - lo for lo, hi in model.layer_ranges],
         "placement": list(schedule.placement), "P": world.grid.pipeline, "D": world.grid.data,
