@@ -2,8 +2,8 @@
 
 from stagewise.version import __version__
 
-__all__ = ["CheckpointError", "GPipe", "Pipeline", "PipelineError", "PeerError", "check", "load_full", "spawn",
-           "__version__"]
+__all__ = ["CheckpointError", "GPipe", "Pipeline", "PipelineError", "PeerError", "check", "export", "load_full",
+           "spawn", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,6 +20,10 @@ def __getattr__(name: str):
         from stagewise.parity import check
 
         return check
+    if name == "export":  # a checkpoint as a Hugging Face folder (stagewise.to_hf)
+        from stagewise.to_hf import export
+
+        return export
     if name in ("load_full", "CheckpointError"):
         from stagewise.runtime import checkpoint
 

@@ -1,4 +1,4 @@
-"""The `stagewise` command line: simulate, run, train, partition, plan, check, bench."""
+"""The `stagewise` command line: simulate, run, train, partition, plan, check, export, bench."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 import sys
 
 from stagewise.cli_options import (
+    GPT2_MODELS,
     MODELS,
     PARTITION_HELP,
+    ListModels,
     auto_or,
     check_train,
     checkpointing_spec,
@@ -192,6 +194,25 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """`stagewise export CHECKPOINT OUT`: the checkpoint's weights as a Hugging Face folder."""
+    from pathlib import Path
+
+    from stagewise.to_hf import export
+
+    config = None
+    if args.config:
+        path = Path(args.config)
+        config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    try:
+        out = export(args.checkpoint, args.out, config=config)
+    except RuntimeError as err:  # a damaged checkpoint, transformers missing
+        print(f"stagewise export: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     """`stagewise bench [options]`: stagewise against torch.distributed.pipelining (benchmarks/bench_vs_torch.py)."""
     import subprocess
@@ -254,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pa = sub.add_parser("partition", help="print how a built-in GPT-2 is cut into stages (no training)",
                         formatter_class=defaults)
-    pa.add_argument("--model", default="gpt2", choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
+    pa.add_argument("--model", default="gpt2", choices=GPT2_MODELS, metavar="MODEL", help="one of: %(choices)s")
     pa.add_argument("--stages", type=positive_int, default=4, help="pipeline devices")
     pa.add_argument("--method", type=partition_spec, default="type:GPT2Block", help=PARTITION_HELP)
     pa.add_argument("--schedule", type=schedule_spec, default="1f1b", metavar="NAME",
@@ -299,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--memory-limit", dest="memory_limit", type=memory_spec,
         help="bytes per device for the planner and the memory/auto partitions, e.g. 2GiB")
     opt("--steps", type=positive_int, help="the run's total steps (a resumed run stops there too)")
-    opt("--model", choices=MODELS, metavar="MODEL", help="one of: %(choices)s")
+    opt("--model", choices=MODELS, metavar="MODEL",
+        help="one of: %(choices)s (a local Hugging Face folder); see --list-models")
+    tr.add_argument("--list-models", action=ListModels)
     opt("--pretrained", help="Hugging Face GPT-2 weights (name or local folder)")
     opt("--data", type=existing_path, help="a text file or folder; none: the built-in corpus")
     opt("--dataset", choices=["squad"], help="SQuAD contexts via Hugging Face datasets")
@@ -325,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--max-restarts", dest="max_restarts", type=nonnegative_int,
         help="when a rank dies, restart every rank from the newest intact checkpoint up to R times (torchrun's)")
     tr.set_defaults(func=_train, check=lambda a: _check_train(tr, a))
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder that "
+                        "transformers.AutoModelForCausalLM.from_pretrained loads")
+    ex.add_argument("checkpoint", type=existing_path,
+                    help="a `stagewise train` run folder, a checkpoints folder or one step-N folder (the newest "
+                         "intact checkpoint is taken)")
+    ex.add_argument("out", type=writable_folder, help="the folder to write (config.json, model.safetensors, "
+                    "tokenizer.json when the run has one)")
+    ex.add_argument("--config", type=existing_path, default=None,
+                    help="the model's config.json (or its Hugging Face folder), for a checkpoint that does not carry "
+                         "one (those of `stagewise train` do)")
+    ex.set_defaults(func=_export)
     # Every option goes to the benchmark script unparsed (`stagewise bench --help` shows its own help).
     be = sub.add_parser("bench", help="benchmark against torch.distributed.pipelining (see `stagewise bench --help`)",
                         prefix_chars="+", add_help=False)

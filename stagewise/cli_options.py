@@ -185,7 +185,50 @@ def _model_names() -> list[str]:
     return list(CONFIGS)
 
 
-MODELS = LazyChoices(_model_names)
+def _all_model_names() -> list[str]:
+    from stagewise.models import CONFIGS, FAMILIES
+
+    return [*CONFIGS, *(f"hf:{name}" for name in FAMILIES)]
+
+
+class ModelChoices(LazyChoices):
+    """The built-in GPT-2 names, `hf:FAMILY`, and any folder holding a config.json (a Hugging Face model)."""
+
+    def __contains__(self, value: object) -> bool:
+        return super().__contains__(value) or (isinstance(value, str) and (Path(value).expanduser() /
+                                                                          "config.json").is_file())
+
+    def __iter__(self) -> Iterator[str]:  # argparse's help and error list these; a folder PATH is said in words
+        return iter([*self._all(), "PATH"])
+
+
+GPT2_MODELS = LazyChoices(_model_names)
+MODELS = ModelChoices(_all_model_names)
+
+
+class ListModels(argparse.Action):
+    """`--list-models`: print what `--model` takes and exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="list the models --model takes (built-in GPT-2, hf:FAMILY, a local folder) and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from stagewise.models.hf import describe_models
+
+        print(describe_models())
+        parser.exit()
+
+
+def hf_model_problem(name: str) -> str | None:
+    """Why `--model name` cannot be used here (a Hugging Face model without transformers installed), or None."""
+    import importlib.util
+
+    hf = name.startswith("hf:") or (Path(name).expanduser() / "config.json").is_file()  # no torch import here
+    if hf and importlib.util.find_spec("transformers") is None:
+        return f"{name} is a Hugging Face model and needs the `transformers` package: pip install 'stagewise[hf]'"
+    return None
 
 
 def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -211,10 +254,14 @@ def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.batch_size < args.dp:
         parser.error(f"argument --batch-size: a batch of {args.batch_size} samples cannot feed {args.dp} "
                      f"data-parallel replicas; use --batch-size >= {args.dp}")
+    if not args.pretrained and (problem := hf_model_problem(args.model)):
+        parser.error(f"argument --model: {problem}")
     if isinstance(args.partition, list) and not args.pretrained and not plan:
         from stagewise.models import config
+        from stagewise.models.hf import is_hf_model, layer_count
 
-        layers = config(args.model).n_layer + 2  # embedding, the blocks, the head
+        # embedding, the blocks, the head
+        layers = layer_count(args.model) if is_hf_model(args.model) else config(args.model).n_layer + 2
         runs = {stages} if stages is not None else {args.stages * v for v in range(1, 5)}
         if len(args.partition) not in runs or sum(args.partition) != layers:
             where = f"this schedule runs {stages} stages" if stages is not None else \

@@ -5,7 +5,9 @@ the same model unsplit in one process on the same batch, both in float64 by defa
 relative difference of the loss and of every parameter's gradient: max |pipeline - reference| /
 max |reference| per tensor. Exact pipelining leaves only float rounding (about 1e-15 in float64); a
 model whose layers depend on how the batch is split (batch statistics, state kept across calls, a
-random draw per call) or a schedule that drops or repeats work shows up as a large difference, named.
+random draw per call) or a schedule that drops or repeats work shows up as a large difference, named. A model
+that is random by itself (dropout, noise) is told apart: two forwards of the unsplit model on the batch are
+compared, and the report says when they differ (`CheckReport.reference_variation`, `deterministic`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from stagewise.runtime.loss import mean_of
-from stagewise.tree import map_tensors
+from stagewise.tree import flatten, map_tensors
 
 
 @dataclass
@@ -36,6 +38,14 @@ class CheckReport:
     loss_error: float
     grad_errors: dict[str, float]  # parameter name (as nn.Sequential(*layers) names it) -> relative error
     tolerance: float
+    # two forwards of the unsplit model in one process, on the same batch: their relative difference (0: the same)
+    reference_variation: float = 0.0
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the unsplit model gave the same output twice on the same batch (within the tolerance); a model
+        that does not (dropout, random noise, state changed by each call) cannot match any pipeline."""
+        return self.reference_variation <= self.tolerance
 
     @property
     def worst(self) -> tuple[str, float]:
@@ -48,7 +58,7 @@ class CheckReport:
         return self.worst[1] <= self.tolerance
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "worst": list(self.worst), "ok": self.ok}
+        return {**asdict(self), "worst": list(self.worst), "ok": self.ok, "deterministic": self.deterministic}
 
     def format(self) -> str:
         name, err = self.worst
@@ -61,7 +71,14 @@ class CheckReport:
         if len(ranked) > 5:
             lines.append(f"  ... {len(ranked) - 5} more gradients, each at most {ranked[5][1]:.3g}")
         verdict = "OK" if self.ok else "FAILED"
-        lines.append(f"{verdict}: worst relative error {err:.3g} ({name}), tolerance {self.tolerance:g}")
+        random = "" if self.deterministic else "; the model is random, see below"
+        lines.append(f"{verdict}: worst relative error {err:.3g} ({name}), tolerance {self.tolerance:g}{random}")
+        if not self.deterministic:
+            lines.append(f"  the model is not deterministic: two forwards of the unsplit model in one process on the "
+                         f"same batch differ by {self.reference_variation:.3g} (relative), so no pipeline can match "
+                         "it. Set dropout to 0 (or call model.eval() on the layers), remove random noise or state "
+                         "that changes per call, then check again; seeding alone does not help, as the pipeline "
+                         "draws per micro-batch")
         return "\n".join(lines)
 
 
@@ -79,6 +96,18 @@ def relative_error(got: torch.Tensor | None, want: torch.Tensor | None) -> float
     diff = (got - want).abs().max().item() if got.numel() else 0.0
     scale = want.abs().max().item() if want.numel() else 0.0
     return diff / scale if scale > 0 else diff
+
+
+def variation(model: nn.Module, inputs: Any) -> float:
+    """The relative difference (as `relative_error`, the worst tensor) of two forwards of `model` on `inputs` in a
+    row, in this process and in the model's current mode, without gradients; 0 for a deterministic model. The
+    global random generators are left as they were."""
+    cuda = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        first, second = flatten(model(inputs)), flatten(model(inputs))
+    if first[1].treespec != second[1].treespec or len(first[0]) != len(second[0]):
+        return float("inf")
+    return max((relative_error(b, a) for a, b in zip(first[0], second[0])), default=0.0)
 
 
 def _as_dtype(tree: Any, dtype: torch.dtype) -> Any:
@@ -118,6 +147,7 @@ def check(layers: nn.Sequential | Sequence[nn.Module], loss_fn: Callable[[Any, A
     ref_loss = mean_of(loss_fn(model(batch[0]), batch[1]))  # a (sum, count) pair's reference is sum / count
     ref_loss.backward()
     want = {n: p.grad for n, p in model.named_parameters()}
+    varies = variation(model, batch[0])  # a random model fails any check: said in the report
 
     pipe = Pipeline(pipe_layers, loss_fn, schedule=schedule, microbatches=microbatches, partition=partition,
                     chunks=chunks, local_devices=stages, timeout=timeout, show_partition=False)
@@ -128,6 +158,6 @@ def check(layers: nn.Sequential | Sequence[nn.Module], loss_fn: Callable[[Any, A
         ref = ref_loss.item()
         loss_error = abs(loss.item() - ref) / abs(ref) if ref else abs(loss.item())
         return CheckReport(pipe.schedule.name, stages, pipe.microbatches, list(pipe.balance), str(ref_dtype),
-                           loss.item(), ref, loss_error, errors, tol)
+                           loss.item(), ref, loss_error, errors, tol, varies)
     finally:
         pipe.close()

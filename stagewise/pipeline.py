@@ -32,6 +32,7 @@ from stagewise.schedules import Schedule, ScheduleError
 from stagewise.schedules.recompute import check_mode
 from stagewise.schedules.registry import resolve_schedule
 from stagewise.schedules.timeline import Timeline
+from stagewise.tree import concat
 
 
 class Pipeline:
@@ -41,6 +42,9 @@ class Pipeline:
     `stagewise run -n P script.py`); every rank constructs the same `Pipeline` and calls
     `train_step` with the same batch. With `local_devices=P` the P devices instead run
     as threads of this one process (handy for notebooks and tests).
+    Refused, not trained wrongly: bad options (before anything runs), ranks given different batches (a checksum
+    of every byte), and a training step whose loss does not require grad (an integer or detached output, a frozen
+    model), named by stage and layer where plain PyTorch's `loss.backward()` raises.
 
     Args:
         layers: an `nn.Sequential`, a list of modules, or zero-argument factories (each rank
@@ -60,10 +64,10 @@ class Pipeline:
             measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
         chunks: virtual stages per device (interleaved, looped-bfs; V-shaped: 2); default from the schedule.
         optimizer: `params -> torch.optim.Optimizer`, built over each rank's parameters.
-        data_parallel: D, replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank is
+        data_parallel: D >= 1 replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank is
             given the same batch; replica r trains on its share; gradients are reduced over replicas before the step.
-        max_grad_norm: clip the gradients by their global norm (every stage and replica, tied parameters once), as
-            `clip_grad_norm_` on one device; `last_step["grad_norm"]` is the norm (`track_grad_norm`: measured only).
+        max_grad_norm: > 0: clip the gradients by their global norm (every stage and replica, tied parameters once)
+            as `clip_grad_norm_` does; `last_step["grad_norm"]` is the norm (`track_grad_norm`: measured only).
         timeout: seconds any wait on another device may take before every rank stops with an error (> 0).
         on_nonfinite: a NaN/inf loss or gradient never steps: "raise" names the stage and micro-batch, "skip" warns.
         vertical_sync: an option of the schedule's generator (pipedream); other generator options are refused.
@@ -71,7 +75,10 @@ class Pipeline:
         keep_host_memory: on CPU, keep freed memory in glibc's malloc (process-wide): no page faults per step
             (4-7% of a step here); see `stagewise.runtime.host_memory`.
         precision: "fp32", "bf16" or "fp16": forwards under autocast, low-precision stage I/O; fp16 scales the
-            loss dynamically (`last_step["loss_scale"]`, `loss_scalers`). See `stagewise.runtime.precision`.
+            loss dynamically (`last_step["loss_scale"]`, `["overflow_skips"]`, `loss_scalers`; a non-finite loss is
+            `on_nonfinite`'s, not an overflow). See `stagewise.runtime.precision`.
+        loss_scale: fp16's `LossScaler` options: `init_scale`, `growth_factor`, `backoff_factor`, `growth_interval`,
+            `min_scale` (1), `max_consecutive_skips` (20): an overflow at min_scale or after that many skips raises.
         activation_checkpointing: "never", "except_last", "always" or N layers per checkpointed group: which
             forwards keep only their input and recompute (RECOMPUTE actions); "auto": the planner's choice.
     """
@@ -86,11 +93,13 @@ class Pipeline:
                  memory_limit: float | str | None = None, planner: dict | None = None,
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
                  data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False,
-                 precision: str = "fp32", activation_checkpointing: str | int = "never", on_nonfinite: str = "raise"):
+                 precision: str = "fp32", activation_checkpointing: str | int = "never", on_nonfinite: str = "raise",
+                 loss_scale: dict[str, Any] | None = None):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
         # an unknown schedule or a bad option fails before anything runs ("auto": the planner picks a registered one)
-        check_options(None if schedule == "auto" else schedule, timeout, on_nonfinite)
+        check_options(None if schedule == "auto" else schedule, timeout, on_nonfinite, max_grad_norm, data_parallel)
+        scaling = LossScaler.options(loss_scale, precision)  # fp16's loss scaler: its options, checked
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
         layer_list = as_layer_list(layers)
@@ -111,7 +120,7 @@ class Pipeline:
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()
         self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed, self.precision,
                               activation_checkpointing if isinstance(activation_checkpointing, int) else None)
-        self.loss_scalers = {r: LossScaler() for r in self.world.local_ranks} if precision == "fp16" else {}
+        self.loss_scalers = {r: LossScaler(**scaling) for r in self.world.local_ranks} if precision == "fp16" else {}
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
         ties = Ties(self.world, self.model.tied)
         if self.schedule.asynchronous and ties:
@@ -158,10 +167,6 @@ class Pipeline:
         """The stages this process holds."""
         return sorted(self.stages)
 
-    @property
-    def is_last_rank(self) -> bool:
-        return self.schedule.placement[-1] in {self.world.grid.coords(r)[0] for r in self.world.local_ranks}
-
     def train_step(self, batch: tuple[Any, Any], step: bool = True) -> torch.Tensor:
         """One pipelined step over `batch = (inputs, labels)`: forward, backward, and the optimizer step
         if an optimizer was given. Returns the batch loss (the mean over the batch, as one unpipelined
@@ -179,8 +184,12 @@ class Pipeline:
         return self._step(batch, train=True, step=step)["loss"]
 
     def eval_step(self, batch: tuple[Any, Any]) -> dict[str, Any]:
-        """Loss without gradients: `{"loss", "outputs"}`, outputs on the rank holding the last stage (else None)."""
-        return self._step(batch, train=False)
+        """`{"loss", "outputs"}` without gradients, in eval mode (each module's mode restored after). `outputs`: the
+        last stage's, joined as one forward gives them (`stagewise.tree.concat`); None off the last stage; with D > 1
+        replicas, this process's first replica's share (a contiguous slice of the batch); `loss` is the batch's."""
+        with self.model.evaluating():
+            out = self._step(batch, train=False)
+        return {**out, "outputs": None if out["outputs"] is None else concat(out["outputs"])}
 
     def train_batch(self, data_iter: Iterator[tuple[Any, Any]] | Iterable[tuple[Any, Any]]) -> torch.Tensor:
         """DeepSpeed-style: pull one batch from `data_iter` and run `train_step` on it."""

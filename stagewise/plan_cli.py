@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stagewise.cli_options import nonnegative_float, positive_float
+from stagewise.cli_options import MODELS, nonnegative_float, positive_float
 
 
 def load_object(spec: str) -> Any:
@@ -48,7 +48,10 @@ def build_model(args: argparse.Namespace) -> tuple[list[Any], Any, tuple[Any, An
         layers = list(load_object(args.layers)())
         return layers, load_object(args.loss), tuple(load_object(args.sample)(args.batch)), args.layers
     from stagewise.models import config, gpt2_layers, lm_loss
+    from stagewise.models.hf import is_hf_model, sample_model
 
+    if is_hf_model(args.model):  # hf:FAMILY or a Hugging Face folder
+        return (*sample_model(args.model, args.batch, args.seq_len, args.vocab_size, args.seed), args.model)
     base = config(args.model)
     cfg = config(args.model, vocab_size=args.vocab_size or base.vocab_size,
                  n_positions=max(base.n_positions, args.seq_len))
@@ -61,7 +64,8 @@ def build_model(args: argparse.Namespace) -> tuple[list[Any], Any, tuple[Any, An
 
 
 def _model_args(p: argparse.ArgumentParser, batch: int, seq_len: int) -> None:
-    p.add_argument("--model", default="gpt2-tiny", help="a built-in GPT-2: gpt2-tiny, gpt2-mini, gpt2, ...")
+    p.add_argument("--model", default="gpt2-tiny", choices=MODELS, metavar="MODEL",
+                   help="one of: %(choices)s (PATH: a local Hugging Face folder) (default: %(default)s)")
     p.add_argument("--layers", help="module:function returning your list of layers (instead of --model)")
     p.add_argument("--loss", help="module:function, the loss (output, labels) -> scalar, with --layers")
     p.add_argument("--sample", help="module:function, batch size -> (inputs, labels), with --layers")

@@ -80,7 +80,8 @@ def _texts(cfg: TrainConfig) -> list[str]:
 
 def prepare_data(cfg: TrainConfig, rank: int, world: int):
     """(tokenizer, batches): rank 0 builds the caches first so the other ranks only read them."""
-    from stagewise.data import LengthSortedBatches, cache_root, gpt2_tokenizer, pad_id, token_chunks, train_bpe
+    from stagewise.data import LengthSortedBatches, cache_root, gpt2_tokenizer, pad_id, token_chunks
+    from stagewise.models.hf import data_pad_id, data_tokenizer
 
     def build():
         texts = _texts(cfg)
@@ -90,10 +91,11 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
                 raise RuntimeError("--pretrained needs GPT-2's own tokenizer, which is not in the local Hugging Face "
                                    "cache; download it once where there is network, or train from scratch without "
                                    "--pretrained (a tokenizer is then trained on the corpus)")
-        else:
-            tok = train_bpe(texts, vocab_size=cfg.vocab_size)
+        else:  # our BPE, or a Hugging Face folder's own tokenizer.json
+            tok = data_tokenizer(cfg.model, texts, cfg.vocab_size)
         chunks = token_chunks(texts, tok, cfg.seq_len, cache_dir=cache_root() / "tokens")
-        return tok, LengthSortedBatches(chunks, cfg.batch_size, pad_id(tok), seed=cfg.seed, drop_last=True)
+        pad = pad_id(tok) if cfg.pretrained else data_pad_id(tok, cfg.model)
+        return tok, LengthSortedBatches(chunks, cfg.batch_size, pad, seed=cfg.seed, drop_last=True)
 
     import torch.distributed as dist
 
@@ -106,13 +108,16 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
     return out
 
 
-def build_layers(cfg: TrainConfig, vocab_size: int) -> list[torch.nn.Module]:
+def build_layers(cfg: TrainConfig, vocab_size: int, tokenizer: Any = None) -> list[torch.nn.Module]:
     import torch
 
     from stagewise.models import config, gpt2_layers, load_pretrained
+    from stagewise.models.hf import is_hf_model, train_layers
 
     if cfg.pretrained:
         return load_pretrained(cfg.pretrained)
+    if is_hf_model(cfg.model):  # hf:FAMILY (a small config) or a Hugging Face folder
+        return train_layers(cfg.model, tokenizer, cfg.seq_len, cfg.seed)
     torch.manual_seed(cfg.seed)
     base = config(cfg.model)
     return gpt2_layers(config(cfg.model, vocab_size=vocab_size, n_positions=max(base.n_positions, cfg.seq_len)))
@@ -154,7 +159,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tok, batches = prepare_data(cfg, rank, world)
     say(f"data: {len(batches)} batches of {cfg.batch_size} x <= {cfg.seq_len} tokens, vocabulary "
         f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s)")
-    layers = build_layers(cfg, tok.get_vocab_size())
+    layers = build_layers(cfg, tok.get_vocab_size(), tok)
+    model_info = _export_info(cfg, layers, tok)  # in every checkpoint, for `stagewise export`
     sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
     # the mean over every label token of the batch, as the unsplit model's cross-entropy; asynchronous schedules
     # step during a batch, before its token count is known, so they take each micro-batch's own token mean
@@ -181,6 +187,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        tok.save(str(out / "tokenizer.json"))  # `stagewise export` copies it beside the weights
         if plan is not None:
             _write_json(out / "plan.json", plan.to_dict())
     prediction: dict[str, Any] | None = None
@@ -219,7 +226,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 window_tokens, window_time = 0, 0.0
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 pipe.save_checkpoint(root, step=step, keep=cfg.keep,
-                                     extra={"data": _position(batches, step), "first_loss": first_loss})
+                                     extra={"data": _position(batches, step), "first_loss": first_loss,
+                                            "model": model_info})
                 saved = step
             if rank == 0:
                 _write_json(out / "progress.json", {"step": step, "loss": loss, "attempt": attempt,
@@ -247,6 +255,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _export_info(cfg: TrainConfig, layers: Any, tok: Any) -> dict[str, Any]:
+    """The transformers config a checkpoint of this run exports with (`stagewise.models.hf.export`)."""
+    from stagewise.models import config
+    from stagewise.models.hf import export_config, is_hf_model
+
+    native = None
+    if not cfg.pretrained and not is_hf_model(cfg.model):
+        native = config(cfg.model, vocab_size=tok.get_vocab_size(),
+                        n_positions=max(config(cfg.model).n_positions, cfg.seq_len))
+    return export_config(layers, native, tok, cfg.pretrained)
 
 
 def _checkpointing(value: str) -> str | int:

@@ -89,6 +89,25 @@ def describe(spec: Spec) -> str:
     return "(" + ", ".join(parts) + ")" if len(parts) != 1 else parts[0]
 
 
+def concat(trees: list[Any]) -> Any:
+    """Structures of one shape (the outputs of a batch's micro-batches, in order) joined as one structure over the
+    whole batch: every tensor concatenated along dim 0; other values taken from the first. A 0-dim tensor has no
+    batch dimension to join along: those are stacked, one value per structure (a forward of the whole batch would
+    give one value, but how it reduces, a mean or a sum, is the model's own business). Structures that differ
+    (in their nesting, their non-tensor values' places, or a tensor's shape past dim 0) raise a ValueError."""
+    if not trees:
+        raise ValueError("nothing to join: no structures given")
+    flat = [flatten(t) for t in trees]
+    spec = flat[0][1]
+    for k, (_, other) in enumerate(flat[1:], 1):
+        if other.treespec != spec.treespec or shape_key(other) != shape_key(spec) or \
+                [len(s.shape) for s in slots(other)] != [len(s.shape) for s in slots(spec)]:
+            raise ValueError(f"cannot join the outputs of the micro-batches: number {k} is {describe(other)} "
+                             f"{other.treespec} but number 0 is {describe(spec)} {spec.treespec}")
+    joined = [torch.stack(ts) if ts[0].dim() == 0 else torch.cat(ts) for ts in zip(*(t for t, _ in flat))]
+    return unflatten(spec, joined)
+
+
 def cut(tree: Any, keep_grad: bool = True) -> Any:
     """A stage's input cut from the graph that produced it: every tensor detached; floating-point ones
     that required a gradient become leaves that record their own (when `keep_grad`)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from toy import loss_fn, make_batch, make_layers, make_padded_batch, make_tied_layers, token_loss
+from toy import counted_token_loss, loss_fn, make_batch, make_layers, make_padded_batch, make_tied_layers, token_loss
 
 from stagewise import Pipeline
 
@@ -63,13 +63,15 @@ def pp_dp(rank: int, world: int, pipeline: int, local: bool = False) -> dict:
     out["tied_accumulated"] = _errors(pipe, ref_losses, ref_losses, ref)
     pipe.close()
     out["token_mean"] = token_mean(data, devices if local else None)
+    out["token_mean_counted"] = token_mean(data, devices if local else None, counted_token_loss)
     return out
 
 
-def token_mean(data: int, local: int | None) -> dict:
+def token_mean(data: int, local: int | None, loss=token_loss) -> dict:
     """(sum, count) losses on padded batches, tied weights, clipping, 3 Adam steps each over 3 accumulating calls
     (9, 7 and 10 samples: uneven over replicas and micro-batches) against one process on their concatenation
-    with the token-mean cross-entropy."""
+    with the token-mean cross-entropy. `loss`: the sums divided at the step, or (`counted_token_loss`) counted ahead,
+    each backward starting from 1 / count."""
     parts = [make_padded_batch(9, 6, seed=20), make_padded_batch(7, 6, seed=21), make_padded_batch(10, 6, seed=22)]
     full = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     model = torch.nn.Sequential(*make_tied_layers())
@@ -83,7 +85,7 @@ def token_mean(data: int, local: int | None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
         opt.step()
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
-    pipe = Pipeline(make_tied_layers(), token_loss, schedule="zbv", microbatches=2, timeout=30, show_partition=False,
+    pipe = Pipeline(make_tied_layers(), loss, schedule="zbv", microbatches=2, timeout=30, show_partition=False,
                     optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05), data_parallel=data, max_grad_norm=0.3,
                     local_devices=local)
     losses = []

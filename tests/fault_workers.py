@@ -97,6 +97,13 @@ def layers(fault: Counted | nn.Module | None = None, at: int = 3, width: int = 8
     return out
 
 
+def random_layers() -> list[nn.Module]:
+    """`layers()` with dropout: a model that is random by itself (for `stagewise check`)."""
+    out = layers()
+    out.insert(3, nn.Dropout(0.5))
+    return out
+
+
 def batch(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
@@ -129,7 +136,7 @@ def mismatch(rank: int, world: int, what: str) -> str:
     x, y = batch(8)
     if what == "data" and rank == 1:
         x = x.clone()
-        x[0, 0] += 1.0  # one changed element, at a sampled position
+        x[0, 1] = torch.nextafter(x[0, 1], torch.tensor(9.0))  # one element, one bit: none a sample of 16 would see
     if what == "shapes" and rank == 1:
         x, y = batch(9)
     if what == "call" and rank == 1:
@@ -170,6 +177,21 @@ def fault(rank: int, world: int, mode: str, timeout: float) -> str:
     partition = [4, 3] if mode == "none" else [3, 4]  # "none": the last layer of stage 0
     pipe = Pipeline(layers(Counted(2, mode)), mse, microbatches=4, partition=partition, timeout=timeout,
                     show_partition=False)
+    pipe.train_step(batch(8))
+    return "finished"
+
+
+def leave(rank: int, world: int, how: str) -> str:
+    """After one step, rank 1 returns without the second ("return") or is killed ("kill"); rank 0 steps again, and
+    meets the silence in a collective (the step's first: the batch check's all-reduce)."""
+    from stagewise import Pipeline
+
+    pipe = Pipeline(layers(), mse, microbatches=2, partition=[3, 3], timeout=10, show_partition=False)
+    pipe.train_step(batch(8))
+    if rank == 1:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return "left"
     pipe.train_step(batch(8))
     return "finished"
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _check_pp_dp(results: list[dict], expected_names: int) -> None:
     for r in results:
-        for key in ("1f1b", "zbv", "tied_accumulated", "token_mean"):
+        for key in ("1f1b", "zbv", "tied_accumulated", "token_mean", "token_mean_counted"):
             assert r[key]["loss"] <= TOL and r[key]["weight"] <= TOL, (key, r[key])
         assert abs(r["1f1b"]["grad_norm"] - r["zbv"]["grad_norm"]) <= TOL * r["zbv"]["grad_norm"]
         assert r["1f1b"]["grad_norm"] > 0

@@ -5,10 +5,11 @@ should (the stage, micro-batch, action, option, rank or file), that no process i
 process a case starts carries a tag in its environment; /proc is searched for it afterwards) and that
 nothing is written half (no run folder for a refused command, no temporary or partial checkpoint).
 
-`pytest -q` (CI, `make test`) runs a reduced form: the in-process cases (threads, the CLI's parser) and four
-that start processes (ranks given different data, a NaN across ranks, a rank killed under `stagewise run`, a
-refused `stagewise train`), about 40 s on 2 busy cores. `STAGEWISE_FAULTS=full pytest -q -m faults` runs all
-of it (a few minutes: every multi-process case starts 2 or 3 Python processes).
+`pytest -q` (CI, `make test`) runs a reduced form: the in-process cases (threads, the CLI's parser) and five
+that start processes (ranks given different data, a NaN across ranks, a rank that leaves during a collective,
+a rank killed under `stagewise run`, a refused `stagewise train`), about 55 s on 2 busy cores.
+`STAGEWISE_FAULTS=full pytest -q -m faults` runs all of it (a few minutes: every multi-process case starts 2
+or 3 Python processes).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from fault_workers import (
     early_exit,
     fault,
     layers,
+    leave,
     mismatch,
     mse,
     nonfinite,
+    random_layers,
 )
 
 from stagewise import Pipeline, PipelineError, spawn
@@ -133,6 +136,16 @@ def test_an_inf_loss_names_the_loss_and_its_microbatch():
     raises(r"the loss of micro-batch 3 \(last stage 1, rank 1\).*check loss_fn", p.train_step, batch(8))
 
 
+def test_nan_made_by_a_layer_of_the_last_stage_blames_that_layer_not_the_loss():
+    p = pipe(Counted(2, "nan"), partition=[3, 4])  # the fault is the first layer of the last stage
+    text = raises(r"first appeared in stage 1's output for micro-batch 2 \(rank 1, F\(stage 1, mb 2\)\): the output of "
+                  r"the last stage's layers, before loss_fn saw it", p.train_step, batch(8), kind=PipelineError)
+    assert "check loss_fn" not in text
+    # a finite output and a non-finite loss still blame the loss, saying that the output was finite
+    raises(r"the loss of micro-batch 1 .*the last stage's own output included, was finite: check loss_fn",
+           pipe(partition=[3, 3], loss_fn=InfLoss(1)).train_step, batch(8))
+
+
 def test_a_nan_gradient_names_the_backward_stage_and_microbatch():
     p = pipe(Counted(1, "nan-grad"), partition=[3, 2, 2], devices=3)
     raises(r"backward of stage 1 \(rank 1\): the gradient of its input for micro-batch 1", p.train_step, batch(8))
@@ -192,11 +205,135 @@ def test_eval_returns_a_nan_loss_without_stopping():
     assert torch.isfinite(p.train_step(batch(8)))  # nothing was kept from the evaluation
 
 
+def test_eval_step_runs_in_eval_mode_restores_every_mode_and_joins_the_outputs():
+    from stagewise.tree import concat
+
+    net = layers()
+    net.insert(3, torch.nn.Dropout(0.9))
+    reference = torch.nn.Sequential(*net)
+    p = Pipeline([*net], mse, partition=[4, 3], local_devices=2, microbatches=4, show_partition=False, timeout=5)
+    modules = [m for st in p.stages.values() for m in st.module.modules()]
+    modules[-1].eval()  # a module the user put in eval mode stays so
+    before = [m.training for m in modules]
+    x, y = batch(8)
+    with within(15):
+        out = p.eval_step((x, y))
+    assert [m.training for m in modules] == before and before[0]  # every mode back as it was
+    assert isinstance(out["outputs"], torch.Tensor) and out["outputs"].shape == (8, 1)  # joined, as one forward
+    with torch.no_grad():
+        want = reference.eval()(x)  # dropout off: what one forward of the batch in eval mode gives
+    assert torch.allclose(out["outputs"], want, atol=1e-6) and torch.allclose(out["loss"].float(), mse(want, y))
+    # the modes come back even when the evaluation raises
+    bad = Pipeline(layers(Counted(0, "raise")), mse, partition=[4, 3], local_devices=2, microbatches=2,
+                   show_partition=False, timeout=5)
+    raises(r"boom", bad.eval_step, batch(8), kind=PipelineError)
+    assert all(m.training for st in bad.stages.values() for m in st.module.modules())
+    # the tree join: tensors along dim 0, 0-dim ones stacked, other values from the first micro-batch
+    a = {"h": torch.ones(2, 3), "aux": torch.tensor(1.0), "tag": "first"}
+    b = {"h": torch.zeros(1, 3), "aux": torch.tensor(2.0), "tag": "second"}
+    joined = concat([a, b])
+    assert joined["h"].shape == (3, 3) and joined["aux"].tolist() == [1.0, 2.0] and joined["tag"] == "first"
+    with pytest.raises(ValueError, match="cannot join the outputs of the micro-batches: number 1"):
+        concat([a, {**b, "h": torch.zeros(1, 4)}])
+
+
 def test_an_inf_mask_without_gradient_is_not_a_fault():
     layers_ = [torch.nn.Linear(4, 4), WithMask(), UseMask(), torch.nn.Linear(4, 1)]
     p = Pipeline(layers_, mse, partition=[2, 2], local_devices=2, microbatches=2, show_partition=False, timeout=5)
     with within(15):
         assert torch.isfinite(p.train_step(batch(8)))
+
+
+# ---- no gradient path: the step would train nothing (threads) ---------------------------------------------
+
+class ToInt(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.round().long()
+
+
+class Detach(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+
+def as_float_mse(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return mse(out.float(), labels)
+
+
+@pytest.mark.parametrize("last,pattern", [
+    (ToInt(), r"stage 1's output, \[4, 1\]:int64 from layer 6 \(ToInt\), carries no gradient although its input "
+              r"does: a layer of stage 1 \(layers 3-6\) cuts the gradient path"),
+    (Detach(), r"stage 1's output, \[4, 1\]:float32 from layer 6 \(Detach\), carries no gradient.*\.detach\(\)"),
+])
+def test_an_output_without_gradient_path_is_refused_naming_the_stage_and_layer(last, pattern):
+    """Plain PyTorch's loss.backward() raises here; the pipeline must not train nothing with a constant loss."""
+    p = pipe(last, partition=[3, 4], at=6, loss_fn=as_float_mse, microbatches=2)  # the model's last layer, 6
+    raises(r"stage 1 \(rank 1\) at F\(stage 1, mb 0\): the loss of micro-batch 0 does not require grad, so no "
+           r"parameter would get a gradient.*element 0 of tensors does not require grad.*" + pattern, p.train_step,
+           batch(8), kind=PipelineError)
+
+
+def test_a_loss_fn_that_cuts_the_graph_and_a_frozen_model_are_refused():
+    p = pipe(loss_fn=lambda out, y: mse(out, y).detach(), microbatches=2)
+    raises(r"stage 1's output carries a gradient but loss_fn's result does not, so loss_fn cut the graph",
+           p.train_step, batch(8), kind=PipelineError)
+    frozen = layers()
+    for w in (w for layer in frozen for w in layer.parameters()):
+        w.requires_grad_(False)
+    for devices, pattern in [(1, r"no parameter of the model requires grad \(every one is frozen.*use eval_step"),
+                             (2, r"stage 1 \(layers 3-5\) got no input that requires grad from stage 0 and holds no "
+                                 r"parameter that does.*or every parameter of the model is frozen")]:
+        p = Pipeline(frozen, mse, partition=[6] if devices == 1 else [3, 3], local_devices=devices, microbatches=2,
+                     show_partition=False, timeout=5)
+        assert torch.isfinite(p.eval_step(batch(8))["loss"])  # evaluating a frozen model is fine
+        raises(pattern, p.train_step, batch(8), kind=PipelineError)
+
+
+def test_a_loss_without_gradient_is_fine_for_a_pair_that_counts_nothing():
+    """A (sum, count) loss may return a constant for a micro-batch with nothing to count: no gradient is right."""
+    def pair(out: torch.Tensor, y: torch.Tensor):
+        return (torch.zeros(()), 0) if bool((y > 100).all()) else ((out - y).pow(2).sum(), y.numel())
+
+    x, y = batch(8)
+    y[:4] = 1000.0  # micro-batch 0 counts nothing
+    p = pipe(loss_fn=pair, microbatches=2, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01))
+    before = [w.detach().clone() for w in p.parameters()]
+    with within(15):
+        assert torch.isfinite(p.train_step((x, y)))
+    assert not all(torch.equal(a, w.detach()) for a, w in zip(before, p.parameters()))
+
+
+# ---- every rank the same batch: the checksum -------------------------------------------------------------
+
+def test_the_batch_checksum_sees_every_element_on_any_device_path():
+    from stagewise.runtime.guards import _COLUMNS, _device_sum, _host_sum, checksum, fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50257, (16, 128), generator=g)
+    x = torch.randn(3, 1000, 7, generator=g)  # 21000 floats: 10500 words, 10 rows of 1024 and a tail
+    for t in (ids, x, x.to(torch.float16), x[:, :, 1:], x.transpose(0, 2), torch.randn(5, 3)[1:, 1:]):
+        base = checksum(t)
+        for i in torch.randint(0, t.numel(), (40,), generator=g).tolist() + [0, t.numel() - 1]:
+            changed = t.contiguous().clone()  # the same elements in the same (row-major) order as t
+            flat = changed.view(-1)
+            if t.is_floating_point():
+                flat[i] = torch.nextafter(flat[i], torch.tensor(1e4, dtype=t.dtype))  # one bit
+            else:
+                flat[i] += 1
+            assert checksum(changed) != base, (t.shape, i)
+        assert checksum(t.clone()) == base and checksum(t.contiguous()) == base
+    swapped = ids.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the same samples in another order
+    assert checksum(swapped) != checksum(ids)
+    assert checksum(torch.tensor([0.0])) != checksum(torch.tensor([-0.0]))  # bytes, not values
+    # the CPU (numpy) and device (torch) sums are the same number
+    for rows in (1, 3, 4097):
+        body = torch.randint(-2**62, 2**62, (rows, _COLUMNS), generator=g)
+        assert _host_sum(body) % 2**64 == _device_sum(body) % 2**64
+    a, b = ids.clone(), ids.clone()
+    b[7, 77] += 1
+    assert fingerprint((a, ids), "train_step", "")["inputs checksum"] != \
+        fingerprint((b, ids), "train_step", "")["inputs checksum"]
 
 
 # ---- options refused at construction ---------------------------------------------------------------------
@@ -220,6 +357,12 @@ def _factories(built: list) -> list:
     ({"schedule": "fast"}, r"unknown schedule 'fast'"),
     ({"microbatches": 0}, r"micro-batches must be an integer >= 1, got 0"),
     ({"partition": [2, 2]}, r"covers 4 layers but the model has 3"),
+    ({"max_grad_norm": 0}, r"max_grad_norm must be a positive, finite number .*got 0"),  # 0 would freeze the weights
+    ({"max_grad_norm": -1.0}, r"max_grad_norm must be .*got -1.0"),  # and a negative one climb the loss
+    ({"max_grad_norm": float("nan")}, r"max_grad_norm must be .*got nan"),
+    ({"data_parallel": 0}, r"data_parallel must be an integer >= 1 \(replicas of the whole pipeline\), got 0"),
+    ({"data_parallel": -2}, r"data_parallel must be an integer >= 1 .*got -2"),
+    ({"precision": "fp16", "loss_scale": {"min_scale": -1}}, r"loss scaler: min_scale must be a finite number > 0"),
 ])
 def test_a_bad_option_is_refused_before_anything_runs(option, pattern):
     built: list = []
@@ -268,12 +411,43 @@ def test_a_failing_stage_thread_names_stage_microbatch_and_action(mode, pattern)
     raises("stopped after an earlier failure", p.train_step, batch(8), bound=2)
 
 
+class AsTensor(torch.nn.Module):
+    """Returns its input as it is: a tensor, where the next layer wants a tuple (as a transformers 5 GPT2Block)."""
+
+    def forward(self, x):
+        return x
+
+
+class TupleUser(torch.nn.Module):
+    def forward(self, x):
+        hidden, mask = x[0], x[1]
+        return hidden * mask[:, :1]
+
+
+def test_an_error_inside_a_layer_names_the_layer_and_what_it_was_given():
+    net = [torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), AsTensor(), TupleUser(),
+           torch.nn.Linear(8, 1)]
+    p = Pipeline(net, mse, partition=[3, 3], local_devices=2, microbatches=4, show_partition=False, timeout=5)
+    raises(r"stage 1 \(rank 1\) failed at F\(stage 1, mb 0\): IndexError: .* \(raised in layer 4 \(TupleUser\), of "
+           r"stage 1's layers 3-5; its input, the output of layer 3 \(AsTensor\), was a tensor \[2, 8\]:float32\)$",
+           p.train_step, batch(8), kind=PipelineError)
+    # in a recompute too (call 1 of the layer is the recompute of micro-batch 0); the first layer of a stage
+    # gets its input from the stage before, described as before
+    p = pipe(Counted(1, "raise"), partition=[3, 4], at=4, microbatches=2, activation_checkpointing="always")
+    raises(r"failed at RECOMPUTE\(stage 1, mb 0\): RuntimeError: boom in micro-batch 1 \(raised in layer 4 "
+           r"\(Counted\), of stage 1's layers 3-6; its input, the output of layer 3 \(Tanh\), was a tensor",
+           p.train_step, batch(8))
+    raises(r"failed at F\(stage 1, mb 2\): RuntimeError: boom in micro-batch 2 \(raised in layer 3 \(Counted\), of "
+           r"stage 1's layers 3-6; its input from stage 0 on device 0 was \[2, 8\]:float32\)",
+           pipe(Counted(2, "raise"), partition=[3, 4]).train_step, batch(8))
+
+
 def test_a_failing_loss_fn_names_the_last_stage():
     def loss_fn(out, labels):
         raise KeyError("labels has no field 'y'")
 
     raises(r"stage 1 \(rank 1\) failed at F\(stage 1, mb 0\): KeyError", pipe(loss_fn=loss_fn).train_step, batch(8))
-    raises(r"loss_fn must return a scalar tensor, got Tensor\[2, 1\]",
+    raises(r"loss_fn must return a scalar tensor or a \(sum, count\) pair, got a tensor of shape \[2, 1\]",
            pipe(loss_fn=lambda o, y: (o - y) ** 2).train_step, batch(8))
 
 
@@ -305,6 +479,21 @@ def test_save_checkpoint_to_a_folder_no_rank_can_write_names_rank_and_folder(tmp
            rf"folder {re.escape(str(blocker))}/\.ckpt\.partial: \[Errno 20\] Not a directory", p.save_checkpoint,
            blocker / "ckpt")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a-file"]  # nothing written anywhere
+
+
+def test_check_of_a_random_model_says_the_model_is_random():
+    import stagewise
+
+    with within(20):
+        report = stagewise.check(random_layers(), mse, batch(8), stages=2, microbatches=4)
+        exact = stagewise.check(layers(), mse, batch(8), stages=2, microbatches=4)
+    assert not report.ok and not report.deterministic and report.reference_variation > 1e-3
+    text = report.format()
+    assert re.search(r"FAILED: .*; the model is random, see below\n  the model is not deterministic: two forwards of "
+                     r"the unsplit model in one process on the same batch differ by [\d.e-]+ \(relative\).*Set dropout "
+                     r"to 0 \(or call model.eval\(\) on the layers\)", text), text
+    assert report.to_dict()["deterministic"] is False
+    assert exact.ok and exact.deterministic and exact.reference_variation == 0 and "deterministic" not in exact.format()
 
 
 # ---- the command line (parsed in this process; one case as a real process) ------------------------------
@@ -354,6 +543,20 @@ def test_train_refuses_a_bad_option_before_anything_starts(capsys, tmp_path, arg
     code, _, err = _cli(capsys, "train", *argv, "--out", str(out))
     assert code == 2 and re.search(r"stagewise train: error: " + pattern, err), err
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no run folder, nothing else written
+
+
+@pytest.mark.parametrize("command", ["plan", "check", "partition"])
+def test_an_unknown_model_is_refused_naming_the_choices(capsys, command):
+    code, _, err = _cli(capsys, command, "--model", "nonsense")
+    assert code == 2 and re.search(rf"stagewise {command}: error: argument --model: invalid choice: 'nonsense' "
+                                   r"\(choose from 'gpt2-tiny', 'gpt2-mini', 'gpt2'", err), err
+    assert "Traceback" not in err
+
+
+def test_check_on_the_command_line_says_the_model_is_random(capsys):
+    code, out, _ = _cli(capsys, "check", "--layers", "fault_workers:random_layers", "--loss", "fault_workers:mse",
+                        "--sample", "fault_workers:batch")
+    assert code == 1 and "FAILED" in out and "the model is not deterministic" in out, out
 
 
 def test_train_refuses_an_unwritable_run_folder(capsys, tmp_path):
@@ -419,10 +622,11 @@ def _both(errors: dict[int, str], pattern: str) -> None:
 
 
 def test_ranks_given_different_data_are_refused_naming_them():
+    """The batches differ in one bit of one element (not one of 16 evenly spaced samples: every byte counts)."""
     errors = _spawn_fails(mismatch, 2, ("data",), 60)
-    _both(errors, r"the ranks disagree before the step: rank 1 disagrees with rank 0 on inputs sample \(rank 0: "
-                  r"\[-?\d.*; rank 1: \[")
-    assert "labels sample" not in errors[0]  # only what differs
+    _both(errors, r"the ranks disagree before the step: rank 1 disagrees with rank 0 on inputs checksum \(rank 0: "
+                  r"[0-9a-f]{16}; rank 1: [0-9a-f]{16}\).*a checksum of every byte of every tensor")
+    assert "labels checksum" not in errors[0]  # only what differs
 
 
 @full
@@ -473,6 +677,18 @@ def test_a_failing_rank_process_ends_every_rank_naming_it(mode, failing, pattern
     errors = _spawn_fails(fault, 2, (mode, 10.0), 45)
     assert re.search(pattern, errors[failing]), errors[failing][-3000:]
     assert re.search(other, errors[1 - failing]), errors[1 - failing][-3000:]
+
+
+@pytest.mark.parametrize("how", ["return", pytest.param("kill", marks=full)])
+def test_a_rank_that_leaves_during_a_collective_is_named(how):
+    errors = _spawn_fails(leave, 2, (how,), 60)
+    assert (list(errors) == [0]) if how == "return" else ("exited with code -9" in errors[1])
+    # not gloo's "Connection closed by peer ... GLHF!" alone: who stopped answering, where, and what to do
+    assert re.search(r"PeerError: rank 0 \(stage 0\): rank 1 \(stage 1\) stopped answering during an all_reduce "
+                     r"\(ranks \[0, 1\]\)\. A rank that stops answering crashed, was killed, or returned from the "
+                     r"script without making this call: every rank must call the same Pipeline methods .* in the same "
+                     r"order; see its own output for why it stopped \(RuntimeError: .*(Connection|connection)",
+                     errors[0]), errors[0][-3000:]
 
 
 @full

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy import loss_fn, make_batch, make_layers, make_padded_batch, make_tied_layers, token_loss
+from toy import (
+    CountedTokenLoss,
+    counted_token_loss,
+    loss_fn,
+    make_batch,
+    make_layers,
+    make_padded_batch,
+    make_tied_layers,
+    token_loss,
+)
 
 import stagewise
 from stagewise import Pipeline, PipelineError
@@ -32,13 +41,14 @@ def test_the_scalar_form_is_the_sample_mean_so_padding_makes_it_differ_from_the_
     assert stagewise.check(make_layers(), token_loss, padded, stages=2, microbatches=4).ok
 
 
-def test_accumulated_calls_step_on_the_token_mean_of_all_of_them_and_report_it():
+@pytest.mark.parametrize("loss", [token_loss, counted_token_loss], ids=["divided-at-step", "counted-ahead"])
+def test_accumulated_calls_step_on_the_token_mean_of_all_of_them_and_report_it(loss):
     parts = [make_padded_batch(5, 6, seed=s) for s in (1, 2, 3)]
     full = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     model = torch.nn.Sequential(*make_layers())
     total, count = token_loss(model(full[0]), full[1])
     (total / count).backward()
-    pipe = Pipeline(make_layers(), token_loss, microbatches=2, local_devices=2, show_partition=False)
+    pipe = Pipeline(make_layers(), loss, microbatches=2, local_devices=2, show_partition=False)
     try:
         calls = [pipe.train_step(p, step=k == 2).item() for k, p in enumerate(parts)]
         for part, got in zip(parts, calls):  # each call returns its own token mean
@@ -108,3 +118,34 @@ def test_an_asynchronous_schedule_refuses_a_pair_loss_naming_why():
     with pytest.raises(PipelineError, match=r"needs every count of a batch before its step; schedule 'pipedream'"):
         pipe.train_step(make_batch(4, 5))
     pipe.close()
+
+
+def test_a_count_method_that_disagrees_with_the_returned_counts_is_refused():
+    class Miscounted(CountedTokenLoss):
+        def count(self, labels):
+            return super().count(labels) + 1
+
+    pipe = _pipe(Miscounted())
+    with pytest.raises(PipelineError, match=r"loss_fn.count\(labels\) gave \d+ items .* returned counts summing to"):
+        pipe.train_step(make_padded_batch(4, 5))
+    pipe.close()
+
+
+def test_a_loss_counted_ahead_matches_the_unsplit_mean_inside_float32_code():
+    """A model that computes in float32 inside a float64 model (as RMSNorm in transformers does): counted ahead,
+    each backward starts from 1 / count as the unsplit mean's does, so the float32 code rounds the same values."""
+    class Float32Inside(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6).double()
+
+        def forward(self, x: dict) -> dict:
+            h = self.lin(x["h"].float().double()).float()
+            return {**x, "h": (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).double()}
+
+    torch.manual_seed(0)
+    layers = make_layers(blocks=3)
+    layers = layers[:2] + [Float32Inside()] + layers[2:3] + [Float32Inside()] + layers[3:]
+    report = stagewise.check(layers, counted_token_loss, make_padded_batch(9, 6, seed=4), schedule="zbv", stages=2,
+                             microbatches=3)
+    assert report.ok, report.format()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 from toy import loss_fn, make_batch, make_layers, reference
 
-from stagewise import Pipeline, spawn
+from stagewise import Pipeline, PipelineError, spawn
 from stagewise.partition.memory import Footprint
 from stagewise.partition.profile import profile_layers
+from stagewise.runtime.precision import LossScaler
 from stagewise.schedules import RECOMPUTE, ScheduleError, build, validate
 from stagewise.schedules.recompute import with_recompute
 
@@ -143,31 +147,129 @@ def test_bf16_trains_and_halves_the_bytes_between_stages():
     assert bf16[1] * 2 == fp32[1]  # activations and gradients cross in bf16: half the bytes
 
 
-def test_fp16_overflow_skips_the_step_everywhere_and_lowers_the_scale():
+class InfGrad(torch.autograd.Function):
+    """The identity whose backward overflows: an inf gradient whatever the loss scale."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+class Poison(torch.nn.Module):
+    """On stage 1 of the fp16 tests: when `mode` is "grad", the gradient through it overflows; "forward": its
+    output (and so the loss) is inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = None
+
+    def forward(self, x):
+        if self.mode == "grad" and torch.is_grad_enabled():
+            return {**x, "h": InfGrad.apply(x["h"])}
+        if self.mode == "forward":
+            return {**x, "h": x["h"] * torch.tensor(float("inf"))}
+        return x
+
+
+def _fp16_pipe(poison: Poison, at: int = 6, **kw) -> Pipeline:
     torch.set_default_dtype(torch.float32)
-    poison = {"on": False}
-
-    class MaybeInf(torch.nn.Module):
-        def forward(self, x):
-            if poison["on"] and torch.is_grad_enabled():
-                return {**x, "h": x["h"] * torch.tensor(float("inf"))}
-            return x
-
     torch.manual_seed(0)
     layers = [m.float() for m in make_layers()]
-    layers.insert(6, MaybeInf())  # on stage 1
-    pipe = Pipeline(layers, loss_fn, schedule="1f1b", microbatches=2, local_devices=2, precision="fp16",
-                    show_partition=False, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    layers.insert(at, poison)  # 6: on stage 1 (of layers 5-9); 3: on stage 0
+    return Pipeline(layers, loss_fn, schedule="1f1b", microbatches=2, local_devices=2, precision="fp16",
+                    show_partition=False, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1), timeout=10, **kw)
+
+
+def test_fp16_overflow_skips_the_step_everywhere_and_lowers_the_scale():
+    poison = Poison()
+    pipe = _fp16_pipe(poison)
     batch = make_batch(4, 5)
     pipe.train_step(batch)
     scale = pipe.last_step["loss_scale"]
     before = {n: p.detach().clone() for n, p in pipe.named_parameters()}
-    poison["on"] = True
-    with pytest.warns(UserWarning, match="step skipped on every rank.*fp16 overflow"):
+    poison.mode = "grad"
+    with pytest.warns(UserWarning, match=r"step skipped on every rank.*fp16 overflow; the scale is now 32768, 1 step"):
         pipe.train_step(batch)
     assert all(torch.equal(p, before[n]) for n, p in pipe.named_parameters())  # weights unchanged everywhere
-    assert all(s.scale == scale / 2 for s in pipe.loss_scalers.values())
-    poison["on"] = False
+    assert all(s.scale == scale / 2 and s.skips == 1 for s in pipe.loss_scalers.values())
+    assert pipe.last_step["overflow_skips"] == 1 and pipe.last_step["overflow"]
+    poison.mode = None
     pipe.train_step(batch)
     assert "skipped" not in pipe.last_step and pipe.last_step["loss_scale"] == scale / 2
+    assert pipe.last_step["overflow_skips"] == 0
     assert any(not torch.equal(p, before[n]) for n, p in pipe.named_parameters())  # the next steps go on
+
+
+def test_fp16_a_non_finite_loss_is_the_nonfinite_policy_s_not_an_overflow():
+    """A forward that overflows into the loss: no scale helps, so the scale stays and on_nonfinite decides."""
+    poison = Poison()
+    pipe = _fp16_pipe(poison, at=3)
+    pipe.train_step(make_batch(4, 5))
+    poison.mode = "forward"
+    with pytest.raises(PipelineError, match=r"non-finite .*first appeared in stage 0's output for micro-batch 0"):
+        pipe.train_step(make_batch(4, 5))
+    assert all(s.scale == 2.0**16 and s.skips == 0 for s in pipe.loss_scalers.values())
+
+    poison = Poison()
+    pipe = _fp16_pipe(poison, at=3, on_nonfinite="skip")
+    poison.mode = "forward"
+    for _ in range(3):
+        with pytest.warns(UserWarning, match=r"step skipped on every rank: a non-finite loss or gradient: it first "
+                                             r"appeared in stage 0's output"):
+            pipe.train_step(make_batch(4, 5))
+        assert "overflow" not in pipe.last_step
+    assert all(s.scale == 2.0**16 and s.skips == 0 for s in pipe.loss_scalers.values())
+
+
+@pytest.mark.parametrize("options,steps,pattern", [
+    ({"init_scale": 4.0}, 3, r"overflow even at loss scale 1, the minimum \(min_scale=1\), after 2 skipped steps"),
+    ({"init_scale": 2.0**10, "min_scale": 2.0**-30, "max_consecutive_skips": 3}, 4,
+     r"overflowed in 4 steps in a row \(max_consecutive_skips=3; the scale fell to 128\)"),
+    ({"max_consecutive_skips": 0}, 1, r"overflowed in 1 steps in a row \(max_consecutive_skips=0"),
+])
+def test_fp16_gradients_overflowing_at_every_scale_stop_naming_where(options, steps, pattern):
+    """Without a bound the scale would fall step after step, every step skipped, forever: the scaler gives up."""
+    poison = Poison()
+    pipe = _fp16_pipe(poison, loss_scale=options)
+    before = {n: p.detach().clone() for n, p in pipe.named_parameters()}
+    poison.mode = "grad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped steps warn
+        for _ in range(steps - 1):
+            pipe.train_step(make_batch(4, 5))
+            assert "fp16 overflow" in pipe.last_step["skipped"]
+    with pytest.raises(PipelineError) as info:
+        pipe.train_step(make_batch(4, 5))
+    text = str(info.value)
+    assert re.search(rf"fp16 loss scaling gave up: .*{pattern}.*In this step it first appeared in the backward of "
+                     r"stage 1 \(rank 1\): the gradient of its input for micro-batch \d.*precision='bf16'.*"
+                     r"Pipeline\(loss_scale=", text), text
+    assert all(torch.equal(p, before[n]) for n, p in pipe.named_parameters())
+
+
+def test_fp16_loss_scale_options_are_checked_and_old_scaler_states_load():
+    for options, pattern in [({"init_scale": 0.5}, r"init_scale must be a finite number >= min_scale \(1\)"),
+                             ({"min_scale": 0}, r"min_scale must be a finite number > 0"),
+                             ({"max_consecutive_skips": -1}, r"max_consecutive_skips must be an integer >= 0"),
+                             ({"growth_factor": 1}, r"growth_factor must be a finite number > 1"),
+                             ({"scale": 8}, r"unknown option\(s\) 'scale'; the options are init_scale,"),
+                             ([1], r"loss_scale must be a dict")]:
+        with pytest.raises(ValueError, match=pattern):
+            Pipeline(make_layers(), loss_fn, local_devices=2, precision="fp16", loss_scale=options)
+    with pytest.raises(ValueError, match=r"loss_scale is for precision='fp16'.*got precision='bf16'"):
+        Pipeline(make_layers(), loss_fn, local_devices=2, precision="bf16", loss_scale={"init_scale": 8.0})
+    scaler = LossScaler(min_scale=4.0, max_consecutive_skips=5)
+    scaler.update(True)
+    assert LossScaler().state_dict().keys() == scaler.state_dict().keys()
+    again = LossScaler()
+    again.load_state_dict(scaler.state_dict())
+    assert again.state_dict() == scaler.state_dict() and again.skips == 1
+    old = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "good_steps": 7}
+    again = LossScaler(max_consecutive_skips=3)
+    again.load_state_dict(old)  # a checkpoint from before the limits existed
+    assert (again.scale, again.good_steps, again.skips, again.min_scale, again.max_consecutive_skips) == \
+        (1024.0, 7, 0, 1.0, 3)

@@ -59,6 +59,19 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), flat, reduction="sum"), (flat != -100).sum()
 
 
+class CountedTokenLoss:
+    """`token_loss` that also counts a batch's label tokens ahead (`count`): each backward starts from 1 / count."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_loss(logits, labels)
+
+    def count(self, labels: torch.Tensor) -> int:
+        return int((labels != -100).sum())
+
+
+counted_token_loss = CountedTokenLoss()
+
+
 def make_padded_batch(n: int = 8, t: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences of random lengths 1..t, labels -100 past each length (padding): unequal tokens per sample."""
     ids, labels = make_batch(n, t, seed)

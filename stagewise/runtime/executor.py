@@ -16,6 +16,7 @@ import torch
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.loss import LossError, split_loss
 from stagewise.runtime.stage import Pending, Stage
+from stagewise.runtime.streams import ActionClock
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
 from stagewise.schedules.actions import (
     OVERLAP_F_B,
@@ -90,23 +91,29 @@ class RunState:
     signatures: dict[tuple[int, int], tuple[int, Spec, Any]] = field(default_factory=dict)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     counts: dict[int, float] = field(default_factory=dict)  # micro-batch -> count, for (sum, count) losses
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> its sum (detached), likewise
+    per_item: bool = False  # the weights are per counted item (a loss that counts its items ahead)
     kept: dict[int, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     received_spec: Spec | None = None  # the structure of the last activation received (for error messages)
+    last_output: Any = None  # the last stage's output of the forward just run, for the watch (which drops it)
     index: int = -1  # the position in the program of the action being run
 
 
 @dataclass
 class _Timing:
-    """An action's start, moved past any wait for a peer so that the event shows the computation alone."""
+    """An action's start, moved past any wait for a peer so that the event shows the computation alone. Stamps
+    come from the device's `ActionClock` (host seconds, or CUDA events resolved after the pass)."""
 
-    start: float
+    clock: ActionClock
+    start: Any
     extra: dict[str, Any] = field(default_factory=dict)
+    host: float = field(default_factory=time.perf_counter)
 
     def waited(self) -> None:
         now = time.perf_counter()
-        self.extra["wait_s"] = now - self.start
-        self.start = now
+        self.extra["wait_s"] = now - self.host
+        self.start = self.clock.stamp()
 
 
 class Executor:
@@ -114,11 +121,13 @@ class Executor:
 
     def __init__(self, schedule: Schedule, device: int, stages: dict[int, Stage], transport: Transport,
                  loss_fn: LossFn | None, step: StepRunner | None = None, rank: int | None = None,
-                 loss_scale: Callable[[], float] | None = None, watch: Watch | None = None):
+                 loss_scale: Callable[[], float] | None = None, watch: Watch | None = None,
+                 clock: ActionClock | None = None):
         if not schedule.lowered:
             raise ValueError("the executor runs lowered schedules (see stagewise.schedules.validate / lower)")
         self.schedule, self.device, self.stages, self.transport = schedule, device, stages, transport
         self.loss_fn, self.step, self.watch = loss_fn, step, watch
+        self.clock = clock or ActionClock(torch.device("cpu"))  # host seconds, or CUDA events on a GPU
         self.loss_scale = loss_scale  # the last stage's backward starts from this (fp16 loss scaling)
         self.rank = device if rank is None else rank
         self.program = schedule.actions[device]
@@ -144,10 +153,12 @@ class Executor:
                     self.ahead[i] = early
 
     def run(self, inputs: Any, labels: Any, weights: Any, train: bool = True,
-            keep_outputs: bool = False) -> RunResult:
+            keep_outputs: bool = False, per_item: bool = False) -> RunResult:
         """One pass over the program. `inputs`/`labels` index the micro-batches (needed on the first/last
-        stage); `weights[n]` is micro-batch n's share of its batch."""
-        st = RunState(inputs, labels, weights, train, keep_outputs)
+        stage); `weights[n]` is micro-batch n's share of its batch, or with `per_item` the weight of one counted
+        item of a (sum, count) loss (1 / the items of the whole step, known ahead: `stagewise.runtime.loss`)."""
+        st = RunState(inputs, labels, weights, train, keep_outputs, per_item=per_item)
+        self.clock.reset()
         for i, a in enumerate(self.program):
             if i in self.in_pair:
                 continue  # run by its pair
@@ -164,11 +175,13 @@ class Executor:
             left = sorted(set(st.pending) | set(st.grad_in))
             raise PipelineError(f"device {self.device}: the schedule left work unfinished for (stage, mb) {left[:4]}")
         total = torch.stack([st.losses[n] for n in sorted(st.losses)]).sum() if st.losses else None
+        for e in st.events:  # stamps to seconds (CUDA events: once the device has run them)
+            e.start, e.end = self.clock.seconds(e.start), self.clock.seconds(e.end)
         return RunResult(total, st.losses, [st.kept[i] for i in sorted(st.kept)], st.events, st.counts)
 
     def _run_action(self, a: Action, st: RunState, extra: dict[str, Any] | None = None) -> None:
         """Run one action through its handler and record its event; errors name the action."""
-        timing = _Timing(time.perf_counter(), dict(extra or {}))
+        timing = _Timing(self.clock, self.clock.stamp(), dict(extra or {}))
         try:
             if self.watch is not None:
                 self.watch.begin(a)
@@ -184,7 +197,7 @@ class Executor:
         except Exception as err:
             raise PipelineError(self._explain(a, err, st.received_spec), stage=a.stage, microbatch=a.microbatch,
                                 action=str(a), rank=self.rank) from err
-        st.events.append(Event(self.device, timing.start, time.perf_counter(), a.op, a.stage, a.microbatch,
+        st.events.append(Event(self.device, timing.start, self.clock.stamp(), a.op, a.stage, a.microbatch,
                                a.version, timing.extra))
 
     def _pair(self, a: Action, st: RunState, timing: _Timing) -> None:
@@ -213,13 +226,13 @@ class Executor:
     def _post_early(self, r: Action, st: RunState) -> None:
         if r.op == RECV_B and (not st.train or (r.stage, r.microbatch) not in st.pending):
             return  # its shapes come from a forward not run yet: posted in its place
-        t0 = time.perf_counter()
+        t0 = self.clock.stamp()
         try:
             self._post(r, st)
         except Exception as err:
             raise PipelineError(self._explain(r, err, st.received_spec), stage=r.stage, microbatch=r.microbatch,
                                 action=str(r), rank=self.rank) from err
-        st.events.append(Event(self.device, t0, time.perf_counter(), r.op, r.stage, r.microbatch, r.version,
+        st.events.append(Event(self.device, t0, self.clock.stamp(), r.op, r.stage, r.microbatch, r.version,
                                {"early": True}))
 
     def _send_activation(self, a: Action, st: RunState, timing: _Timing) -> None:
@@ -256,12 +269,17 @@ class Executor:
             out, p = stage.forward(x, version=a.version if self.schedule.asynchronous else None, loss=loss,
                                    keep=not st.train or (s, n) not in self.recomputed)
         if s == self.last:
-            st.losses[n] = p.loss
+            if st.train and not p.like and st.counts.get(n) != 0:  # (a pair counting nothing may be a constant)
+                raise PipelineError(f"stage {s} (rank {self.rank}) at {a}: {stage.no_gradient_path(out, p, n)}",
+                                    stage=s, microbatch=n, action=str(a), rank=self.rank)
+            st.losses[n] = st.sums.get(n, p.loss)  # a pair's own sum, whatever weight its backward started from
             if st.keep_outputs:
                 st.kept[n] = out.detach() if isinstance(out, torch.Tensor) else out
         else:
             self._check_signature(st, s, n, out)
             st.outputs[(s, n)] = out
+        if s == self.last and st.train and self.watch is not None:
+            st.last_output = out
         timing.extra["saved_bytes"] = p.saved_bytes
         if st.train:
             st.pending[(s, n)] = p
@@ -281,13 +299,16 @@ class Executor:
             raise PipelineError("loss_fn returned a (sum, count) pair for some micro-batches and a scalar for others; "
                                 "return one form for every micro-batch")
         if count is None:
+            if st.per_item:
+                raise PipelineError("loss_fn has a `count` method (it counts a batch's items ahead) but returned a "
+                                    "scalar; return (sum, count), or drop the method")
             return value * weight
         if self.schedule.asynchronous:
             raise PipelineError(f"loss_fn returned a (sum, count) pair, which needs every count of a batch before its "
                                 f"step; schedule {self.schedule.name!r} steps during the batch. Return a mean, or "
                                 "use a flushed schedule")
-        st.counts[n] = count
-        return value
+        st.counts[n], st.sums[n] = count, value.detach()
+        return value * weight if st.per_item else value  # else the step divides by the count, once known
 
     def _backward(self, a: Action, st: RunState, timing: _Timing) -> None:
         """B (input and weight gradients) or I (input gradients only, the rest kept for W)."""
@@ -349,10 +370,42 @@ class Executor:
             other = a.stage + (1 if a.op in (B, I, RECV_B) else -1)
             return (f"{where}: device {peer} (stage {other}) stopped answering; it crashed or exited, see its own "
                     f"log ({cause.splitlines()[0][:200]})")
+        layer = self._failing_layer(a, err)
+        if layer is not None and layer[1]:  # a layer given its input by the layer before it: what it was given
+            return f"{where}: {cause} ({layer[0]}; {layer[1]})"
         if a.op == F and a.stage > 0 and received_spec is not None and peer is not None:
-            got = describe(received_spec)
-            return f"{where}: {cause} (its input from stage {a.stage - 1} on device {peer} was {got})"
-        return f"{where}: {cause}"
+            got, raised = describe(received_spec), f"{layer[0]}; " if layer else ""
+            return f"{where}: {cause} ({raised}its input from stage {a.stage - 1} on device {peer} was {got})"
+        return f"{where}: {cause} ({layer[0]})" if layer is not None else f"{where}: {cause}"
+
+    def _failing_layer(self, a: Action, err: BaseException) -> tuple[str, str] | None:
+        """(which layer of the stage raised `err` in a forward or recompute, what that layer was given by the layer
+        before it), found after the fact: the outermost frame of the traceback run by one of the stage's layers.
+        Nothing is recorded while layers run, so a forward that succeeds pays nothing for this."""
+        stage = self.stages.get(a.stage)
+        if a.op not in (F, RECOMPUTE) or stage is None:
+            return None
+        layers = list(stage.module)
+        index = {id(m): i for i, m in reversed(list(enumerate(layers)))}  # a layer listed twice: its first place
+        tb = err.__traceback__
+        while tb is not None:
+            frame_locals = tb.tb_frame.f_locals
+            i = index.get(id(frame_locals.get("self")))
+            if i is not None and frame_locals.get("self") is layers[i]:
+                break
+            tb = tb.tb_next
+        else:
+            return None
+        first = stage.layer_offset
+        name = f"layer {first + i} ({type(layers[i]).__name__})"
+        raised = f"raised in {name}, of stage {a.stage}'s layers {first}-{first + len(layers) - 1}"
+        if i == 0:  # its input is the stage's: from the batch, or from the stage before
+            return raised, ""
+        args = frame_locals.get("args")  # Module.__call__(self, *args, **kwargs): what the layer was called with
+        if not isinstance(args, tuple) or not args:
+            return raised, ""
+        before = f"layer {first + i - 1} ({type(layers[i - 1]).__name__})"
+        return raised, f"its input, the output of {before}, was {_received(args[0])}"
 
     def _check_signature(self, st: RunState, s: int, n: int, out: Any) -> None:
         """Micro-batches of one batch must agree on every dimension but the batch one (batches may differ); None
@@ -378,6 +431,18 @@ class Executor:
                 f"stage {s} returned {describe(spec)} for micro-batch {n} but {describe(first[1])} for micro-batch "
                 f"{first[0]}: the output of a stage may change only in its batch dimension within a step, so stage "
                 f"{s + 1} cannot rely on it; check stage {s}'s layers", stage=s, microbatch=n, action=f"F{s}")
+
+
+def _received(x: Any) -> str:
+    """What a layer was given, for error messages: its Python type and its tensors' shapes and dtypes."""
+    tensors, spec = flatten(x)
+    if isinstance(x, torch.Tensor):
+        return f"a tensor {describe(spec)}"
+    kind = type(x).__name__
+    if not tensors:
+        return f"a {kind} with no tensor ({repr(x)[:80]})"
+    n = len(x) if isinstance(x, tuple | list | dict) else None
+    return f"a {kind}{f' of {n} items' if n is not None else ''} holding {describe(spec)}"
 
 
 def _received_key(a: Action) -> tuple[str, int, int]:

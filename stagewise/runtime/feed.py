@@ -17,14 +17,16 @@ class Microbatches:
 
     def __init__(self, inputs: Any, labels: Any, weights: Any):
         self.inputs, self.labels, self.weights = inputs, labels, weights
+        self.per_item = False  # weights per counted item of a (sum, count) loss, not per micro-batch
 
     @classmethod
     def of_batch(cls, batch: tuple[Any, Any], m: int, device: torch.device, what: str, replica: int = 0,
-                 replicas: int = 1, scale: float = 1.0) -> Microbatches:
+                 replicas: int = 1, scale: float = 1.0, item_weight: float | None = None) -> Microbatches:
         """Replica `replica`'s share of `batch = (inputs, labels)` (of `replicas` shares differing by at most one
         sample) split into `m` micro-batches on `device`. Each micro-batch's weight is its share of the whole
         batch (times `scale`), so the replicas' weighted losses add up to the batch mean. `what` names the
-        schedule in errors."""
+        schedule in errors. With `item_weight` every micro-batch's weight is that (per counted item of a (sum, count)
+        loss; see `stagewise.runtime.loss`)."""
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError("a batch is (inputs, labels); got " + type(batch).__name__)
         inputs, labels = batch
@@ -44,6 +46,10 @@ class Microbatches:
         if device.type != "cpu":
             in_mbs = [map_tensors(x, lambda t: t.to(device, non_blocking=True)) for x in in_mbs]
             lab_mbs = [map_tensors(x, lambda t: t.to(device, non_blocking=True)) for x in lab_mbs]
+        if item_weight is not None:  # a (sum, count) loss that counts ahead: every item weighs 1 / the step's items
+            feed = cls(in_mbs, lab_mbs, [item_weight] * m)
+            feed.per_item = True
+            return feed
         return cls(in_mbs, lab_mbs, [s / total * scale if scale != 1.0 else s / total for s in sizes])
 
 

@@ -9,7 +9,7 @@ import re
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from stagewise.runtime.errors import PipelineError
 
 ERROR_KEY = "stagewise/error"
+ANSWER_KEY = "stagewise/answer"  # + /RANK: set by every rank whose collective failed (see `roll_call`)
 
 
 def init_from_env(timeout: float, backend: str | None = None) -> tuple[int, int]:
@@ -30,12 +31,15 @@ def init_from_env(timeout: float, backend: str | None = None) -> tuple[int, int]
     if backend is None:  # NCCL wants one GPU per process on this node; otherwise stay on the CPU with gloo
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # NCCL: this process's GPU is set before the group exists, and named to it (`device_id`), so the communicator
+    # is created at once on that GPU (eager init, as torch recommends) rather than at the first collective
+    device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" else None
+    if device_id is not None:
+        torch.cuda.set_device(device_id)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     try:
         if attempt is None:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout), device_id=device_id)
         else:
             # torchrun keeps one store across restarts (--max-restarts): without a prefix per attempt, a restarted
             # rank can read the addresses (and failure reports) its killed predecessors published there
@@ -44,7 +48,8 @@ def init_from_env(timeout: float, backend: str | None = None) -> tuple[int, int]
 
             store, _, _ = next(rendezvous("env://", rank, size, timeout=timedelta(seconds=timeout)))
             dist.init_process_group(backend, store=dist.PrefixStore(f"stagewise/attempt-{attempt}", store),
-                                    rank=rank, world_size=size, timeout=timedelta(seconds=timeout))
+                                    rank=rank, world_size=size, timeout=timedelta(seconds=timeout),
+                                    device_id=device_id)
     except Exception as err:
         why = _not_joined(err, timeout)
         if why is None:
@@ -109,6 +114,27 @@ def peer_failure(wait_s: float = 2.0) -> str | None:
     except Exception:
         return None
     return None
+
+
+def roll_call(rank: int, others: Sequence[int], wait_s: float = 3.0) -> tuple[str | None, list[int] | None]:
+    """After a collective failed without a word from its peers (gloo's "Connection closed by peer", a timeout):
+    who is still there. This rank answers in the group's store, then waits up to `wait_s` for the answers of
+    `others` (the collective's other members, whose own collectives failed as well) or a failure another rank
+    published. Returns (that published failure or None, the ranks of `others` that did not answer; None when
+    the store itself cannot be reached). Costs nothing unless a collective failed."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{ANSWER_KEY}/{rank}", "here")
+        deadline = time.monotonic() + wait_s
+        while True:
+            if store.check([ERROR_KEY]):
+                return store.get(ERROR_KEY).decode(), []
+            silent = [r for r in others if not store.check([f"{ANSWER_KEY}/{r}"])]
+            if not silent or time.monotonic() >= deadline:
+                return None, silent
+            time.sleep(0.05)
+    except Exception:  # the store is gone: its host (rank 0, or the launcher) ended
+        return None, None
 
 
 def abort_group() -> None:

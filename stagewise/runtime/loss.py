@@ -9,9 +9,16 @@ Two forms:
   many items it covers (a number or a 0-dim tensor; it carries no gradient). The step's loss is
   `sum(sums) / sum(counts)` over every micro-batch, every data-parallel replica and every
   `train_step(step=False)` call since the last step, and the gradients are exactly those of that global
-  mean: the backward runs on the sums and the `MeanOverCount` step part divides the gradients by the global
-  count once it is known. This is the form for padded language-model batches, where a token mean is not
-  a sample mean (`stagewise.models.causal_lm_loss`).
+  mean. This is the form for padded language-model batches, where a token mean is not a sample mean
+  (`stagewise.models.causal_lm_loss`).
+
+  When the loss also has a method `count(labels) -> number` (the items of a whole batch's labels, the sum
+  of the counts it will return), every rank knows the step's count before anything runs: each micro-batch's
+  backward starts from 1 / count, exactly as the unsplit mean's backward does (so float32 code inside the
+  model rounds the same values), and earlier accumulating calls' gradients are rescaled as items come in.
+  Without it the backward runs on the sums and the `MeanOverCount` step part divides the gradients by the
+  count once the last forward has given it: the same mean, with the division in another place (float64:
+  the same to about 1e-15; a model computing in float32 inside rounds the two differently, about 1e-6).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from stagewise.runtime.microbatch import batch_size
 from stagewise.runtime.precision import LossScaler
 from stagewise.runtime.stages import StageSet
 from stagewise.runtime.step import RankStep, Step
+from stagewise.runtime.streams import ActionClock
 from stagewise.runtime.transport import Transport
 from stagewise.runtime.versions import stashing
 from stagewise.runtime.world import World
@@ -44,7 +45,8 @@ class Runner:
         alone = len(world.local_ranks) == 1
         self.watches = {r: RankWatch(r, model.of_rank(r), schedule.num_stages - 1, world.status if alone else None)
                         for r in world.local_ranks}
-        self.step = guarded(step, NonFiniteGuard(world, model, self.watches, on_nonfinite, schedule.asynchronous))
+        self.step = guarded(step, NonFiniteGuard(world, model, self.watches, on_nonfinite, schedule.asynchronous,
+                                                 self.scalers))
         balance = [hi - lo for lo, hi in model.layer_ranges]
         self.check = BatchCheck(world, f"schedule {schedule.name}, {schedule.microbatches} micro-batches, "
                                        f"{world.grid.pipeline} x {world.grid.data} ranks, balance {balance}")
@@ -58,6 +60,8 @@ class Runner:
         self.pairs = False  # whether loss_fn returned (sum, count) pairs in the last run (learnt from the runs)
         self.carried = [0.0, 0.0]  # (loss, weight) of the accumulating calls since the last step: samples or counts
         self.step_loss: float | None = None  # the loss of the last step over all its calls (see `step_batch`)
+        counter = getattr(loss_fn, "count", None)  # a (sum, count) loss that counts a batch's items ahead
+        self.counter = counter if callable(counter) and not schedule.asynchronous else None
 
     def executors_for(self, schedule: Schedule) -> dict[int, Executor]:
         out = {}
@@ -68,7 +72,8 @@ class Runner:
             scaler = self.scalers.get(rank)
             out[rank] = Executor(schedule, self.world.grid.coords(rank)[0], stages, self.transports[rank],
                                  self.loss_fn, self.rank_steps[rank], rank=rank, watch=self.watches[rank],
-                                 loss_scale=None if scaler is None else lambda s=scaler: s.scale)
+                                 loss_scale=None if scaler is None else lambda s=scaler: s.scale,
+                                 clock=ActionClock(self.world.device(rank)))
         return out
 
     def step_batch(self, batch: tuple[Any, Any], microbatches: int, train: bool, step: bool = True) -> torch.Tensor:
@@ -76,28 +81,36 @@ class Runner:
 
         Training calls with `step=False` only accumulate gradients; the next stepping call steps on the
         mean over every sample since the last step (earlier gradients are rescaled as samples come in), or,
-        for (sum, count) losses, on sum(sums) / sum(counts) over every call (`.grad` holds the sums until the
-        step divides them). Returns this call's loss (float64, on the CPU), the same on every rank;
-        `step_loss` is the loss over every call of the step, once a call has stepped.
+        for (sum, count) losses, on sum(sums) / sum(counts) over every call: with a loss that counts a batch's
+        items ahead (`loss_fn.count(labels)`), each backward starts from 1 / the items so far and earlier
+        gradients are rescaled as items come in, as for samples; otherwise `.grad` holds the sums until the step
+        divides them. Returns this call's loss (float64, on the CPU), the same on every rank; `step_loss` is the
+        loss over every call of the step, once a call has stepped.
         """
         grid, device = self.world.grid, self.model.world.device(self.world.local_ranks[0])
         fields = self.check.fields(batch, "eval_step" if not train else "train_step" if step else
                                    "train_step(step=False)")
-        scale, total = 1.0, 0
+        scale, total, item_weight = 1.0, 0, None
         if train:
             total = batch_size(batch[0]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else 0
+            items = float(self.counter(batch[1])) if self.counter is not None else None  # the whole batch's
             if self.samples == 0:
                 self.model.zero_grad()
                 self.carried = [0.0, 0.0]
+            elif items is not None:  # keep .grad the mean over all items so far
+                self.model.scale_grads(self.carried[1] / (self.carried[1] + items) if self.carried[1] + items else 0.0)
             elif not self.pairs:  # keep .grad the mean over all samples so far
                 self.model.scale_grads(self.samples / (self.samples + total))
                 scale = total / (self.samples + total)
-            for st in self.rank_steps.values():
-                st.carried = self.carried[1]  # the counts of the earlier calls, for MeanOverCount
+            if items is not None:
+                item_weight = 1.0 / (self.carried[1] + items) if self.carried[1] + items else 0.0
+            for st in self.rank_steps.values():  # for MeanOverCount: the counts of the earlier calls, and all
+                st.carried = self.carried[1]
+                st.expected = None if items is None else self.carried[1] + items
             self.samples = 0 if step else self.samples + total
         replicas = sorted({grid.coords(r)[1] for r in self.world.local_ranks})
-        feeds = {r: Microbatches.of_batch(batch, microbatches, device, self.schedule.name, r, grid.data, scale)
-                 for r in replicas}
+        feeds = {r: Microbatches.of_batch(batch, microbatches, device, self.schedule.name, r, grid.data, scale,
+                                          item_weight) for r in replicas}
         executors = self.executors if step or not train else self._accumulate()
         tallies = self.run(feeds, train, executors=executors, fields=fields, tallies=True)[0]
         loss_sum, count, pairs = tallies.tolist()
@@ -145,7 +158,8 @@ class Runner:
             self.check.agree(rank, fields)
             replica = grid.coords(rank)[1]
             feed = feeds[replica]
-            res = executors[rank].run(feed.inputs, feed.labels, feed.weights, train=train, keep_outputs=not train)
+            res = executors[rank].run(feed.inputs, feed.labels, feed.weights, train=train, keep_outputs=not train,
+                                      per_item=getattr(feed, "per_item", False))
             losses = torch.zeros(batches, 3, dtype=torch.float64, device=self.world.device(rank))
             for n, value in res.losses.items():  # float64, so that every rank sees the last stage's loss to the bit
                 losses[n // m, 0] += value.to(torch.float64)

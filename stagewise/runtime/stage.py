@@ -17,7 +17,7 @@ from torch.func import functional_call
 from stagewise.runtime.activations import SavedBytes
 from stagewise.runtime.precision import Precision
 from stagewise.runtime.versions import WeightVersions
-from stagewise.tree import cut, tensors_of
+from stagewise.tree import cut, describe, flatten, tensors_of
 
 # The global random generators are shared by every thread of a process; a recompute replays a forward's
 # dropout masks by restoring the generator's state, so forwards and recomputes take turns.
@@ -128,6 +128,35 @@ class Stage:
                 pending.roots = [t for t in tensors_of(out) if t.requires_grad]
         pending.like = pending.roots
         return out
+
+    def no_gradient_path(self, out: Any, pending: Pending, microbatch: int) -> str:
+        """Why this last stage's loss for `microbatch` does not require grad, as far as the stage can tell: where
+        the path from the parameters to the loss is cut (for the error a training step raises then)."""
+        head = (f"the loss of micro-batch {microbatch} does not require grad, so no parameter would get a gradient "
+                "and the step would train nothing (plain PyTorch's loss.backward() raises here: 'element 0 of "
+                "tensors does not require grad and does not have a grad_fn'): ")
+        if any(t.requires_grad for t in tensors_of(out)):
+            return head + (f"stage {self.index}'s output carries a gradient but loss_fn's result does not, so loss_fn "
+                           "cut the graph (.item(), .detach(), torch.tensor(...), argmax or a comparison); compute "
+                           "the loss from the output with differentiable operations")
+        layers = list(self.module)
+        first, last = self.layer_offset, self.layer_offset + len(layers) - 1
+        if pending.inputs or self.parameters():
+            why = "its input does" if pending.inputs else "its layers hold parameters that require grad"
+            maker = f"layer {last} ({type(layers[-1]).__name__})" if layers else "its input"
+            return head + (f"stage {self.index}'s output, {describe(flatten(out)[1])} from {maker}, carries no "
+                           f"gradient although {why}: a layer of stage {self.index} (layers {first}-{last}) cuts "
+                           "the gradient path: an integer output (argmax, a comparison, .long()), .detach(), or "
+                           "work under torch.no_grad(). The last layer must return a floating-point tensor computed "
+                           "from its input and the parameters")
+        if self.index == 0:
+            return head + ("no parameter of the model requires grad (every one is frozen: requires_grad=False), so "
+                           "there is nothing to train: use eval_step, or set requires_grad=True on what to train")
+        return head + (f"stage {self.index} (layers {first}-{last}) got no input that requires grad from stage "
+                       f"{self.index - 1} and holds no parameter that does: the gradient path is cut at or before "
+                       f"stage {self.index - 1} (a layer returning an integer or a detached tensor), or every "
+                       "parameter of the model is frozen (requires_grad=False; then use eval_step, there is "
+                       "nothing to train)")
 
     def _checkpointed(self, x: Any) -> Any:
         """Every group of `checkpoint_every` layers under torch.utils.checkpoint (non-reentrant, RNG replayed)."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ class StageSet:
         starts = [sum(balance[:s]) for s in range(len(balance))]
         self.layer_ranges = [(a, a + n) for a, n in zip(starts, balance)]
         self.schedule, self.world = schedule, world
+        world.placement = schedule.placement  # the world's messages name a rank by the stages it holds
         names, shared = ties.canonical_names(layers), ties.shared_ids(layers)
         self.by_rank: dict[int, dict[int, Stage]] = {}
         copies: dict[int, Sequence[LayerSpec]] = {}
@@ -98,6 +100,20 @@ class StageSet:
 
     def all(self) -> list[Stage]:
         return [st for mine in self.by_rank.values() for st in mine.values()]
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Every module of every stage this process holds in eval mode (dropout off, batch norm on its running
+        statistics) inside the block, and back in the mode each had after it, even when the block raises."""
+        modules = [m for st in self.all() for m in st.module.modules()]
+        modes = [m.training for m in modules]
+        try:
+            for m in modules:
+                m.train(False)
+            yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
 
     def zero_grad(self) -> None:
         for st in self.all():

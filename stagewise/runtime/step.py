@@ -43,6 +43,7 @@ class StepContext:
     skip: bool = False  # set by a part that finds the step must not be taken (the same on every rank)
     counts: dict[int, float] = field(default_factory=dict)  # micro-batch -> count of a (sum, count) loss, this run
     carried: float = 0.0  # the global count of earlier accumulating calls (step=False) since the last step
+    expected: float | None = None  # the count a loss counting its items ahead said (its backward already divided)
 
 
 class StepPart(ABC):
@@ -134,11 +135,11 @@ class SettleSharedGrads(StepPart):
 
 
 class MeanOverCount(StepPart):
-    """Losses given as (sum, count) pairs (see `stagewise.runtime.loss`): the backward ran on the sums, so the
-    gradients are divided by the global count, known once every micro-batch's forward has run. The rank holding
-    the last stage knows its replica's counts; a broadcast along the pipeline and a sum over the replicas give
-    every rank the total (and whether the losses were pairs at all; scalar losses are already means): one
-    all-reduce of every rank, where only the ranks holding the last stage add their counts."""
+    """Losses given as (sum, count) pairs (see `stagewise.runtime.loss`). The ranks holding the last stage know
+    their replica's counts; one all-reduce of every rank gives every rank the step's total (and whether the
+    losses were pairs at all; scalar losses are already means). A loss that counted its items ahead had each
+    backward start from 1 / that count: the total is checked against it. Otherwise the backward ran on the sums,
+    and the gradients are divided by the total here."""
 
     contract = ("with (sum, count) losses, every gradient is divided by the count summed over every micro-batch, "
                 "replica and accumulating call since the last step: the gradient of sum(sums) / sum(counts)")
@@ -159,16 +160,25 @@ class MeanOverCount(StepPart):
             raise PipelineError("every (sum, count) loss of this step counted 0 items (all labels ignored?), so the "
                                 "mean is undefined; give the step a batch with at least one counted item",
                                 action=str(ctx.action), rank=ctx.rank)
+        if ctx.expected is not None:  # each backward already started from 1 / this count
+            if count != ctx.expected:
+                raise PipelineError(f"loss_fn.count(labels) gave {ctx.expected:g} items for this step but loss_fn "
+                                    f"returned counts summing to {count:g}; make `count` agree with the counts the "
+                                    "loss returns (or drop it)", action=str(ctx.action), rank=ctx.rank)
+            return
         for p in self.model.owned[ctx.rank]:
             if p.grad is not None:
                 p.grad.div_(count)
 
 
 class LossScaling(StepPart):
-    """fp16 dynamic loss scaling across the pipeline (see `stagewise.runtime.precision`)."""
+    """fp16 dynamic loss scaling across the pipeline (see `stagewise.runtime.precision`). A flagged step is judged
+    by the `NonFiniteGuard` (`stagewise.runtime.guards`), which runs later and knows the losses: a non-finite loss
+    is its policy's business and leaves the scale alone; anything else is an overflow, and the guard backs the
+    scale off (`LossScaler.update(True)`) or, once the scaler gives up, stops every rank naming where it appeared."""
 
-    contract = ("gradients are unscaled; an inf/NaN gradient on any rank skips the step on every rank and backs the "
-                "scale off, as torch.amp.GradScaler does")
+    contract = ("gradients are unscaled; an inf/NaN gradient on any rank marks the step skipped on every rank, with "
+                "report['overflow'] for the NonFiniteGuard; a clean step counts towards the scale's growth")
 
     def __init__(self, world: World, model: StageSet, scalers: dict[int, LossScaler]):
         self.world, self.model, self.scalers = world, model, scalers
@@ -186,7 +196,9 @@ class LossScaling(StepPart):
         if found.item() > 0:
             ctx.skip = ctx.report["overflow"] = True
             ctx.report["skipped"] = f"an inf or NaN gradient at loss scale {scaler.scale:g} (fp16 overflow)"
-        scaler.update(found.item() > 0)
+        else:
+            scaler.update(False)
+        ctx.report["overflow_skips"] = scaler.skips
 
 
 class ClipGradNorm(StepPart):
@@ -295,11 +307,12 @@ class RankStep:
         self.step, self.rank, self.stages, self.optimizer = step, rank, stages, optimizer
         self.report: dict[str, Any] = {}
         self.carried = 0.0  # set by the runner: the global count of the accumulating calls before this step
+        self.expected: float | None = None  # set by the runner: the step's count known ahead (then already divided)
 
     def run(self, action: Action, counts: dict[int, float] | None = None) -> None:
         """Every part, in order; `counts`: this run's (sum, count) loss counts on the rank holding the last stage."""
         ctx = StepContext(self.rank, action, self.stages, self.optimizer, counts=dict(counts or {}),
-                          carried=self.carried)
+                          carried=self.carried, expected=self.expected)
         for part in self.step.parts:
             part(ctx)
         self.report = ctx.report

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from stagewise.runtime.errors import PeerError, TransportTimeout
+from stagewise.runtime.streams import adopt, ready
 from stagewise.tree import dumps, flatten, loads, slots, unflatten
 
 _ALIGN = 16
@@ -321,15 +322,15 @@ class LocalTransport(Transport):
         tensors, spec = flatten(tree)
         copies = [t.detach().clone() for t in tensors]
         self.bytes_sent += sum(t.numel() * t.element_size() for t in copies)
-        self.hub.put(("F", src, dst, mb, self._rank(peer)), (spec, copies))
+        self.hub.put(("F", src, dst, mb, self._rank(peer)), (spec, copies, ready(copies)))
 
     def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle:
         return _LocalHandle(self, ("F", src, dst, mb, self.rank), grad=False)
 
     def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None:
         copies = [g.detach().clone() for g in grads]
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in copies)
-        self.hub.put(("B", src, dst, mb, self._rank(peer)), copies)
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in copies if t is not None)
+        self.hub.put(("B", src, dst, mb, self._rank(peer)), (copies, ready(t for t in copies if t is not None)))
 
     def recv_grad(self, like: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> Handle:
         return _LocalHandle(self, ("B", src, dst, mb, self.rank), grad=True)
@@ -377,8 +378,11 @@ class _LocalHandle(Handle):
                     raise TransportTimeout(f"no {what} for stage {dst} micro-batch {mb} from stage {src} "
                                            f"after {self.tr.timeout:g} s") from None
         if self.grad:
-            return value
-        spec, tensors = value
+            grads, events = value
+            adopt((g for g in grads if g is not None), events)  # on a GPU: after the sender's stream made them
+            return grads
+        spec, tensors, events = value
+        adopt(tensors, events)
         tensors = [t.requires_grad_(True) if s.requires_grad and t.is_floating_point() else t
                    for t, s in zip(tensors, slots(spec))]
         return unflatten(spec, tensors)

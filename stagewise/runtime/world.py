@@ -32,7 +32,9 @@ import torch
 from stagewise.runtime import launch
 from stagewise.runtime.errors import PeerError, PipelineError
 from stagewise.runtime.status import RankStatus, for_rank
+from stagewise.runtime.streams import RankStreams, adopt, ready
 from stagewise.runtime.transport import DistTransport, LocalHub, LocalTransport, Transport
+from stagewise.tree import tensors_of
 
 T = TypeVar("T")
 
@@ -98,6 +100,7 @@ class World(ABC):
     local_ranks: list[int]  # the ranks this process runs
     failed: str | None = None  # set once a step failed: the world is then unusable
     status: RankStatus | None = None  # where this process's rank is, for its launcher (see `status`)
+    placement: Sequence[int] | None = None  # stage -> pipeline device, set by the Pipeline (for messages)
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -111,6 +114,14 @@ class World(ABC):
     @abstractmethod
     def transport(self, rank: int, num_stages: int) -> Transport:
         """Point-to-point messages of `rank` to the other devices of its pipeline (peers named by device)."""
+
+    def who(self, rank: int) -> str:
+        """`rank` with the stages it holds, for messages: "rank 3 (stage 1, replica 1)"."""
+        device, replica = self.grid.coords(rank)
+        stages = [s for s, d in enumerate(self.placement or ()) if d == device]
+        parts = [f"stage{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}"] if stages else []
+        parts += [f"replica {replica}"] if self.grid.data > 1 else []
+        return f"rank {rank}" + (f" ({', '.join(parts)})" if parts else "")
 
     # -- process-level -----------------------------------------------------------------------------
     @abstractmethod
@@ -175,17 +186,24 @@ class World(ABC):
 class Pending:
     """A collective started asynchronously; `wait()` blocks until it is done (here: already done)."""
 
-    def __init__(self, works: Sequence[Any] = (), timeout: float | None = None):
-        self.works, self.timeout = list(works), timeout
+    def __init__(self, works: Sequence[Any] = (), timeout: float | None = None,
+                 failed: Callable[[Exception], Exception] | None = None):
+        self.works, self.timeout, self.failed = list(works), timeout, failed
 
     def wait(self) -> None:
         from datetime import timedelta
 
-        for w in self.works:
-            if self.timeout:
-                w.wait(timedelta(seconds=self.timeout))
-            else:
-                w.wait()
+        try:
+            for w in self.works:
+                if self.timeout:
+                    w.wait(timedelta(seconds=self.timeout))
+                else:
+                    w.wait()
+        except Exception as err:
+            named = err if self.failed is None else self.failed(err)
+            if named is err:
+                raise
+            raise named from err
         self.works = []
 
 
@@ -197,6 +215,8 @@ class _Rendezvous:
     def __init__(self, size: int):
         self.size = size
         self.slots: dict[int, Any] = {}
+        self.ready: dict[int, Any] = {}  # CUDA events: each deposited value is complete (None on the CPU)
+        self.read: dict[int, Any] = {}  # CUDA events: each rank has read the others' values
         self.barrier = threading.Barrier(size) if size > 1 else None
 
 
@@ -215,6 +235,7 @@ class LocalWorld(World):
         self.hub = LocalHub()
         self._groups: dict[tuple[int, ...], Group] = {}
         self._lock = threading.Lock()
+        self.streams = RankStreams()  # on a GPU each rank thread computes on a stream of its own
 
     def device(self, rank: int) -> torch.device:
         return self.devices[rank]
@@ -251,10 +272,13 @@ class LocalWorld(World):
         results: dict[int, T] = {}
         errors: dict[int, BaseException] = {}
         done = threading.Event()
+        callers = {r: RankStreams.caller(self.devices[r]) for r in self.local_ranks}  # this thread's streams
+        finished: dict[int, Any] = {}
 
         def worker(rank: int) -> None:
             try:
-                results[rank] = fn(rank)
+                with self.streams.entered(rank, self.devices[rank], callers[rank]) as finished[rank]:
+                    results[rank] = fn(rank)
             except BaseException as err:
                 errors[rank] = err
                 self.abort(f"rank {rank} failed during {what}: {err}")
@@ -280,6 +304,8 @@ class LocalWorld(World):
         if errors:
             self.failed = self._root(errors)
             raise self._root_error(errors)
+        for r in self.local_ranks:  # what the ranks computed is read on this thread's streams next
+            RankStreams.rejoin(callers[r], finished.get(r))
         return results
 
     def _run_alone(self, fn: Callable[[int], T], what: str) -> dict[int, T]:
@@ -303,9 +329,16 @@ class LocalWorld(World):
         Nobody changes a deposited value before the second wait, so `combine` may read the others' tensors."""
         rv: _Rendezvous = group.handle
         rv.slots[rank] = value
+        rv.ready[rank] = ready(tensors_of(value))  # on a GPU: the value is complete once this rank's stream says so
         self._wait(rank, rv, group)
+        for r in group.ranks:
+            if r != rank:
+                adopt(tensors_of(rv.slots[r]), rv.ready[r])
         out = combine(rv.slots)
+        rv.read[rank] = ready(t for r in group.ranks for t in tensors_of(rv.slots[r]))
         self._wait(rank, rv, group)
+        for r in group.ranks:  # nobody changes its value before every reader's stream is done with it
+            adopt((), rv.read[r])
         return out
 
     def _wait(self, rank: int, rv: _Rendezvous, group: Group) -> None:
@@ -439,34 +472,81 @@ class DistWorld(World):
     def all_reduce(self, rank: int, tensors: Sequence[torch.Tensor], group: Group) -> None:
         if group.handle is None and len(group.ranks) == 1:
             return
-        for t in tensors:
-            launch.dist.all_reduce(t, group=group.handle)
+        try:
+            for t in tensors:
+                launch.dist.all_reduce(t, group=group.handle)
+        except Exception as err:
+            named = self._silent(err, "an all_reduce", group.ranks)
+            if named is err:
+                raise
+            raise named from err
 
     def all_reduce_async(self, rank: int, tensors: Sequence[torch.Tensor], group: Group) -> Pending:
         if group.handle is None and len(group.ranks) == 1:
             return Pending()
         works = [launch.dist.all_reduce(t, group=group.handle, async_op=True) for t in tensors]
-        return Pending(works, self.timeout)
+        return Pending(works, self.timeout, lambda err: self._silent(err, "an all_reduce", group.ranks))
 
     def broadcast(self, rank: int, tensor: torch.Tensor, src: int, group: Group) -> None:
         if group.handle is None and len(group.ranks) == 1:
             return
-        launch.dist.broadcast(tensor, src=src, group=group.handle)
+        try:
+            launch.dist.broadcast(tensor, src=src, group=group.handle)
+        except Exception as err:
+            named = self._silent(err, f"a broadcast from rank {src}", group.ranks)
+            if named is err:
+                raise
+            raise named from err
 
     def all_gather_object(self, rank: int, obj: Any, group: Group) -> list[Any]:
         if group.handle is None and len(group.ranks) == 1:
             return [obj]
         out: list[Any] = [None] * len(group.ranks)
-        launch.dist.all_gather_object(out, obj, group=group.handle)
+        try:
+            launch.dist.all_gather_object(out, obj, group=group.handle)
+        except Exception as err:
+            named = self._silent(err, "an all_gather", group.ranks)
+            if named is err:
+                raise
+            raise named from err
         return out
+
+    def _silent(self, err: Exception, op: str, ranks: Sequence[int]) -> Exception:
+        """A collective `op` of `ranks` failed with `err`: when the error only says that a connection closed or a
+        wait timed out (gloo: "Connection closed by peer ... GLHF!"), the members that stopped answering, found by
+        a roll call in the store (`launch.roll_call`), named in a PeerError; else `err` itself (another rank's
+        own failure, which `_guard` names, or nothing to add)."""
+        if not self.distributed or isinstance(err, PipelineError) or not _is_connection_error(err):
+            return err
+        published, silent = launch.roll_call(self.rank, [r for r in ranks if r != self.rank])
+        if published is not None or silent == []:
+            return err
+        text = str(err).strip()
+        cause = f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        if silent is None:  # the store went with its host
+            what = (f"{self.who(0)} stopped answering (the group's store, which it or the launcher serves, is "
+                    "unreachable too)" if self.rank != 0 else "the launcher stopped answering (the group's store, "
+                    "which it serves, is unreachable)")
+        else:
+            what = f"{', '.join(self.who(r) for r in silent)} stopped answering"
+        named = PeerError(
+            f"{self.who(self.rank)}: {what} during {op} (ranks {list(ranks)}). A rank that stops answering crashed, "
+            "was killed, or returned from the script without making this call: every rank must call the same "
+            "Pipeline methods (train_step, eval_step, train, save_checkpoint, ...) in the same order; see its own "
+            f"output for why it stopped ({cause})", rank=self.rank)
+        named.roll_called = True  # type: ignore[attr-defined]
+        return named
 
     def _guard(self, fn: Callable[[], T], what: str) -> T:
         """Run `fn`; on failure publish or fetch the root cause, stop the group and raise a PipelineError."""
         try:
             return fn()
-        except Exception as err:
+        except Exception as caught:
+            # a process-level collective (gather, a new group) that failed naming nobody: who stopped answering
+            err = caught if isinstance(caught, PipelineError) else self._silent(caught, what, range(self.size))
             own = isinstance(err, PipelineError) and not _is_connection_error(err)
-            peer = None if own or not self.distributed else launch.peer_failure()
+            asked = getattr(err, "roll_called", False)  # the roll call already looked for a published failure
+            peer = None if own or asked or not self.distributed else launch.peer_failure()
             if peer is not None:
                 self.failed = f"rank {self.rank} stopped during {what} because {peer}"
                 if self.status is not None:
@@ -482,6 +562,8 @@ class DistWorld(World):
                 launch.abort_group()
                 if self.rank == 0:
                     time.sleep(2.5)  # the store lives in this process: let the peers read the cause before it exits
+            if err is not caught:
+                raise err from caught
             if isinstance(err, PipelineError):
                 raise
             raise PipelineError(msg, rank=self.rank) from err
