@@ -28,7 +28,7 @@ from stagewise.runtime.stages import LayerSpec, StageSet, as_layer_list
 from stagewise.runtime.step import training_step
 from stagewise.runtime.ties import Ties
 from stagewise.runtime.world import make_world
-from stagewise.schedules import Schedule, ScheduleError
+from stagewise.schedules import Schedule
 from stagewise.schedules.recompute import check_mode
 from stagewise.schedules.registry import resolve_schedule
 from stagewise.schedules.timeline import Timeline
@@ -123,10 +123,6 @@ class Pipeline:
         self.loss_scalers = {r: LossScaler(**scaling) for r in self.world.local_ranks} if precision == "fp16" else {}
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
         ties = Ties(self.world, self.model.tied)
-        if self.schedule.asynchronous and ties:
-            raise ValueError(f"schedule {self.schedule.name!r} keeps several weight versions per stage; parameters "
-                             "tied across stages (such as GPT-2's embedding and head) are not supported with it. "
-                             "Untie them or use a synchronous schedule")
         self.optimizers = {r: optimizer(ps) for r, ps in self.model.owned.items() if optimizer is not None and ps}
         self.step_parts = training_step(self.world, self.model, ties, asynchronous=self.schedule.asynchronous,
                                         max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
@@ -168,15 +164,11 @@ class Pipeline:
         return sorted(self.stages)
 
     def train_step(self, batch: tuple[Any, Any], step: bool = True) -> torch.Tensor:
-        """One pipelined step over `batch = (inputs, labels)`: forward, backward, and the optimizer step
-        if an optimizer was given. Returns the batch loss (the mean over the batch, as one unpipelined
-        `loss_fn(model(inputs), labels)` would give; sum / count for a pair) on every rank, as a float64 scalar
-        tensor.
-
-        With `step=False` the gradients are only accumulated (no reduction, no optimizer step); the next
-        call with `step=True` steps on the mean gradient over every sample since the last step (for (sum, count)
-        losses: over every counted item). Each call returns its own batch's loss; `last_step["loss"]` is the
-        step's, over all its calls."""
+        """One pipelined step over `batch = (inputs, labels)`: forward, backward, and the optimizer step if an
+        optimizer was given. Returns the batch's loss (as one unpipelined `loss_fn(model(inputs), labels)` gives;
+        sum / count for a pair) on every rank, a float64 scalar tensor. With `step=False` the gradients are only
+        accumulated; the next call with `step=True` steps on the mean over every sample (or counted item) since the
+        last step, and `last_step["loss"]` is the loss over all those calls."""
         if self.schedule.asynchronous:  # one batch as its own program: the pipeline fills and drains around it
             if not step:
                 raise ValueError(f"schedule {self.schedule.name!r} steps by itself; step=False needs a synchronous one")
@@ -208,13 +200,7 @@ class Pipeline:
         if not self.schedule.asynchronous:
             return [self.train_step(next(it)).item() for _ in range(steps)]
         self.world.check()
-        if self._rebuild is None:
-            raise ScheduleError("an asynchronous Schedule object runs one batch per train_step; to run several "
-                                "batches unflushed, pass the schedule by name")
-        name, chunks, options = self._rebuild
-        schedule = resolve_schedule(name, self.world.grid.pipeline, self.microbatches, chunks, batches=steps,
-                                    data_parallel=self.world.grid.data, **options)
-        losses, self.version_peaks = self.runner.unflushed(it, schedule, steps)
+        losses, self.version_peaks = self.runner.unflushed(it, self._rebuild, steps)
         return losses
 
     def close(self) -> None:

@@ -67,7 +67,7 @@ def _model_args(p: argparse.ArgumentParser, batch: int, seq_len: int) -> None:
     p.add_argument("--model", default="gpt2-tiny", choices=MODELS, metavar="MODEL",
                    help="one of: %(choices)s (PATH: a local Hugging Face folder) (default: %(default)s)")
     p.add_argument("--layers", help="module:function returning your list of layers (instead of --model)")
-    p.add_argument("--loss", help="module:function, the loss (output, labels) -> scalar, with --layers")
+    p.add_argument("--loss", help="module:function, the loss (output, labels) -> scalar or (sum, count), with --layers")
     p.add_argument("--sample", help="module:function, batch size -> (inputs, labels), with --layers")
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=batch, help="samples per batch")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=seq_len, help="tokens per sample (GPT)")

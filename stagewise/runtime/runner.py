@@ -19,6 +19,8 @@ from stagewise.runtime.streams import ActionClock
 from stagewise.runtime.transport import Transport
 from stagewise.runtime.versions import stashing
 from stagewise.runtime.world import World
+from stagewise.schedules import ScheduleError
+from stagewise.schedules.registry import resolve_schedule
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Timeline
 from stagewise.schedules.validate import validate
@@ -179,11 +181,18 @@ class Runner:
         pairs = rows[:, 2] > 0
         return torch.where(pairs, rows[:, 0] / rows[:, 1], rows[:, 0])
 
-    def unflushed(self, it: Iterator[tuple[Any, Any]], schedule: Schedule, batches: int
+    def unflushed(self, it: Iterator[tuple[Any, Any]], rebuild: tuple[str, int | None, dict] | None, batches: int
                   ) -> tuple[list[float], dict[int, int]]:
-        """Run `batches` batches from `it` as one program that never drains (PipeDream, 2BW): the loss of each
-        batch, and the most weight versions each stage held at once."""
+        """Run `batches` batches from `it` as one program that never drains (PipeDream, 2BW), the schedule built
+        again by name for that many batches (`rebuild`: name, chunks, generator options): the loss of each batch,
+        and the most weight versions each stage held at once."""
+        if rebuild is None:
+            raise ScheduleError("an asynchronous Schedule object runs one batch per train_step; to run several "
+                                "batches unflushed, pass the schedule by name")
         grid = self.world.grid
+        name, chunks, options = rebuild
+        schedule = resolve_schedule(name, grid.pipeline, self.schedule.batch_microbatches, chunks, batches=batches,
+                                    data_parallel=grid.data, **options)
         m = schedule.batch_microbatches
         device = self.world.device(self.world.local_ranks[0])
         feed = MicrobatchFeed(it, m, device, keep=grid.pipeline // m + 2, replicas=grid.data)  # batches in flight

@@ -273,6 +273,10 @@ def training_step(world: World, model: StageSet, ties: Ties, *, asynchronous: bo
     gradients, divide (sum, count) losses' gradients by the global count, unscale (fp16), measure and
     clip the global norm (when asked), step the optimizer, and for asynchronous schedules make the new weight
     version."""
+    if asynchronous and ties:
+        raise ValueError(f"schedule {model.schedule.name!r} keeps several weight versions per stage; parameters "
+                         "tied across stages (such as GPT-2's embedding and head) are not supported with it. "
+                         "Untie them or use a synchronous schedule")
     parts: list[StepPart] = [SettleSharedGrads(world, model)] if model.shared else []
     parts += [ReduceGradients(world, model)] if world.grid.data > 1 else []
     parts += [SyncTiedGrads(ties)] if ties else []
