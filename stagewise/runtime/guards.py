@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -401,16 +401,3 @@ def guarded(step: Step, guard: StepPart) -> Step:
     parts = list(step.parts)
     at = next((i for i, p in enumerate(parts) if isinstance(p, OptimizerStep)), len(parts))
     return Step(parts[:at] + [guard] + parts[at:])
-
-
-def writing_to(folder: Any, fn: Callable[[int], T]) -> Callable[[int], T]:
-    """`fn(rank)`, with a failure to write under `folder` named by rank and folder."""
-
-    def run(rank: int) -> T:
-        try:
-            return fn(rank)
-        except OSError as err:
-            raise PipelineError(f"rank {rank} cannot write the checkpoint folder {str(folder)!r}: "
-                                f"{type(err).__name__}: {err}", rank=rank) from err
-
-    return run

@@ -40,11 +40,6 @@ class Precision:
     def low(self) -> bool:
         return self.dtype != torch.float32
 
-    @property
-    def bytes_per_element(self) -> int:
-        """Bytes of a floating-point activation sent between stages."""
-        return torch.empty(0, dtype=self.dtype).element_size()
-
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if not self.low:
             return contextlib.nullcontext()
