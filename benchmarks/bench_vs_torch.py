@@ -105,12 +105,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-threads", dest="single_threads", type=int, default=0,
                         help="also run one process with this many threads in every rotation (e.g. 2)")
     parser.add_argument("--tie", action="store_true", help="tie embedding and head (stagewise only; no torch)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run stagewise with compiled stages (Pipeline(compile=True)) on the even split, and "
+                             "print the compiled / uncompiled step-time ratio")
     from _common import add_model_args
 
     add_model_args(parser, vocab=8192)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for each spawned run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/vs_torch.jsonl"))
     parser.add_argument("--png", type=Path, default=Path("runs/bench/vs_torch.png"))
+
+
+def print_compiled(P: int, records: list[dict[str, Any]]) -> None:
+    """Compiled against uncompiled stages: the step-time ratio within each round (neighbouring blocks), median
+    [min-max] over the rounds."""
+    step = {(r["config"], r["round"]): r["step_s"] for r in records if r["library"] == "stagewise"}
+    for (config, rnd) in sorted(k for k in step if k[0].endswith(" compiled")):
+        if rnd:
+            continue
+        plain = config[: -len(" compiled")]
+        ratios = [step[(config, r)] / step[(plain, r)] for c, r in step if c == config and (plain, r) in step]
+        if ratios:
+            print(f"P={P} {plain}: compiled / uncompiled step time {statistics.median(ratios):.3f} "
+                  f"[{min(ratios):.3f}-{max(ratios):.3f}] over {len(ratios)} rounds", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         s = Settings(tuple((sc, m) for sc in args.schedules for m in ms), args.auto, not args.tie, args.planner,
                      args.even, args.single_threads, args.steps,
                      args.repeats, args.warmup, args.block_warmup, args.batch, args.seq_len, args.n_layer,
-                     args.n_embd, args.n_head, args.vocab, args.lr, args.seed, args.tie, args.timeout)
+                     args.n_embd, args.n_head, args.vocab, args.lr, args.seed, args.tie, args.timeout, args.compile)
         t0 = time.perf_counter()
         result = spawn(worker, P, args=(s,), timeout=args.timeout, threads=1)[0]
         summaries = summarise(result["records"], s.batch * s.seq_len)
@@ -149,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             for lib, value in losses.items():
                 if abs(value - ref) > LOSS_RTOL * abs(ref):
                     failures.append(f"P={P} {name} {lib}: first loss {value:.8f} vs single {ref:.8f}")
+        if s.compile:
+            print_compiled(P, result["records"])
         elapsed = time.perf_counter() - t0
         print(f"P={P}: wall time {elapsed:.0f} s", flush=True)
         meta = bench_meta("vs_torch", asdict(s))

@@ -41,6 +41,7 @@ class Settings:
     seed: int
     tie: bool
     timeout: float
+    compile: bool = False  # also stagewise with compiled stages (`Pipeline(compile=True)`) on the even split
 
 
 def parallel_ranks(P: int) -> int:

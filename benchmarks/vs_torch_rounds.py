@@ -88,6 +88,12 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
             sw = Pipeline(build_layers(s), lm_loss, schedule=sc, microbatches=m, partition=balance, optimizer=adam,
                           timeout=s.timeout, show_partition=False)
             pipes[(name, "stagewise")] = sw
+            if s.compile:  # the same pipeline with compiled stages, in the same rotation
+                pipes[(name + " compiled", "stagewise")] = Pipeline(
+                    build_layers(s), lm_loss, schedule=sc, microbatches=m, partition=balance, optimizer=adam,
+                    timeout=s.timeout, show_partition=False, compile=True)
+                info[name + " compiled"] = {"schedule": sc, "microbatches": m, "partition": "even", "torch": "compiled",
+                                            "balance": list(balance), "compiled": True}
         placement = build(sc, world, m).placement
         info[name] = {"schedule": sc, "microbatches": m, "partition": "even", "balance": list(balance)}
         why = torch_supports(sc, world, m) if s.torch_side else "--tie: torch has no cross-stage ties"

@@ -24,6 +24,10 @@ def __getattr__(name: str):
         from stagewise.to_hf import export
 
         return export
+    if name == "optim":  # AdamW's decay groups and learning-rate schedules (stagewise.optim)
+        import stagewise.optim as optim
+
+        return optim
     if name in ("load_full", "CheckpointError"):
         from stagewise.runtime import checkpoint
 

@@ -16,7 +16,9 @@ from stagewise.cli_options import (
     check_train,
     checkpointing_spec,
     existing_path,
+    fraction,
     memory_spec,
+    nonnegative_float,
     nonnegative_int,
     partition_spec,
     port,
@@ -123,14 +125,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The cross-option checks on what will run: the options given over the resumed run's config over defaults."""
-    from dataclasses import asdict
+    """The cross-option checks on what will run: the options given over --config's over the resumed run's config
+    over defaults."""
+    from dataclasses import asdict, fields
 
+    from stagewise.cli_config import apply_config
+    from stagewise.train import TrainConfig
+    from stagewise.train_logs import missing
+
+    apply_config(parser, args, [f.name for f in fields(TrainConfig)])  # --config FILE: what the command line left
     try:
         cfg = _train_config(args)
     except ValueError as err:
         parser.error(str(err))
     check_train(parser, argparse.Namespace(**asdict(cfg)))
+    if cfg.min_lr is not None and cfg.min_lr > cfg.lr:
+        parser.error(f"argument --min-lr: {cfg.min_lr:g} is above --lr {cfg.lr:g}; the decay ends below the peak")
+    if cfg.eval_every and not cfg.val_fraction:
+        parser.error("argument --eval-every: there is nothing to validate on with --val-fraction 0")
+    for option, problem in (("--tensorboard", missing(cfg.tensorboard, None)), ("--wandb", missing(False, cfg.wandb))):
+        if problem:
+            parser.error(f"argument {option}: {problem}")
 
 
 def _train_config(args: argparse.Namespace):
@@ -151,7 +166,13 @@ def _train_config(args: argparse.Namespace):
         if not saved.is_file():
             raise ValueError(f"--resume {args.resume}: {saved} not found; give the folder of a `stagewise train` run")
         known = {f.name for f in fields(TrainConfig)}
-        values.update({k: v for k, v in json.loads(saved.read_text()).items() if k in known})
+        old = json.loads(saved.read_text())
+        values.update({k: v for k, v in old.items() if k in known})
+        if "val_fraction" not in old:  # a run from before held-out splits: its tokenizer was trained on everything
+            values["val_fraction"] = 0.0
+        if given.get("val_fraction", values["val_fraction"]) != values["val_fraction"]:
+            raise ValueError(f"argument --val-fraction: the run in {run} holds out {values['val_fraction']:g} of its "
+                             "corpus (its tokenizer was trained without it); a resumed run keeps that split")
         given["out"] = str(run)
     values.update(given)
     return TrainConfig(**values)
@@ -301,8 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest = kw.get("dest", names[0].lstrip("-").replace("-", "_"))
         if kw.get("action") != "store_true":
             kw["help"] = f"{kw.get('help', '')} (default: {getattr(d, dest)})".lstrip()
+        else:  # --flag and --no-flag: either overrides --config
+            kw["action"] = argparse.BooleanOptionalAction
         tr.add_argument(*names, default=None, **kw)
 
+    tr.add_argument("--config", type=existing_path, default=None, metavar="FILE",
+                    help="options from a TOML (or JSON) file, keys as the options (seq_len or seq-len); the command "
+                         "line overrides it. A run writes RUN/config.toml: --config RUN/config.toml repeats it")
     opt("--stages", type=positive_int, help="pipeline devices (processes)")
     opt("--dp", type=positive_int, help="data-parallel replicas of the pipeline: stages x dp processes")
     opt("--precision", choices=["fp32", "bf16", "fp16"], help="compute precision of the stages")
@@ -328,7 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--dataset", choices=["squad"], help="SQuAD contexts via Hugging Face datasets")
     opt("--seq-len", dest="seq_len", type=positive_int, help="tokens per sample")
     opt("--batch-size", dest="batch_size", type=positive_int, help="samples per batch (at least dp x microbatches)")
-    opt("--lr", type=positive_float, help="AdamW learning rate")
+    opt("--lr", type=positive_float, help="AdamW's peak learning rate")
+    opt("--weight-decay", dest="weight_decay", type=nonnegative_float,
+        help="AdamW's weight decay, on matrices (linear and embedding weights), not on biases and norms")
+    opt("--lr-schedule", dest="lr_schedule", choices=["constant", "cosine", "linear"],
+        help="after the warm-up: keep --lr, or decay it to --min-lr at the last step")
+    opt("--warmup-steps", dest="warmup_steps", type=nonnegative_int,
+        help="steps of linear warm-up to --lr (lr / N, 2 lr / N, ...)")
+    opt("--min-lr", dest="min_lr", type=nonnegative_float, help="where cosine and linear decay end (None: lr / 10)")
+    opt("--eval-every", dest="eval_every", type=nonnegative_int,
+        help="steps between validation losses on the held-out split (0: at the end only)")
+    opt("--val-fraction", dest="val_fraction", type=fraction,
+        help="share of the corpus held out for validation, never trained on (0: no validation)")
+    opt("--val-batches", dest="val_batches", type=positive_int, help="held-out batches each validation runs")
+    opt("--tensorboard", action="store_true",
+        help="write TensorBoard event files to RUN/tensorboard (needs the tensorboard package)")
+    opt("--wandb", metavar="PROJECT", help="log to this Weights & Biases project (needs the wandb client)")
+    opt("--compile", action="store_true", help="torch.compile every stage's module (inductor where a compiler is "
+        "found, else aot_eager); parameter and checkpoint names are unchanged")
     opt("--partition", type=partition_spec, help=PARTITION_HELP)
     opt("--chunks", type=positive_int,
         help="virtual stages per device (interleaved, looped-bfs, zbv, v-half, v-min, dualpipev)")

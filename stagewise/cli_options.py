@@ -64,6 +64,14 @@ def nonnegative_float(text: str) -> float:
     return _float_above(text, 0.0, strict=False)
 
 
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
+    return value
+
+
 def port(text: str) -> int:
     value = nonnegative_int(text)
     if not 1 <= value <= 65535:

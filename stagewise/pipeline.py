@@ -19,7 +19,7 @@ from torch import nn
 from stagewise.partition import PartitionTable, resolve_balance
 from stagewise.partition.measure import plan_if_auto
 from stagewise.partition.profile import layer_facts
-from stagewise.runtime import checkpoint
+from stagewise.runtime import checkpoint, claims
 from stagewise.runtime.guards import check_options
 from stagewise.runtime.host_memory import keep_freed_host_memory
 from stagewise.runtime.precision import LossScaler, Precision
@@ -81,6 +81,7 @@ class Pipeline:
             `min_scale` (1), `max_consecutive_skips` (20): an overflow at min_scale or after that many skips raises.
         activation_checkpointing: "never", "except_last", "always" or N layers per checkpointed group: which
             forwards keep only their input and recompute (RECOMPUTE actions); "auto": the planner's choice.
+        compile: `torch.compile` each stage in place, names kept: True (inductor, else aot_eager) or a backend's name.
     """
 
     def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
@@ -94,7 +95,7 @@ class Pipeline:
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
                  data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False,
                  precision: str = "fp32", activation_checkpointing: str | int = "never", on_nonfinite: str = "raise",
-                 loss_scale: dict[str, Any] | None = None):
+                 loss_scale: dict[str, Any] | None = None, compile: bool | str = False):
         self.loss_fn, self.timeout = loss_fn, timeout
         options = {"vertical_sync": True} if vertical_sync else {}
         # an unknown schedule or a bad option fails before anything runs ("auto": the planner picks a registered one)
@@ -102,7 +103,7 @@ class Pipeline:
         scaling = LossScaler.options(loss_scale, precision)  # fp16's loss scaler: its options, checked
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
-        layer_list = as_layer_list(layers)
+        layer_list = claims.claim(as_layer_list(layers), self)  # warns when another live Pipeline holds them
         self.precision = Precision(precision)  # a bad name fails here, on every rank, before any planning
         self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition, chunks,
                                  memory_limit, activation_checkpointing, planner, precision)  # None unless "auto"
@@ -119,14 +120,14 @@ class Pipeline:
                                        schedule=self.schedule, memory_limit=memory_limit)
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()
         self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed, self.precision,
-                              activation_checkpointing if isinstance(activation_checkpointing, int) else None)
+                              activation_checkpointing if isinstance(activation_checkpointing, int) else None, compile)
         self.loss_scalers = {r: LossScaler(**scaling) for r in self.world.local_ranks} if precision == "fp16" else {}
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
         ties = Ties(self.world, self.model.tied)
         self.optimizers = {r: optimizer(ps) for r, ps in self.model.owned.items() if optimizer is not None and ps}
         self.step_parts = training_step(self.world, self.model, ties, asynchronous=self.schedule.asynchronous,
                                         max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
-                                        scalers=self.loss_scalers)
+                                        scalers=self.loss_scalers, optimizer=optimizer is not None)
         self.last_step: dict[str, Any] = {}  # the last step's loss, and what its parts reported (grad_norm, ...)
         self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers,
                              self.loss_scalers, on_nonfinite)
@@ -206,6 +207,7 @@ class Pipeline:
     def close(self) -> None:
         """Stop this pipeline's failure watchdog thread (when building many pipelines); the process group stays."""
         self.world.close()
+        self.closed = True  # its modules may go to another Pipeline without a warning
 
     def last_trace(self) -> Timeline:
         """The measured timeline of the last step, every device's events (seconds; same clock on one
@@ -241,7 +243,7 @@ class Pipeline:
         self.world.check()
         loss = self.runner.step_batch(batch, self.microbatches, train, step)
         if train and step:
-            self.last_step = {"loss": self.runner.step_loss, **self.runner.report()}
-            if "skipped" in self.last_step and 0 in self.world.local_ranks:
+            self.last_step = {"loss": self.runner.step_loss, "grad_norm": None, "skipped": None, **self.runner.report()}
+            if self.last_step["skipped"] and 0 in self.world.local_ranks:
                 warnings.warn(f"stagewise: step skipped on every rank: {self.last_step['skipped']}", stacklevel=3)
         return {"loss": loss, "outputs": None if train else self.runner.outputs()}

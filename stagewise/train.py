@@ -1,21 +1,25 @@
 """The main job: train GPT-2 on the pipeline, end to end (`stagewise train`).
 
-Every rank runs `train(config)`: it prepares the data (rank 0 trains the tokenizer and
-caches it, the others then load it), builds the model as a list of layers, keeps its own
-stages through `Pipeline`, and trains. Rank 0 prints the partition table, a progress bar
-and `step N loss X` lines, and writes metrics.jsonl, timeline.png, trace.json and
+Every rank runs `train(config)`: it prepares the data (a held-out split set aside first; rank 0
+trains the tokenizer on the rest and caches it, the others then load it), builds the model as a
+list of layers, keeps its own stages through `Pipeline` (AdamW with decay groups and a learning-rate
+schedule, `stagewise.optim`), and trains, validating every `eval_every` steps and at the end. Rank 0
+prints the partition table, a progress bar and `step N loss X` lines, and writes config.toml,
+metrics.jsonl (and TensorBoard / W&B logs, `stagewise.train_logs`), timeline.png, trace.json and
 checkpoints/step-NNNNNNNN/ (every `save_every` steps and at the end) to the run folder.
 
 Resuming: `resume` (or a restart by torchrun under `--max-restarts`, seen as
 TORCHELASTIC_RESTART_COUNT > 0) loads the run's newest checkpoint (weights, optimizer, RNG)
-and the data position saved with it, and trains on to the run's total `steps`; the losses
-are those of an uninterrupted run. metrics.jsonl goes on in the same folder (lines past the
-checkpoint are dropped, then run again); events.jsonl records every resume and what it lost.
+and the data position, scheduler state and recent losses saved with it, and trains on to the
+run's total `steps`; the losses and learning rates are those of an uninterrupted run.
+metrics.jsonl goes on in the same folder (lines past the checkpoint are dropped, then run
+again); events.jsonl records every resume and what it lost.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -47,7 +51,17 @@ class TrainConfig:
     pretrained: str | None = None  # a Hugging Face GPT-2 name or local folder, instead of --model
     seq_len: int = 128
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-3  # the peak learning rate
+    weight_decay: float = 0.0  # AdamW's, on matrices only (not on biases and norm weights), as GPT-2 training does
+    lr_schedule: str = "constant"  # after the warm-up: constant, cosine or linear decay to min_lr at the last step
+    warmup_steps: int = 0  # steps of linear warm-up from lr / warmup_steps to lr
+    min_lr: float | None = None  # where cosine and linear decay end (None: lr / 10)
+    eval_every: int = 0  # steps between validation losses on the held-out split (0: at the end only)
+    val_fraction: float = 0.01  # of the corpus held out for validation, never trained on (0: no validation)
+    val_batches: int = 8  # held-out batches each validation runs (at most; the same ones every time)
+    tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard
+    wandb: str | None = None  # a Weights & Biases project to log to (needs the wandb client)
+    compile: bool = False  # torch.compile every stage's module
     partition: str | list[int] = "auto"
     plan: bool = False  # the planner chooses schedule, microbatches, partition and activation checkpointing
     memory_limit: str | None = None  # bytes per device (text such as 2GiB), for the planner
@@ -79,12 +93,13 @@ def _texts(cfg: TrainConfig) -> list[str]:
 
 
 def prepare_data(cfg: TrainConfig, rank: int, world: int):
-    """(tokenizer, batches): rank 0 builds the caches first so the other ranks only read them."""
-    from stagewise.data import LengthSortedBatches, cache_root, gpt2_tokenizer, pad_id, token_chunks
+    """(tokenizer, batches, held-out batches or None): `val_fraction` of the corpus is held out before anything
+    (the tokenizer included) is trained on it. Rank 0 builds the caches first so the other ranks only read them."""
+    from stagewise.data import LengthSortedBatches, cache_root, gpt2_tokenizer, pad_id, split_texts, token_chunks
     from stagewise.models.hf import data_pad_id, data_tokenizer
 
     def build():
-        texts = _texts(cfg)
+        texts, held_out = split_texts(_texts(cfg), cfg.val_fraction)  # the same split whatever the seed
         if cfg.pretrained:
             tok = gpt2_tokenizer()
             if tok is None:
@@ -95,7 +110,9 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
             tok = data_tokenizer(cfg.model, texts, cfg.vocab_size)
         chunks = token_chunks(texts, tok, cfg.seq_len, cache_dir=cache_root() / "tokens")
         pad = pad_id(tok) if cfg.pretrained else data_pad_id(tok, cfg.model)
-        return tok, LengthSortedBatches(chunks, cfg.batch_size, pad, seed=cfg.seed, drop_last=True)
+        held = token_chunks(held_out, tok, cfg.seq_len, cache_dir=cache_root() / "tokens") if held_out else []
+        val = LengthSortedBatches(held, cfg.batch_size, pad, seed=cfg.seed, drop_last=True) if held else None
+        return tok, LengthSortedBatches(chunks, cfg.batch_size, pad, seed=cfg.seed, drop_last=True), val
 
     import torch.distributed as dist
 
@@ -127,10 +144,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job on this rank; returns the summary (first/last loss, tokens/s) on every rank."""
     import torch
 
-    from stagewise import Pipeline
+    from stagewise import Pipeline, optim
+    from stagewise.cli_config import to_toml
     from stagewise.models import causal_lm_loss, count_parameters, lm_loss
     from stagewise.runtime import launch
     from stagewise.schedules import SCHEDULES
+    from stagewise.train_logs import RunLogs
 
     rank, world = launch.init_from_env(cfg.timeout)
     if world != cfg.stages * cfg.dp:
@@ -156,9 +175,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         + (" (auto: chosen by the planner)" if planned else "")
         + (f" (restart {attempt} of at most {cfg.max_restarts})" if attempt else ""))
     t0 = time.perf_counter()
-    tok, batches = prepare_data(cfg, rank, world)
+    tok, batches, held_out = prepare_data(cfg, rank, world)
+    val = _validation_batches(held_out, cfg.val_batches)
     say(f"data: {len(batches)} batches of {cfg.batch_size} x <= {cfg.seq_len} tokens, vocabulary "
-        f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s)")
+        f"{tok.get_vocab_size()} ({time.perf_counter() - t0:.1f} s); "
+        + (f"validation: {len(val)} held-out batches ({cfg.val_fraction:g} of the corpus held out)" if val else
+           "no validation" + (f" (the held-out {cfg.val_fraction:g} of the corpus makes no full batch)"
+                              if cfg.val_fraction else "")))
     layers = build_layers(cfg, tok.get_vocab_size(), tok)
     model_info = _export_info(cfg, layers, tok)  # in every checkpoint, for `stagewise export`
     sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
@@ -171,7 +194,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
                     precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
                     on_nonfinite=cfg.on_nonfinite,
-                    optimizer=lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=0.0))
+                    optimizer=optim.adamw(cfg.lr, cfg.weight_decay), compile=cfg.compile)
+    min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+    lr_scheds = optim.schedulers(pipe.optimizers.values(),
+                                 optim.LRSchedule(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, min_lr / cfg.lr))
     plan = pipe.plan
     if plan is not None:  # config.json records what runs, so that a resumed run does not plan again
         say(plan.format())
@@ -180,54 +206,76 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
     root = out / "checkpoints"
-    start, first_loss = _resume(pipe, cfg, root, attempt, rank, say)
+    start, resumed = _resume(pipe, cfg, root, attempt, rank, say)
+    first_loss = resumed.get("first_loss")
+    optim.load_scheduler_state(lr_scheds, resumed.get("lr_scheduler"), cfg.lr)
+    recent: list[list[float]] = [list(x) for x in resumed.get("recent_losses", [])]  # [step, loss], every attempt
     if start >= cfg.steps:
         say(f"the run is already at step {start} of {cfg.steps}: nothing to train (give a larger --steps to go on)")
         return {"first_loss": first_loss, "steps": cfg.steps, "resumed_from_step": start}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "config.toml").write_text(to_toml(asdict(cfg), f"`stagewise train --config {out / 'config.toml'}` "
+                                                 "repeats this run (add --out to write elsewhere)"))
         tok.save(str(out / "tokenizer.json"))  # `stagewise export` copies it beside the weights
         if plan is not None:
             _write_json(out / "plan.json", plan.to_dict())
     prediction: dict[str, Any] | None = None
-    metrics = _open_metrics(out / "metrics.jsonl", start) if rank == 0 else None
+    logs = RunLogs(out, start, rank == 0, cfg.tensorboard, cfg.wandb, asdict(cfg))
+    val_loss: float | None = None
     history: list[tuple[int, float, float]] = []
     data = iter(_batches_from(batches, start))
     progress = _Progress(rank == 0, cfg.steps, start)
     kill = _kill_hook(rank, attempt)
     window_tokens, window_time = 0, 0.0
     saved = start if start else None
+    looped = time.perf_counter()
     try:
         for step in range(start + 1, cfg.steps + 1):
             inputs, labels = next(data)
             begin = time.perf_counter()
             loss = pipe.train_step((inputs, labels)).item()
             took = time.perf_counter() - begin
+            lr = optim.current_lr(lr_scheds)  # the rate this step used
+            optim.step_schedulers(lr_scheds)
             first_loss = loss if first_loss is None else first_loss
             tokens = int((labels != -100).sum())
             window_tokens, window_time = window_tokens + tokens, window_time + took
             history.append((step, loss, tokens / took))
+            recent = [*recent, [step, loss]][-10:]
             progress.update(step, loss, tokens / took)
             if cfg.trace_step and step == min(cfg.trace_step, cfg.steps):
                 trace = _save_timelines(pipe, out, rank)
                 if trace is not None and plan is not None:
                     prediction = _check_prediction(plan, pipe, trace, took, cfg.dp, progress)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+                if rank == 0 and (out / "timeline.png").exists():
+                    logs.image(step, out / "timeline.png")
+            evaluate = bool(val) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
+            if step % cfg.log_every == 0 or step == cfg.steps or evaluate:
                 tps = window_tokens / window_time
-                norm = pipe.last_step.get("grad_norm", float("nan"))
-                progress.print(f"step {step} loss {loss:.4f}  grad norm {norm:.3g}  ({tps:,.0f} tokens/s)")
-                if "skipped" in pipe.last_step:
+                norm = pipe.last_step.get("grad_norm")
+                measured = _measures(pipe)  # collective, before the validation replaces the last step's trace
+                val_loss = _validate(pipe, val) if evaluate else None
+                eta = (cfg.steps - step) * (time.perf_counter() - looped) / (step - start)
+                progress.print(f"step {step} loss {loss:.4f}"
+                               + (f"  val {val_loss:.4f} (ppl {math.exp(min(val_loss, 700)):,.1f})"
+                                  if val_loss is not None else "")
+                               + (f"  lr {lr:.3g}" if lr is not None else "")
+                               + (f"  grad norm {norm:.3g}" if norm is not None else "")
+                               + f"  ({tps:,.0f} tokens/s, {cfg.steps - step} steps to go, eta {_duration(eta)})")
+                if pipe.last_step.get("skipped"):
                     progress.print(f"step {step} skipped: {pipe.last_step['skipped']}")
-                if metrics is not None:
-                    metrics.write(json.dumps({"step": step, "loss": loss, "grad_norm": norm, "tokens_per_s": tps,
-                                              "elapsed_s": time.perf_counter() - t0}) + "\n")
-                    metrics.flush()
+                logs.write(step, {"loss": loss, "val_loss": val_loss,
+                                  "val_perplexity": None if val_loss is None else math.exp(min(val_loss, 700)),
+                                  "lr": lr, "grad_norm": norm, "loss_scale": pipe.last_step.get("loss_scale"),
+                                  "tokens_per_s": tps, **measured, "elapsed_s": time.perf_counter() - t0})
                 window_tokens, window_time = 0, 0.0
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 pipe.save_checkpoint(root, step=step, keep=cfg.keep,
                                      extra={"data": _position(batches, step), "first_loss": first_loss,
-                                            "model": model_info})
+                                            "model": model_info, "lr_scheduler": optim.scheduler_state(lr_scheds),
+                                            "recent_losses": recent})
                 saved = step
             if rank == 0:
                 _write_json(out / "progress.json", {"step": step, "loss": loss, "attempt": attempt,
@@ -236,21 +284,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 os.kill(os.getpid(), signal.SIGKILL)  # the test hook: die as a crash would, mid-run
     finally:
         progress.close()
-        if metrics is not None:
-            metrics.close()
-    last = sum(h[1] for h in history[-10:]) / len(history[-10:]) if history else float("nan")
+        logs.close()
+    last = sum(loss for _, loss in recent) / len(recent) if recent else float("nan")  # over every attempt's steps
     steady = history[len(history) // 5:] or history
     summary = {"first_loss": first_loss, "last_loss_mean10": last,
                "last_loss": history[-1][1] if history else None,
                "tokens_per_s": sum(h[2] for h in steady) / len(steady) if steady else 0.0,
                "steps": cfg.steps, "stages": cfg.stages, "dp": cfg.dp, "schedule": pipe.schedule.name,
                "microbatches": pipe.microbatches, "balance": pipe.balance,
-               "resumed_from_step": start,
+               "resumed_from_step": start, "steps_this_attempt": cfg.steps - start,
+               "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(min(val_loss, 700)),
                "seconds": time.perf_counter() - t0}
     if prediction is not None:
         summary["prediction"] = prediction
     drawn = "timeline.png, trace.json, " if cfg.trace_step and start < min(cfg.trace_step, cfg.steps) else ""
-    say(f"done: loss {first_loss:.3f} -> {last:.3f} (mean of the last 10 steps), {summary['tokens_per_s']:,.0f} "
+    said_val = f"validation loss {val_loss:.3f} (perplexity {summary['val_perplexity']:,.1f}), " \
+        if val_loss is not None else ""
+    say(f"done: loss {first_loss:.3f} -> {last:.3f} (mean of the last 10 steps), {said_val}"
+        f"{summary['tokens_per_s']:,.0f} "
         f"tokens/s, {summary['seconds']:.0f} s; wrote {out}/metrics.jsonl, {drawn}checkpoints/")
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -273,13 +324,14 @@ def _checkpointing(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
 
-def _resume(pipe: Any, cfg: TrainConfig, root: Path, attempt: int, rank: int, say: Any) -> tuple[int, float | None]:
-    """(step to continue after, the run's first loss): load the checkpoint to resume from, if any, and say so."""
+def _resume(pipe: Any, cfg: TrainConfig, root: Path, attempt: int, rank: int, say: Any) -> tuple[int, dict[str, Any]]:
+    """(step to continue after, the checkpoint's `extra`: first loss, scheduler, recent losses): load the checkpoint
+    to resume from, if any, and say so."""
     from stagewise.runtime.checkpoint import checkpoints_in
 
     restarted = attempt > 0
     if cfg.resume is None and not restarted:
-        return 0, None
+        return 0, {}
     source = Path(cfg.resume) if cfg.resume and not restarted and (Path(cfg.resume) / "manifest.json").exists() \
         else root
     progress_file = Path(cfg.out) / "progress.json"
@@ -290,7 +342,7 @@ def _resume(pipe: Any, cfg: TrainConfig, root: Path, attempt: int, rank: int, sa
         say(f"restart {attempt}: no checkpoint in {root} yet; starting again from step 0"
             + (f" (the previous attempt had reached step {reached})" if reached else ""))
         _event(Path(cfg.out), rank, {"event": "restart", "attempt": attempt, "from_step": 0, "reached": reached})
-        return 0, None
+        return 0, {}
     manifest = pipe.load_checkpoint(source, fallback=cfg.fallback or restarted)
     step = int(manifest["step"])
     again = f"step {reached} is" if reached == step + 1 else f"steps {step + 1}-{reached} are"
@@ -305,7 +357,7 @@ def _resume(pipe: Any, cfg: TrainConfig, root: Path, attempt: int, rank: int, sa
     if extra.get("data", {}).get("next_batch") != step:
         raise SystemExit(f"stagewise train: checkpoint {manifest['path']} has no data position of step {step}: it "
                          "was not written by `stagewise train`")
-    return step, extra.get("first_loss")
+    return step, extra
 
 
 def _event(out: Path, rank: int, record: dict[str, Any]) -> None:
@@ -314,13 +366,54 @@ def _event(out: Path, rank: int, record: dict[str, Any]) -> None:
             f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
-def _open_metrics(path: Path, start: int) -> Any:
-    """metrics.jsonl for appending; on a resume, the lines past `start` (steps about to run again) are dropped."""
-    if start == 0 or not path.exists():
-        return open(path, "w")
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-    path.write_text("".join(line + "\n" for line in keep))
-    return open(path, "a")
+def _validation_batches(held_out: Any, count: int) -> list[tuple[Any, Any]]:
+    """The first `count` batches of the held-out split's first epoch (the same every time, on every rank)."""
+    from stagewise.data import collate
+
+    if held_out is None:
+        return []
+    return [collate([held_out.sequences[i] for i in b], held_out.pad_id) for b in held_out.batch_indices(0)[:count]]
+
+
+def _validate(pipe: Any, batches: list[tuple[Any, Any]]) -> float:
+    """The loss over every label token of the held-out batches (`eval_step`: no gradients, dropout off)."""
+    total, tokens = 0.0, 0
+    for inputs, labels in batches:
+        n = int((labels != -100).sum())
+        total += pipe.eval_step((inputs, labels))["loss"].item() * n
+        tokens += n
+    return total / tokens if tokens else float("nan")
+
+
+def _measures(pipe: Any) -> dict[str, Any]:
+    """The last step's bubble (the mean share of its time the devices waited) and, per stage, the peak memory of the
+    device holding it (CUDA: allocated; CPU: the process's peak resident set) and its peak saved activations, in MiB
+    (a collective)."""
+    import resource
+
+    import torch
+
+    dev = pipe.device
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    mine = {"peak": {s: peak / 2**20 for s in pipe.stage_indices},
+            "act": {s: b / 2**20 for s, b in pipe.peak_activation_bytes().items()}}
+    every = pipe.world.gather({pipe.rank: mine})
+    per_stage: dict[str, dict[int, float]] = {"peak": {}, "act": {}}
+    for part in every.values():  # data-parallel replicas of a stage: the largest
+        for key, values in part.items():
+            for s, v in values.items():
+                per_stage[key][s] = max(v, per_stage[key].get(s, 0.0))
+    bubbles = pipe.last_trace().bubble_per_device()
+    return {"bubble": sum(bubbles) / len(bubbles) if bubbles else None,
+            "peak_memory_mib": dict(sorted(per_stage["peak"].items())),
+            "activation_mib": dict(sorted(per_stage["act"].items()))}
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def _write_json(path: Path, obj: Any) -> None:

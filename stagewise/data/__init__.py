@@ -9,6 +9,7 @@ from stagewise.data.batches import (
     token_chunks,
 )
 from stagewise.data.corpus import TEXT_SUFFIXES, builtin_corpus, load_squad_contexts, read_text_files
+from stagewise.data.split import split_texts
 from stagewise.data.tokenizer import (
     EOT_TOKEN,
     PAD_TOKEN,
@@ -39,6 +40,7 @@ __all__ = [
     "pad_id",
     "read_text_files",
     "repeat_batches",
+    "split_texts",
     "token_chunks",
     "train_bpe",
 ]

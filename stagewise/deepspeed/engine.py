@@ -147,7 +147,7 @@ class PipelineEngine:
         return self.pipeline.last_step.get("grad_norm")
 
     def was_step_applied(self) -> bool:
-        return "skipped" not in self.pipeline.last_step
+        return not self.pipeline.last_step.get("skipped")
 
     def train(self, mode: bool = True) -> PipelineEngine:
         self.module.train(mode)
@@ -201,7 +201,7 @@ class PipelineEngine:
         loss = self.pipeline.train_step(batch)
         self.global_steps += 1
         self.global_samples += batch_size(batch[0])
-        if "skipped" in self.pipeline.last_step:
+        if self.pipeline.last_step.get("skipped"):
             self.skipped_steps += 1
         elif self.lr_scheduler is not None:
             self.lr_scheduler.step()

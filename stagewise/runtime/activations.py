@@ -17,6 +17,7 @@ class SavedBytes:
         self.seen: set[int] = set()
         self.total = 0
 
+    @torch.compiler.disable  # called by autograd inside compiled stages: never traced
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in self.params and ptr not in self.seen:

@@ -290,6 +290,7 @@ class Stage:
         self.release(pending)
 
 
+@torch.compiler.disable  # called by autograd inside compiled stages: never traced
 def _drop(t: torch.Tensor) -> None:
     """A saved tensor not kept (the forward will be recomputed)."""
     return None

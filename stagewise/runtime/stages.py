@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from stagewise.runtime import ties
+from stagewise.runtime.compiled import compile_module
 from stagewise.runtime.precision import Precision
 from stagewise.runtime.stage import HeldBytes, Stage
 from stagewise.runtime.world import World
@@ -27,7 +28,8 @@ class StageSet:
     """
 
     def __init__(self, layers: Sequence[LayerSpec], balance: Sequence[int], schedule: Schedule, world: World,
-                 seed: int | None = None, precision: Precision | None = None, checkpoint_every: int | None = None):
+                 seed: int | None = None, precision: Precision | None = None, checkpoint_every: int | None = None,
+                 compile: bool | str = False):
         starts = [sum(balance[:s]) for s in range(len(balance))]
         self.layer_ranges = [(a, a + n) for a, n in zip(starts, balance)]
         self.schedule, self.world = schedule, world
@@ -44,6 +46,7 @@ class StageSet:
                 lo, hi = self.layer_ranges[s]
                 built = [build_layer(copies[replica][i], i, seed) for i in range(lo, hi)]
                 mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names, precision, checkpoint_every)
+                compile_module(mine[s].module, compile, world.device(rank))  # in place: the names stay
             self.by_rank[rank] = mine
             device_bytes = HeldBytes()
             replays = any(a.op == "RECOMPUTE" for a in schedule.actions[device])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -245,13 +246,22 @@ class SyncTiedGrads(StepPart):
 
 
 class OptimizerStep(StepPart):
-    """Steps the rank's optimizer (none given: nothing to do)."""
+    """Steps the rank's optimizer. A Pipeline built without one (`given=False`) changes no weight: rank 0 warns
+    once (the gradients stay in `.grad` until the next step, for a caller who steps by hand)."""
 
     contract = "this rank's parameters have been updated from their .grad"
+
+    def __init__(self, given: bool = True):
+        self.given, self.warned = given, False
 
     def __call__(self, ctx: StepContext) -> None:
         if ctx.optimizer is not None and not ctx.skip:
             ctx.optimizer.step()
+        elif not self.given and not self.warned and ctx.rank == 0:
+            self.warned = True
+            warnings.warn("stagewise: this Pipeline has no optimizer, so its training step changed no weight (the "
+                          "gradients are left in each parameter's .grad until the next step). Give it one: "
+                          "Pipeline(..., optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))", stacklevel=2)
 
 
 class NewWeightVersion(StepPart):
@@ -268,11 +278,11 @@ class NewWeightVersion(StepPart):
 
 def training_step(world: World, model: StageSet, ties: Ties, *, asynchronous: bool = False,
                   max_grad_norm: float | None = None, track_grad_norm: bool = False,
-                  scalers: dict[int, LossScaler] | None = None) -> Step:
+                  scalers: dict[int, LossScaler] | None = None, optimizer: bool = True) -> Step:
     """The standard step: wait for threads sharing a parameter, reduce over data replicas (D > 1), sum tied
     gradients, divide (sum, count) losses' gradients by the global count, unscale (fp16), measure and
-    clip the global norm (when asked), step the optimizer, and for asynchronous schedules make the new weight
-    version."""
+    clip the global norm (when asked), step the optimizer (`optimizer=False`: none was given, warn once), and for
+    asynchronous schedules make the new weight version."""
     if asynchronous and ties:
         raise ValueError(f"schedule {model.schedule.name!r} keeps several weight versions per stage; parameters "
                          "tied across stages (such as GPT-2's embedding and head) are not supported with it. "
@@ -284,7 +294,7 @@ def training_step(world: World, model: StageSet, ties: Ties, *, asynchronous: bo
     parts += [LossScaling(world, model, scalers)] if scalers else []
     if max_grad_norm is not None or track_grad_norm:
         parts.append(ClipGradNorm(world, model, ties, max_grad_norm))
-    parts.append(OptimizerStep())
+    parts.append(OptimizerStep(optimizer))
     parts += [NewWeightVersion()] if asynchronous else []
     return Step(parts)
 

@@ -59,14 +59,49 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 def _split_extra(extra: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bytes | None]:
-    """JSON-able extra state goes into the manifest; anything else (tensors) into extra.pt."""
+    """JSON-able extra state goes into the manifest; anything else (tensors) into extra.pt, if `load` can read it
+    back (`torch.load(weights_only=True)`: tensors, numbers, strings, None, lists, tuples and dicts of them); else a
+    ValueError names the first key that cannot be, before anything is written."""
     if extra is None:
         return None, None
+    if not isinstance(extra, dict):
+        raise ValueError(f"save_checkpoint: extra must be a dict, got {type(extra).__name__}")
     try:
         json.dumps(extra)
         return extra, None
     except (TypeError, ValueError):
-        return None, _torch_bytes(extra)
+        pass
+    for key, value in extra.items():
+        try:
+            torch.load(io.BytesIO(_torch_bytes({key: value})), weights_only=True)
+        except Exception as err:  # pickling errors, and what weights_only refuses
+            where = _unreadable(value, f"extra[{key!r}]")
+            raise ValueError(f"save_checkpoint: {where} cannot be saved so that load_checkpoint reads it back "
+                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); extra may hold "
+                             "tensors, numbers, strings, None, and lists, tuples and dicts of them (a state_dict() "
+                             "is fine)") from None
+    return None, _torch_bytes(extra)
+
+
+def _unreadable(value: Any, path: str) -> str:
+    """Where in `value` (at `path`) the first value of a type `weights_only` loading refuses is, with its type."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                return f"{path} (its key {k!r} of type {type(k).__name__})"
+            found = _unreadable(v, f"{path}[{k!r}]")
+            if found != f"{path}[{k!r}]":
+                return found
+        return path
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _unreadable(v, f"{path}[{i}]")
+            if found != f"{path}[{i}]":
+                return found
+        return path
+    if isinstance(value, (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return path
+    return f"{path} (a {type(value).__name__}: {value!r:.60})"
 
 
 def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int, torch.optim.Optimizer], *,
@@ -79,7 +114,10 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
     final = folder / files.step_name(step) if step is not None else folder
     tmp = files.staging(final)
     everyone = world.group(range(world.size))
-    extra_json, extra_blob = _split_extra(extra)
+    try:
+        extra_json, extra_blob, refused = *_split_extra(extra), None
+    except ValueError as err:  # rank 0's refusal stops every rank (the others are told in the collective below)
+        extra_json, extra_blob, refused = None, None, str(err)
     schedule = model.schedule
 
     def on_rank(rank: int) -> str | None:
@@ -93,8 +131,8 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
         everything = world.all_gather_object(rank, desc, everyone)
         plan = make_plan({r: d["entries"] for r, d in enumerate(everything) if d["entries"]},
                          {r: d["optimized"] for r, d in enumerate(everything) if d["optimized"]})
-        error = None
-        if rank == 0:
+        error = refused if rank == 0 else None
+        if rank == 0 and error is None:
             try:
                 files.prepare_staging(final)
             except OSError as err:
