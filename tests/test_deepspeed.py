@@ -313,7 +313,7 @@ def test_partition_methods_as_deepspeed():
     model.partition_method = "parameters"
     assert sum(model.partition(3)) == 14
     model.partition_method = "profile"
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match=r"'profile' is not one stagewise knows \(DeepSpeed does not implement"):
         model.partition(2)
     model.partition_method = "type:Conv"
     with pytest.raises(PartitionError, match="type:Conv"):

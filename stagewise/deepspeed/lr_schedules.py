@@ -8,6 +8,7 @@ sets the first step's rate. State is `last_batch_iteration`, as in DeepSpeed.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -36,13 +37,16 @@ def _check_type(warmup_type: str) -> str:
     return warmup_type
 
 
-class _Schedule:
+class _Schedule(ABC):
+    """What DeepSpeed's three schedules share; each gives its `get_lr`."""
+
     optimizer: torch.optim.Optimizer
     last_batch_iteration: int
     _last_lr: list[float]
 
+    @abstractmethod
     def get_lr(self) -> list[float]:
-        raise NotImplementedError
+        """The learning rate of every parameter group at `last_batch_iteration`."""
 
     def get_last_lr(self) -> list[float]:
         return self._last_lr

@@ -207,10 +207,9 @@ class PipelineModule(nn.Module):
                 return by_type([_class_name(spec) for spec in self._layer_specs], method[len("type:"):], num_parts)
         except PartitionError as err:
             raise PartitionError(f"partition_method={method!r} over {n} layers and {num_parts} stages: {err}") from None
-        if low == "profile":
-            raise NotImplementedError("partition_method 'profile' is not implemented (DeepSpeed's is not either)")
-        raise NotImplementedError(f"partitioning method {method!r} not implemented; use 'parameters', 'uniform', "
-                                  "'type:REGEX' or a list of layer counts")
+        why = " (DeepSpeed does not implement it either)" if low == "profile" else ""
+        raise ValueError(f"partition_method={method!r} is not one stagewise knows{why}; use 'parameters', 'uniform', "
+                         "'type:REGEX' or a list of layer counts")
 
     def hold(self, indices: Iterable[int]) -> None:
         """Hold exactly the layers `indices`: build the missing ones (DeepSpeed's seeding), drop the others."""
@@ -228,8 +227,8 @@ class PipelineModule(nn.Module):
 
     def pipeline_layers(self) -> list[Any]:
         """The layer list for `stagewise.Pipeline`: this rank's built modules; the user's own modules elsewhere
-        (so parameters shared across stages by identity are found as ties); a placeholder for layers held by
-        other ranks, which this rank never builds."""
+        (so parameters shared across stages by identity are found as ties); for layers held by other ranks, which
+        this rank never builds, an `_Elsewhere` layer factory, which only the owning rank would call."""
         return [self._built[i] if i in self._built else spec if isinstance(spec, nn.Module) else _Elsewhere(i)
                 for i, spec in enumerate(self._layer_specs)]
 

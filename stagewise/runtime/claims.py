@@ -19,7 +19,7 @@ def claim(layers: Sequence[Any], owner: Any) -> list[Any]:
     """Record `owner` as the holder of every module in `layers` with parameters or buffers (a factory holds nothing
     until built) and return the list; warns once, naming the layers, when a live Pipeline already holds some."""
     modules = [(i, layer) for i, layer in enumerate(layers) if isinstance(layer, nn.Module)  # with state to share
-               and next(iter(layer.state_dict()), None) is not None]
+               and (next(layer.parameters(), None) is not None or next(layer.buffers(), None) is not None)]
     taken = [i for i, layer in modules if _held_elsewhere(layer, owner)]
     if taken:  # a Pipeline dropped by its user may wait for the cycle collector: ask it first
         gc.collect()

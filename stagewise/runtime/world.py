@@ -236,6 +236,7 @@ class LocalWorld(World):
         self._groups: dict[tuple[int, ...], Group] = {}
         self._lock = threading.Lock()
         self.streams = RankStreams()  # on a GPU each rank thread computes on a stream of its own
+        self.cuda = any(d.type == "cuda" for d in self.devices)  # collectives then hand tensors over by events
 
     def device(self, rank: int) -> torch.device:
         return self.devices[rank]
@@ -329,7 +330,12 @@ class LocalWorld(World):
         Nobody changes a deposited value before the second wait, so `combine` may read the others' tensors."""
         rv: _Rendezvous = group.handle
         rv.slots[rank] = value
-        rv.ready[rank] = ready(tensors_of(value))  # on a GPU: the value is complete once this rank's stream says so
+        if not self.cuda:
+            self._wait(rank, rv, group)
+            out = combine(rv.slots)
+            self._wait(rank, rv, group)
+            return out
+        rv.ready[rank] = ready(tensors_of(value))  # the value is complete once this rank's stream says so
         self._wait(rank, rv, group)
         for r in group.ranks:
             if r != rank:
