@@ -150,7 +150,7 @@ def test_dualpipev_bubble_and_memory(P, m, w_share):
 
 
 def test_readme_table_numbers():
-    """The README's rows for the new schedules (P=4, m=8; F=1, B=2, I=W=1; two chunks: halved)."""
+    """The rows of docs/schedules.md for the new schedules (P=4, m=8; F=1, B=2, I=W=1; two chunks: halved)."""
     got = {}
     for name in NEW:
         sc = build(name, 4, 8)

@@ -6,7 +6,7 @@
 and `stagewise run -n 4 script.py` stands in for `deepspeed --num_gpus 4 script.py`. A thin front-end:
 `PipelineModule` partitions the layers and builds this rank's stage (`module`), `initialize` reads the
 config with DeepSpeed's meaning (`config`) and runs the engine (`engine`) on one `stagewise.Pipeline`.
-DeepSpeed itself is neither needed nor imported. The README's "Coming from DeepSpeed" lists what is supported.
+DeepSpeed itself is neither needed nor imported. docs/deepspeed.md lists what is supported.
 """
 
 from stagewise.deepspeed.config import DeepSpeedConfig, DeepSpeedConfigError

@@ -25,7 +25,7 @@ The planner (`stagewise.partition.plan`) asks this model about every candidate i
   `stagewise.partition.link_speed`); the replicas also share the cores. The simulator runs a REDUCE on its
   device's timeline, so a device with several stages computes nothing while one of its stages reduces:
   pessimistic where the runtime's asynchronous all-reduce really overlaps (NCCL), about right on CPU ranks,
-  where gloo's reduction competes for the same cores (measured: nothing hidden, README "Data parallelism").
+  where gloo's reduction competes for the same cores (measured: nothing hidden, docs/data-parallel-and-precision.md).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ differ by orders of magnitude), so they are measured on the world the run uses, 
 The planner charges messages only where they run beside the compute (GPUs: NCCL has its own engines), or
 when asked: on CPU ranks a message costs the cores' time on both ends, which a link delay does not
 represent, and measured that way it made the planner prefer many small micro-batches that measured slowest
-(README, the planner).
+(docs/partitioning.md).
 """
 
 from __future__ import annotations

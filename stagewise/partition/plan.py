@@ -126,7 +126,7 @@ def preference(c: Candidate) -> tuple:
     Fewer actions first because what the model leaves out is paid per action and per message (the executor's
     own work, a transfer's latency, a wake-up when ranks share cores): measured on 4 ranks sharing 2 cores, the
     planner's old order (the simpler schedule first) took 1f1b m=16 over zb-h1 m=4, predicted 1% apart, and it
-    measured 36% slower (README, planner quality)."""
+    measured 36% slower."""
     rank = PREFERENCE.index(c.schedule) if c.schedule in PREFERENCE else len(PREFERENCE)
     return (MODES.index(c.recompute), c.microbatches * c.chunks, c.chunks, rank, max(c.memory), c.step_s)
 
