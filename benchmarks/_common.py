@@ -8,12 +8,14 @@
 * `analyse`: one measured step against the simulator's ideal from the measured per-action costs, and
   the measured bubbles against the simulated ones; `activation_peaks`: measured peak saved-activation
   bytes per device against the simulator's prediction.
-* `bench_meta`, `write_jsonl`: the JSON lines records.
+* `bench_meta` (with `machine`), `write_jsonl`: the JSON lines records (docs/benchmarks.md is generated from
+  them by `pages.py`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -173,8 +175,8 @@ def _held_peak(events: Iterable[Event], schedule: Schedule, nbytes: Callable[[Ev
 def activation_peaks(trace: Timeline, schedule: Schedule, sim: Simulation) -> dict[str, list[float]]:
     """Saved-activation bytes per device: measured peak (from the forwards' `saved_bytes` in the trace)
     against the simulator's `peak_inflight` x the device's measured saved bytes per micro-batch (summed
-    over its chunks, as `peak_inflight` counts whole-stage units), and against the simulated timeline
-    swept with each (stage, micro-batch)'s measured bytes (`predicted_swept`, exact for unequal chunks)."""
+    over its virtual_stages, as `peak_inflight` counts whole-stage units), and against the simulated timeline
+    swept with each (stage, micro-batch)'s measured bytes (`predicted_swept`, exact for unequal virtual_stages)."""
     measured = _held_peak(trace.events, schedule, lambda e: float(e.extra.get("saved_bytes", 0)))
     per_stage: dict[int, list[float]] = {}
     by_key: dict[tuple[int, int], float] = {}
@@ -191,9 +193,21 @@ def activation_peaks(trace: Timeline, schedule: Schedule, sim: Simulation) -> di
             "saved_predicted_bytes": predicted, "saved_predicted_swept_bytes": swept}
 
 
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (docs/benchmarks.md states it): CPU model, cores, GPU, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
+
+
 def bench_meta(bench: str, settings: dict[str, Any]) -> dict[str, Any]:
     return {"bench": bench, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
-            "host": platform.node(), "settings": settings}
+            "host": platform.node(), "machine": machine(), "settings": settings}
 
 
 def write_jsonl(path: Path, meta: dict[str, Any], records: Iterable[dict[str, Any]],

@@ -22,13 +22,13 @@ def worker(rank: int, world: int, schedule: str, steps: int, m: int, lr: float) 
     import torch
 
     from stagewise import Pipeline
-    from stagewise.data import LengthSortedBatches, builtin_corpus, cache_root, pad_id, token_chunks, train_bpe
+    from stagewise.data import LengthSortedBatches, builtin_corpus, cache_root, pad_id, token_windows, train_bpe
     from stagewise.models import config, gpt2_layers, lm_loss
 
     texts = builtin_corpus()
     tok = train_bpe(texts, vocab_size=8192)
-    chunks = token_chunks(texts, tok, 128, cache_dir=cache_root() / "tokens")
-    batches = LengthSortedBatches(chunks, 16, pad_id(tok), seed=0, drop_last=True)
+    windows = token_windows(texts, tok, 128, cache_dir=cache_root() / "tokens")
+    batches = LengthSortedBatches(windows, 16, pad_id(tok), seed=0, drop_last=True)
     data = [b for _, b in zip(range(steps), batches)]
     torch.manual_seed(0)
     layers = gpt2_layers(config("gpt2-tiny", vocab_size=tok.get_vocab_size(), tie_word_embeddings=False))

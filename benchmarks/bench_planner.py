@@ -74,8 +74,9 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
         if c == plan.choice:
             pipes.append(first)
             continue
-        schedule, m, chunks, balance, mode = c.settings()
-        pipes.append(Pipeline(build_layers(s), lm_loss, schedule=schedule, microbatches=m, chunks=chunks,
+        schedule, m, virtual_stages, balance, mode = c.settings()
+        pipes.append(Pipeline(build_layers(s), lm_loss, schedule=schedule, microbatches=m,
+                              virtual_stages=virtual_stages,
                               partition=balance, activation_checkpointing=mode, optimizer=adam, timeout=s.timeout,
                               show_partition=False))
     if plan.choice not in plan.candidates[:s.top]:
@@ -122,7 +123,8 @@ def report(P: int, s: Settings, result: dict[str, Any]) -> dict[str, Any]:
           f"{'measured s, median [min-max]':<30} {'meas rank':<9} {'tokens/s':<8} {'meas/pred':<9}")
     for k, r in enumerate(rows):
         c = r["candidate"]
-        label = f"{c['schedule']}{' v=' + str(c['chunks']) if c['chunks'] > 1 else ''} m={c['microbatches']}" + (
+        v = c["virtual_stages"]
+        label = f"{c['schedule']}{' v=' + str(v) if v > 1 else ''} m={c['microbatches']}" + (
             f" recompute={c['recompute']}" if c["recompute"] != "never" else "")
         ms = r["measured_s"]
         print(f"{'*' if k == chosen else '':2}{label:<34} {','.join(map(str, c['balance'])):<18} "

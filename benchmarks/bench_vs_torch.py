@@ -39,7 +39,7 @@ Checks and measurements:
   `saved_bytes`) against the prediction `peak_inflight` x saved bytes per micro-batch, and against
   the simulated timeline swept with each (stage, micro-batch)'s measured bytes.
 * With `--planner`, the planner's choice (`Pipeline(schedule="auto", microbatches="auto", partition="auto")`:
-  schedule, m, chunks and balance chosen together from one profile, built once per P and kept) runs in the
+  schedule, m, virtual_stages and balance chosen together from one profile, built once per P and kept) runs in the
   rotation of every configuration, so that it alternates with each of torch's; it is compared with torch's
   best configuration on the even split (ratios within that configuration's rounds, median [min-max]). With
   `--single-threads 2` a single process with 2 intra-op threads (rank 0; the other ranks wait) runs in

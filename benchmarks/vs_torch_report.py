@@ -84,7 +84,7 @@ def print_tables(P: int, result: dict[str, Any], summaries: list[dict[str, Any]]
           "(I/W) and STEP costs; bubble = 1 - busy / step, per device.\nSaved activations per device (MB): measured "
           "peak; pred = simulated peak in-flight x the device's saved bytes per micro-batch; pred swept = the "
           "simulated timeline\nswept with each (stage, micro-batch)'s measured bytes (they differ when a device's "
-          "chunks save different amounts)")
+          "virtual_stages save different amounts)")
     dev = "/".join(f"d{d}" for d in range(P))
     print(f"{'configuration':<21} {'ideal s':<7} {'step s':<7} {'measured/ideal':<20} {'bubble meas ' + dev:<19} "
           f"{'bubble sim ' + dev:<18} {'in-flight':<16} {'saved MB meas':<20} {'pred':<20} {'pred swept':<20}")
@@ -143,7 +143,8 @@ def print_planner(P: int, result: dict[str, Any], summaries: list[dict[str, Any]
     med = statistics.median
     get = {(x["config"], x["library"]): x for x in summaries}
     inf = result["info"]["planner"]
-    choice = (f"{inf['schedule']}{' v=' + str(inf['chunks']) if inf['chunks'] > 1 else ''} m={inf['microbatches']} "
+    choice = (f"{inf['schedule']}{' v=' + str(inf['virtual_stages']) if inf['virtual_stages'] > 1 else ''} "
+              f"m={inf['microbatches']} "
               f"[{','.join(map(str, inf['balance']))}]" + (f" recompute={inf['recompute']}"
                                                              if inf["recompute"] != "never" else ""))
     plan = result["plans"]["planner"]

@@ -69,7 +69,7 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
         planned = Pipeline(build_layers(s), lm_loss, schedule="auto", microbatches="auto", partition="auto",
                            sample=batch, optimizer=adam, timeout=s.timeout, show_partition=False)
         c = planned.plan.choice
-        info["planner"] = {"schedule": c.schedule, "microbatches": c.microbatches, "chunks": c.chunks,
+        info["planner"] = {"schedule": c.schedule, "microbatches": c.microbatches, "virtual_stages": c.virtual_stages,
                            "partition": "planner", "balance": list(c.balance), "recompute": c.recompute,
                            "build_s": time.perf_counter() - t0}
         plans = {"planner": planned.plan.to_dict()}

@@ -25,7 +25,7 @@ from torch.optim import Adam
 from torch.utils.data import DataLoader
 import torch.distributed as dist
 
-from stagewise.data import builtin_corpus, pad_id, read_text_files, token_chunks, train_bpe
+from stagewise.data import builtin_corpus, pad_id, read_text_files, token_windows, train_bpe
 from stagewise.models import config, gpt2_layers
 
 
@@ -101,7 +101,7 @@ if __name__ == "__main__":
     )
     engine.set_batch_fn(batch_fn)
 
-    datasets = token_chunks(texts, tokenizer, max_length - 1)[:train_samples]  # the seed: SQuAD's contexts
+    datasets = token_windows(texts, tokenizer, max_length - 1)[:train_samples]  # the seed: SQuAD's contexts
     data_loader = iter(
         DataLoader(
             sorted(datasets, key=len, reverse=True),

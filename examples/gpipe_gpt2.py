@@ -29,7 +29,7 @@ from stagewise.data import (
     cache_root,
     pad_id,
     read_text_files,
-    token_chunks,
+    token_windows,
     train_bpe,
 )
 from stagewise.models import config, count_parameters, gpt2_layers, lm_loss
@@ -71,7 +71,7 @@ def main() -> None:
 
     texts = read_text_files(args.data) if args.data else builtin_corpus()
     tok = train_bpe(texts, vocab_size=args.vocab_size)
-    chunks = token_chunks(texts, tok, args.seq_len, cache_dir=cache_root() / "tokens")
+    chunks = token_windows(texts, tok, args.seq_len, cache_dir=cache_root() / "tokens")
     batches = LengthSortedBatches(chunks, args.batch_size, pad_id(tok), seed=args.seed, drop_last=True)
     steps = [b for _, b in zip(range(args.steps), iter(batches))]
 

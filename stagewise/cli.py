@@ -43,7 +43,7 @@ def _simulate(args: argparse.Namespace) -> int:
         options = {}
         if SCHEDULES.get(args.schedule) and SCHEDULES[args.schedule].asynchronous:
             options["batches"] = args.batches
-        schedule = build(args.schedule, args.stages, args.microbatches, args.chunks, **options)
+        schedule = build(args.schedule, args.stages, args.microbatches, args.virtual_stages, **options)
         validate(schedule)
     if args.save:
         save(schedule, args.save)
@@ -188,7 +188,7 @@ def _partition(args: argparse.Namespace) -> int:
     from stagewise.partition.profile import describe_layers, profile_layers
 
     cfg = config(args.model, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
-    schedule = build(args.schedule, args.stages, args.microbatches, args.chunks)
+    schedule = build(args.schedule, args.stages, args.microbatches, args.virtual_stages)
     method = args.method
     if isinstance(method, str) and method in ("time", "memory", "auto"):
         torch.manual_seed(0)
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--save", help="write the schedule to this CSV file (synchronous schedules)")
     sim.add_argument("--stages", type=int, default=4, help="pipeline devices P")
     sim.add_argument("--microbatches", type=int, default=8, help="micro-batches m per batch")
-    sim.add_argument("--chunks", type=int, default=None,
+    sim.add_argument("--virtual-stages", type=int, default=None,
                      help="virtual stages per device (interleaved, looped-bfs, zbv, v-half, v-min, dualpipev)")
     sim.add_argument("--batches", type=int, default=3, help="batches run back to back (asynchronous schedules)")
     sim.add_argument("--cost-f", type=float, default=1.0, help="forward time per stage")
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--schedule", type=schedule_spec, default="1f1b", metavar="NAME",
                     help=f"the schedule (memory and auto depend on it), one of: {names()}")
     pa.add_argument("--microbatches", type=positive_int, default=8, help="micro-batches per batch")
-    pa.add_argument("--chunks", type=positive_int, default=None, help="virtual stages per device")
+    pa.add_argument("--virtual-stages", type=positive_int, default=None, help="virtual stages per device")
     pa.add_argument("--batch-size", dest="batch_size", type=positive_int, default=16, help="for measured methods")
     pa.add_argument("--seq-len", dest="seq_len", type=positive_int, default=128, help="for measured methods")
     pa.add_argument("--vocab-size", dest="vocab_size", type=positive_int, default=None, help="the model's by default")
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--compile", action="store_true", help="torch.compile every stage's module (inductor where a compiler is "
         "found, else aot_eager); parameter and checkpoint names are unchanged")
     opt("--partition", type=partition_spec, help=PARTITION_HELP)
-    opt("--chunks", type=positive_int,
+    opt("--virtual-stages", type=positive_int,
         help="virtual stages per device (interleaved, looped-bfs, zbv, v-half, v-min, dualpipev)")
     opt("--vocab-size", dest="vocab_size", type=positive_int, help="tokenizer vocabulary (trained on the corpus)")
     opt("--out", type=writable_folder, help="run folder")
@@ -410,8 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RENAMED = {"--chunks": "--virtual-stages"}  # old option -> its name now
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    for old, new in RENAMED.items():
+        if any(a == old or a.startswith(old + "=") for a in (sys.argv[1:] if argv is None else argv)):
+            parser.error(f"{old} was renamed {new} (stages per device; `chunks` now means micro-batches only, in "
+                         "GPipe)")
     args = parser.parse_args(argv)
     if getattr(args, "check", None) is not None:  # what depends on several options, before anything starts
         args.check(args)

@@ -4,7 +4,7 @@ argparse calls the types below while it parses, so a bad value ends the command 
 argparse's message and exit status 2 (`stagewise train: error: argument --microbatches: must be
 >= 1, got 0`), before any data is prepared, any process is started or any folder is written.
 `check_train` then checks what depends on several options (the schedule for these stages,
-micro-batches and chunks; a batch large enough to split; a balance that covers the model), in
+micro-batches and virtual stages; a batch large enough to split; a balance that covers the model), in
 the same words. Nothing here imports torch at parse time: model names are looked up only when
 `--model` is given or the help is shown.
 """
@@ -250,10 +250,10 @@ def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     stages = None
     if not plan and args.schedule != "auto":
         try:  # with m left to the planner, probed with m = P
-            stages = resolve_schedule(args.schedule, args.stages, m or args.stages, args.chunks,
+            stages = resolve_schedule(args.schedule, args.stages, m or args.stages, args.virtual_stages,
                                       data_parallel=args.dp).num_stages
         except (ScheduleError, ValueError) as err:
-            option = "--chunks" if args.chunks is not None and "chunk" in str(err) else "--schedule"
+            option = "--virtual-stages" if args.virtual_stages is not None and "chunk" in str(err) else "--schedule"
             parser.error(f"argument {option}: {err}")
     if m is not None and args.batch_size < args.dp * m:
         split = f"{args.dp} data-parallel replicas x {m}" if args.dp > 1 else f"{m}"
@@ -273,7 +273,7 @@ def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         runs = {stages} if stages is not None else {args.stages * v for v in range(1, 5)}
         if len(args.partition) not in runs or sum(args.partition) != layers:
             where = f"this schedule runs {stages} stages" if stages is not None else \
-                f"the schedules run {args.stages} x chunks stages"
+                f"the schedules run {args.stages} x virtual_stages stages"
             parser.error(f"argument --partition: {','.join(map(str, args.partition))} gives {len(args.partition)} "
                          f"stages and {sum(args.partition)} layers, but {args.model} has {layers} layers (embedding, "
                          f"{layers - 2} blocks, head) and {where}")

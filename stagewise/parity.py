@@ -117,11 +117,11 @@ def _as_dtype(tree: Any, dtype: torch.dtype) -> Any:
 
 def check(layers: nn.Sequential | Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.Tensor],
           batch: tuple[Any, Any], *, schedule: str = "1f1b", stages: int = 2, microbatches: int = 4,
-          partition: str | Sequence[int] = "uniform", chunks: int | None = None,
+          partition: str | Sequence[int] = "uniform", virtual_stages: int | None = None,
           dtype: torch.dtype | None = torch.float64, tolerance: float | None = None,
           timeout: float = 60.0) -> CheckReport:
     """Run one step of `layers` pipelined (`schedule` on `stages` devices as threads, `microbatches`,
-    `partition`, `chunks`) and unpipelined on `batch = (inputs, labels)`; compare the loss and every gradient.
+    `partition`, `virtual_stages`) and unpipelined on `batch = (inputs, labels)`; compare the loss and every gradient.
 
     The layers are copied (yours are left untouched) and, with `dtype` (default float64; None keeps
     theirs), converted with the batch's floating tensors. `tolerance` defaults to 1e-10 in float64 and
@@ -151,7 +151,7 @@ def check(layers: nn.Sequential | Sequence[nn.Module], loss_fn: Callable[[Any, A
     varies = variation(model, batch[0])  # a random model fails any check: said in the report
 
     pipe = Pipeline(pipe_layers, loss_fn, schedule=schedule, microbatches=microbatches, partition=partition,
-                    chunks=chunks, local_devices=stages, timeout=timeout, show_partition=False)
+                    virtual_stages=virtual_stages, local_devices=stages, timeout=timeout, show_partition=False)
     try:
         with warnings.catch_warnings():  # no optimizer on purpose: the gradients are compared
             warnings.filterwarnings("ignore", "stagewise: this Pipeline has no optimizer")

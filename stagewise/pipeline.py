@@ -59,10 +59,10 @@ class Pipeline:
             `memory_limit` (bytes or text like "2GiB"); `self.plan` holds its table. `planner`: its options.
         microbatches: m (default 4; taken from the schedule when a `Schedule` or a file is given), or "auto"; a
             batch of B samples gives micro-batches of B//m or B//m + 1 samples.
-        partition: a balance list with one layer count per stage (devices x chunks), or a method:
+        partition: a balance list with one layer count per stage (devices x virtual stages), or a method:
             "uniform", "parameters", "type:REGEX" (DeepSpeed's), "time", "memory" or "auto" (these three
             measure the layers on `sample` and, for "memory"/"auto", respect `memory_limit` bytes per device).
-        chunks: virtual stages per device (interleaved, looped-bfs; V-shaped: 2); default from the schedule.
+        virtual_stages: virtual stages per device (interleaved, looped-bfs; V-shaped: 2); default from the schedule.
         optimizer: `params -> torch.optim.Optimizer`, built over each rank's parameters.
         data_parallel: D >= 1 replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank is
             given the same batch; replica r trains on its share; gradients are reduced over replicas before the step.
@@ -87,7 +87,7 @@ class Pipeline:
     def __init__(self, layers: nn.Sequential | Sequence[LayerSpec],
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None,
                  schedule: str | Schedule = "1f1b", microbatches: int | str | None = None,
-                 partition: str | Sequence[int] = "uniform", chunks: int | None = None,
+                 partition: str | Sequence[int] = "uniform", virtual_stages: int | None = None,
                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  timeout: float = 30.0, device: torch.device | str | None = None, seed: int | None = None,
                  local_devices: int | None = None, backend: str | None = None, sample: tuple[Any, Any] | None = None,
@@ -105,14 +105,14 @@ class Pipeline:
                                 data_parallel=data_parallel)
         layer_list = claims.claim(as_layer_list(layers), self)  # warns when another live Pipeline holds them
         self.precision = Precision(precision)  # a bad name fails here, on every rank, before any planning
-        self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition, chunks,
-                                 memory_limit, activation_checkpointing, planner, precision)  # None unless "auto"
+        self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition,  # or None
+                                 virtual_stages, memory_limit, activation_checkpointing, planner, precision)
         if self.plan is not None:
-            schedule, microbatches, chunks, partition, activation_checkpointing = self.plan.choice.settings()
-        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, chunks, data_parallel,
-                                         check_mode(activation_checkpointing), **options)
+            schedule, microbatches, virtual_stages, partition, activation_checkpointing = self.plan.choice.settings()
+        self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, virtual_stages,
+                                         data_parallel, check_mode(activation_checkpointing), **options)
         self.microbatches = self.schedule.microbatches
-        self._rebuild = (schedule, chunks, options) if isinstance(schedule, str) else None
+        self._rebuild = (schedule, virtual_stages, options) if isinstance(schedule, str) else None
         self.device = self.world.device(self.world.local_ranks[0])
         self.profiles = self.world.compute_once(lambda: layer_facts(layer_list, partition, sample, self.microbatches,
                                                                     loss_fn, self.device, precision))
@@ -226,7 +226,7 @@ class Pipeline:
     def load_checkpoint(self, folder: str | os.PathLike[str], fallback: bool = False,
                         strict: bool = True) -> dict[str, Any]:
         """Restore weights, optimizer state and RNG from a checkpoint folder or root (its newest), written by
-        any pipeline shape (P, schedule, balance, chunks, D). Files are verified first; a damaged checkpoint
+        any pipeline shape (P, schedule, balance, virtual_stages, D). Files are verified first; a damaged checkpoint
         is refused unless `fallback` (then the newest intact one is used, and said). Returns the manifest:
         `step`, `extra`, `path` (what was loaded), `skipped` (damaged ones passed over)."""
         return checkpoint.load(folder, self.world, self.model, self.optimizers, fallback=fallback, strict=strict)

@@ -119,7 +119,8 @@ def _check(args: argparse.Namespace) -> int:
     layers, loss_fn, batch, what = build_model(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     report = check(layers, loss_fn, batch, schedule=args.schedule, stages=args.stages,
-                   microbatches=args.microbatches, partition=args.partition, chunks=args.chunks, dtype=dtype,
+                   microbatches=args.microbatches, partition=args.partition, virtual_stages=args.virtual_stages,
+                   dtype=dtype,
                    tolerance=args.tolerance)
     if args.json:
         print(json.dumps({"model": what, **report.to_dict()}))
@@ -133,7 +134,8 @@ def add_parsers(sub: Any) -> None:
     """Register `plan` and `check` on the CLI's subparsers."""
     from stagewise.schedules.registry import names
 
-    pl = sub.add_parser("plan", help="choose schedule, micro-batches, chunks and balance together under a memory "
+    pl = sub.add_parser("plan", help="choose schedule, micro-batches, virtual_stages and balance together under a "
+                                     "memory "
                                      "limit (profiles the model, simulates every candidate)")
     _model_args(pl, batch=16, seq_len=128)
     pl.add_argument("--stages", type=int, default=4, help="pipeline devices P")
@@ -179,7 +181,7 @@ def add_parsers(sub: Any) -> None:
     ch.add_argument("--stages", type=int, default=2, help="pipeline devices (threads of this process)")
     ch.add_argument("--microbatches", type=int, default=4)
     ch.add_argument("--partition", default="uniform", help="uniform, parameters, type:REGEX, or counts like 2,1,1,2")
-    ch.add_argument("--chunks", type=int, default=None)
+    ch.add_argument("--virtual-stages", type=int, default=None)
     ch.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     ch.add_argument("--tolerance", type=float, default=None, help="default 1e-10 (float64), 1e-4 (float32)")
     ch.add_argument("--json", action="store_true", help="print one JSON object")

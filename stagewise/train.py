@@ -65,7 +65,7 @@ class TrainConfig:
     partition: str | list[int] = "auto"
     plan: bool = False  # the planner chooses schedule, microbatches, partition and activation checkpointing
     memory_limit: str | None = None  # bytes per device (text such as 2GiB), for the planner
-    chunks: int | None = None
+    virtual_stages: int | None = None
     vocab_size: int = 8192
     out: str = "runs/gpt2"
     seed: int = 0
@@ -95,7 +95,7 @@ def _texts(cfg: TrainConfig) -> list[str]:
 def prepare_data(cfg: TrainConfig, rank: int, world: int):
     """(tokenizer, batches, held-out batches or None): `val_fraction` of the corpus is held out before anything
     (the tokenizer included) is trained on it. Rank 0 builds the caches first so the other ranks only read them."""
-    from stagewise.data import LengthSortedBatches, cache_root, gpt2_tokenizer, pad_id, split_texts, token_chunks
+    from stagewise.data import LengthSortedBatches, cache_root, gpt2_tokenizer, pad_id, split_texts, token_windows
     from stagewise.models.hf import data_pad_id, data_tokenizer
 
     def build():
@@ -108,11 +108,11 @@ def prepare_data(cfg: TrainConfig, rank: int, world: int):
                                    "--pretrained (a tokenizer is then trained on the corpus)")
         else:  # our BPE, or a Hugging Face folder's own tokenizer.json
             tok = data_tokenizer(cfg.model, texts, cfg.vocab_size)
-        chunks = token_chunks(texts, tok, cfg.seq_len, cache_dir=cache_root() / "tokens")
+        windows = token_windows(texts, tok, cfg.seq_len, cache_dir=cache_root() / "tokens")
         pad = pad_id(tok) if cfg.pretrained else data_pad_id(tok, cfg.model)
-        held = token_chunks(held_out, tok, cfg.seq_len, cache_dir=cache_root() / "tokens") if held_out else []
+        held = token_windows(held_out, tok, cfg.seq_len, cache_dir=cache_root() / "tokens") if held_out else []
         val = LengthSortedBatches(held, cfg.batch_size, pad, seed=cfg.seed, drop_last=True) if held else None
-        return tok, LengthSortedBatches(chunks, cfg.batch_size, pad, seed=cfg.seed, drop_last=True), val
+        return tok, LengthSortedBatches(windows, cfg.batch_size, pad, seed=cfg.seed, drop_last=True), val
 
     import torch.distributed as dist
 
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if planned and attempt > 0 and (out / "config.json").is_file():  # a restart keeps what the first attempt planned
         saved = json.loads((out / "config.json").read_text())
-        for key in ("schedule", "microbatches", "chunks", "partition", "activation_checkpointing"):
+        for key in ("schedule", "microbatches", "virtual_stages", "partition", "activation_checkpointing"):
             setattr(cfg, key, saved[key])
         planned = "auto" in (cfg.schedule, cfg.microbatches)
     say(f"stagewise train: {cfg.model if not cfg.pretrained else cfg.pretrained} on {cfg.stages} stage(s)"
@@ -190,7 +190,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     info = SCHEDULES.get(cfg.schedule)
     loss_fn = lm_loss if info is not None and info.asynchronous else causal_lm_loss
     pipe = Pipeline(layers, loss_fn, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
-                    chunks=cfg.chunks, timeout=cfg.timeout, sample=sample, memory_limit=cfg.memory_limit,
+                    virtual_stages=cfg.virtual_stages, timeout=cfg.timeout, sample=sample,
+                    memory_limit=cfg.memory_limit,
                     show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
                     precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
                     on_nonfinite=cfg.on_nonfinite,
@@ -201,7 +202,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     plan = pipe.plan
     if plan is not None:  # config.json records what runs, so that a resumed run does not plan again
         say(plan.format())
-        cfg.schedule, cfg.microbatches, cfg.chunks, cfg.partition, cfg.activation_checkpointing = plan.choice.settings()
+        (cfg.schedule, cfg.microbatches, cfg.virtual_stages, cfg.partition,
+         cfg.activation_checkpointing) = plan.choice.settings()
         cfg.plan = False
     say(pipe.partition_table().format())
     say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")

@@ -84,8 +84,8 @@ def reference_run(layers: list[torch.nn.Module], steps: int, lr_after: dict[int,
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_reshape_4_stages_1f1b_to_2_stages_gpipe_zbv_and_one_process(tmp_path, tied):
-    """Saved at P=4 under 1f1b: the next 3 losses at P=2 (gpipe, another balance), P=2 zbv (chunks=2, m=3) and in
-    one process equal an uninterrupted single-process run (float64, 1e-10); optimizer state and the changed
+    """Saved at P=4 under 1f1b: the next 3 losses at P=2 (gpipe, another balance), P=2 zbv (virtual_stages=2, m=3) and
+    in one process equal an uninterrupted single-process run (float64, 1e-10); optimizer state and the changed
     learning rate (param_groups) come back, and the buffer."""
     torch.set_default_dtype(torch.float64)
     ref_layers = buffered_layers(tied=tied)

@@ -32,8 +32,8 @@ def test_simulate_json_and_list(tmp_path):
     assert listed.returncode == 0 and all(n in listed.stdout for n in ("zbv", "2bw", "interleaved"))
     text = stagewise("simulate", "--schedule", "zbv", "--stages", "2", "--microbatches", "4")
     assert "dev 0" in text.stdout and "bubble" in text.stdout
-    bad = stagewise("simulate", "--schedule", "zbv", "--chunks", "3")
-    assert bad.returncode == 2 and "chunks must be 2" in bad.stderr
+    bad = stagewise("simulate", "--schedule", "zbv", "--virtual-stages", "3")
+    assert bad.returncode == 2 and "virtual_stages must be 2" in bad.stderr
 
 
 def test_partition_reproduces_the_seed_table():

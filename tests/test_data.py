@@ -28,7 +28,7 @@ from stagewise.data import (
     pad_id,
     read_text_files,
     repeat_batches,
-    token_chunks,
+    token_windows,
     train_bpe,
 )
 
@@ -99,15 +99,15 @@ def test_gpt2_tokenizer_only_from_local_files(tokenizer: Tokenizer, tmp_path: Pa
     assert gpt2_tokenizer(tmp_path).to_str() == tokenizer.to_str()
 
 
-def test_token_chunks_cover_each_document(tokenizer: Tokenizer, small: list[str]) -> None:
+def test_token_windows_cover_each_document(tokenizer: Tokenizer, small: list[str]) -> None:
     seq_len = 32
     doc = small[1]
-    chunks = token_chunks([doc], tokenizer, seq_len)
-    assert all(2 <= len(c) <= seq_len + 1 for c in chunks)
-    # consecutive chunks overlap by one token: stitched back, they are the document plus <|endoftext|>
-    stitched = torch.cat([chunks[0], *(c[1:] for c in chunks[1:])]).tolist()
+    windows = token_windows([doc], tokenizer, seq_len)
+    assert all(2 <= len(c) <= seq_len + 1 for c in windows)
+    # consecutive windows overlap by one token: stitched back, they are the document plus <|endoftext|>
+    stitched = torch.cat([windows[0], *(c[1:] for c in windows[1:])]).tolist()
     assert stitched == tokenizer.encode(doc).ids + [eot_id(tokenizer)]
-    assert token_chunks([""], tokenizer, seq_len) == []
+    assert token_windows([""], tokenizer, seq_len) == []
 
 
 def test_encoding_cache(tokenizer: Tokenizer, small: list[str], tmp_path: Path) -> None:
@@ -125,9 +125,9 @@ def test_collate_shifts_and_masks_padding() -> None:
 
 
 def test_length_sorted_batches(tokenizer: Tokenizer, small: list[str]) -> None:
-    chunks = token_chunks(small, tokenizer, 64)
-    batches = LengthSortedBatches(chunks, batch_size=8, pad_id=pad_id(tokenizer), seed=3)
-    assert len(batches) == -(-len(chunks) // 8)
+    windows = token_windows(small, tokenizer, 64)
+    batches = LengthSortedBatches(windows, batch_size=8, pad_id=pad_id(tokenizer), seed=3)
+    assert len(batches) == -(-len(windows) // 8)
     padded = total = 0
     for x, y in batches:
         assert x.dtype == y.dtype == torch.long and x.shape == y.shape and x.shape[1] <= 64
@@ -136,24 +136,24 @@ def test_length_sorted_batches(tokenizer: Tokenizer, small: list[str]) -> None:
         assert (x[~real] == pad_id(tokenizer)).all()
         padded, total = padded + int((~real).sum()), total + y.numel()
     assert padded / total < 0.02
-    # an unsorted batching of the same chunks pads much more
-    shuffled = [chunks[i] for i in torch.randperm(len(chunks), generator=torch.Generator().manual_seed(0))]
-    unsorted = sum(int((collate(shuffled[i : i + 8], 1)[1] == IGNORE_INDEX).sum()) for i in range(0, len(chunks), 8))
+    # an unsorted batching of the same windows pads much more
+    shuffled = [windows[i] for i in torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))]
+    unsorted = sum(int((collate(shuffled[i : i + 8], 1)[1] == IGNORE_INDEX).sum()) for i in range(0, len(windows), 8))
     assert unsorted > 3 * padded
 
 
 def test_batches_are_deterministic_and_cover_every_sequence(tokenizer: Tokenizer, small: list[str]) -> None:
-    chunks = token_chunks(small[:20], tokenizer, 48)
-    a = LengthSortedBatches(chunks, batch_size=4, pad_id=1, seed=7)
-    b = LengthSortedBatches(chunks, batch_size=4, pad_id=1, seed=7)
+    windows = token_windows(small[:20], tokenizer, 48)
+    a = LengthSortedBatches(windows, batch_size=4, pad_id=1, seed=7)
+    b = LengthSortedBatches(windows, batch_size=4, pad_id=1, seed=7)
     assert a.batch_indices(0) == b.batch_indices(0) and a.batch_indices(0) != a.batch_indices(1)
-    assert sorted(i for batch in a.batch_indices(2) for i in batch) == list(range(len(chunks)))
+    assert sorted(i for batch in a.batch_indices(2) for i in batch) == list(range(len(windows)))
     first, second = [x for x, _ in a], [x for x, _ in a]  # each iteration is a new epoch
     assert any(not torch.equal(p, q) for p, q in zip(first, second))
     b.set_epoch(1)
     assert all(torch.equal(p, q) for p, q in zip(second, (x for x, _ in b)))
-    fixed = LengthSortedBatches(chunks, batch_size=4, pad_id=1, shuffle=False)
-    lengths = [len(chunks[i]) for batch in fixed.batch_indices(0) for i in batch]
+    fixed = LengthSortedBatches(windows, batch_size=4, pad_id=1, shuffle=False)
+    lengths = [len(windows[i]) for batch in fixed.batch_indices(0) for i in batch]
     assert lengths == sorted(lengths, reverse=True)  # the seed's order: longest first
 
 

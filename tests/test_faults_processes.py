@@ -58,7 +58,7 @@ def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     (["--microbatches", "8", "--dp", "2", "--batch-size", "12"],
      r"argument --batch-size: a batch of 12 samples cannot be split into 2 data-parallel replicas x 8 micro-batches"),
     (["--dp", "2", "--batch-size", "1"], r"argument --batch-size: a batch of 1 samples cannot feed 2 data-parallel"),
-    (["--schedule", "zbv", "--chunks", "3"], r"argument --chunks: zbv: .*chunks must be 2"),
+    (["--schedule", "zbv", "--virtual-stages", "3"], r"argument --virtual-stages: zbv: .*virtual_stages must be 2"),
     (["--schedule", "pipedream", "--dp", "2"], r"argument --schedule: .*takes an optimizer step after every"),
     (["--timeout", "0"], r"argument --timeout: must be a finite number > 0, got 0"),
     (["--lr", "-1"], r"argument --lr: must be a finite number > 0, got -1"),

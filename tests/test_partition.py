@@ -265,7 +265,7 @@ def test_inflight_per_stage_follows_the_schedules():
         sc = build(name, 4, 8)
         fp = Footprint(sc, [0] * sc.num_stages, [1.0] * sc.num_stages, bytes_per_param=0)
         # one byte per stage and micro-batch: the device peak is the simulator's in-flight chunk count
-        assert fp.devices([1] * sc.num_stages) == [x * sc.chunks for x in simulate(sc).peak_inflight]
+        assert fp.devices([1] * sc.num_stages) == [x * sc.virtual_stages for x in simulate(sc).peak_inflight]
 
 
 def test_by_memory_is_optimal_and_respects_the_limit():

@@ -162,10 +162,10 @@ def test_ties_go_to_fewer_actions_then_the_simpler_schedule():
     wide = search(profiles, 2, 16, schedules=["1f1b"], microbatches=[2, 4, 8], noise=10.0)
     assert wide.choice.microbatches == 2
     assert PREFERENCE.index("1f1b") < PREFERENCE.index("gpipe") < PREFERENCE.index("zbv")
-    # fewer actions per device (m x chunks) come before the simpler schedule, then fewer chunks
+    # fewer actions per device (m x virtual stages) come before the simpler schedule, then fewer virtual stages
     c = both.choice
     many, few = replace(c, schedule="1f1b", microbatches=16), replace(c, schedule="zb-h1", microbatches=4)
-    looped = replace(c, schedule="interleaved", microbatches=4, chunks=2)
+    looped = replace(c, schedule="interleaved", microbatches=4, virtual_stages=2)
     assert min([many, few], key=preference) is few and min([many, looped], key=preference) is looped
     assert min([looped, replace(c, schedule="1f1b", microbatches=8)], key=preference).schedule == "1f1b"
 
@@ -200,7 +200,7 @@ def test_plan_cli_json_on_gpt2_tiny():
     data = json.loads(out.stdout)
     choice, candidates = data["choice"], data["candidates"]
     assert choice["schedule"] in SYNCHRONOUS and 8 % choice["microbatches"] == 0
-    assert sum(choice["balance"]) == 6 and len(choice["balance"]) == 2 * choice["chunks"]
+    assert sum(choice["balance"]) == 6 and len(choice["balance"]) == 2 * choice["virtual_stages"]
     assert max(choice["memory"]) <= 64 * 2**20
     assert [c["step_s"] for c in candidates] == sorted(c["step_s"] for c in candidates) or choice not in candidates[:5]
     assert choice["step_s"] <= candidates[0]["step_s"] * (1 + data["noise"]) + 1e-12
@@ -220,8 +220,8 @@ def test_pipeline_plans_itself_and_meets_its_saved_bytes_prediction():
                     planner={"runs": 1, "repeats": 1}, optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2))
     try:
         c = pipe.plan.choice
-        assert (pipe.schedule.name, pipe.microbatches, pipe.schedule.chunks, pipe.balance) == \
-            (c.schedule, c.microbatches, c.chunks, c.balance)
+        assert (pipe.schedule.name, pipe.microbatches, pipe.schedule.virtual_stages, pipe.balance) == \
+            (c.schedule, c.microbatches, c.virtual_stages, c.balance)
         assert "choice:" in pipe.plan.format()
         assert pipe.plan.settings["latency"] == 0.0 and pipe.plan.settings["bandwidth"] is None  # CPU: not charged
         losses = [pipe.train_step((ids, ids)).item() for _ in range(3)]
@@ -421,7 +421,7 @@ def test_ties_are_the_candidates_the_profile_runs_do_not_separate():
     best = plan.fastest
 
     def step(run: int, c) -> float:
-        sc = with_recompute(build(c.schedule, 2, c.microbatches, c.chunks), c.recompute)
+        sc = with_recompute(build(c.schedule, 2, c.microbatches, c.virtual_stages), c.recompute)
         return predict(noisy.run(run), sc, 16, c.balance).step_s
 
     tied = [c for c in plan.candidates if c.step_s <= best.step_s * (1 + MAX_BAND)

@@ -85,13 +85,13 @@ def _pipeline_vs_one_process(layers: list[nn.Module], loss_fn, batch, steps: int
 def test_drawn_schedules_and_features_stay_exact_under_short_thread_switches(schedule, P, m, pairs, recompute,
                                                                             seed):
     """Schedule x P x m x (token-mean pair loss or sample mean) x recompute, with the tie, 2 SGD steps each."""
-    chunks = 2 if schedule in ("interleaved", "zbv", "v-half", "v-min", "dualpipev") else 1
+    virtual_stages = 2 if schedule in ("interleaved", "zbv", "v-half", "v-min", "dualpipev") else 1
     if schedule == "interleaved" and m % P:
         m = P * max(1, m // P)
     if schedule == "dualpipev" and m < 2 * P:
         m = 2 * P
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=300, n_positions=16, n_embd=32, n_layer=max(2, P * chunks - 2), n_head=2)
+    cfg = GPT2Config(vocab_size=300, n_positions=16, n_embd=32, n_layer=max(2, P * virtual_stages - 2), n_head=2)
     layers = [m_.double() for m_ in gpt2_layers(cfg)]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (max(m, 6), 16), generator=g)
@@ -101,7 +101,8 @@ def test_drawn_schedules_and_features_stay_exact_under_short_thread_switches(sch
         labels[torch.arange(16).expand(ids.shape) >= lengths.unsqueeze(1)] = -100
     with short_switches():
         err = _pipeline_vs_one_process(layers, causal_lm_loss if pairs else lm_loss, (ids, labels), 2,
-                                       schedule=schedule, microbatches=m, local_devices=P, chunks=chunks,
+                                       schedule=schedule, microbatches=m, local_devices=P,
+                                       virtual_stages=virtual_stages,
                                        activation_checkpointing=recompute)
     assert err <= 1e-10, err
 

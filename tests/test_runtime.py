@@ -106,7 +106,7 @@ def test_microbatch_split_weights_and_errors():
 def test_pipeline_errors_are_clear():
     layers = make_layers()
     with pytest.raises(ValueError, match="cannot cut 9 layers into 16 stages"):
-        Pipeline(layers, loss_fn, schedule="interleaved", chunks=4, local_devices=4)
+        Pipeline(layers, loss_fn, schedule="interleaved", virtual_stages=4, local_devices=4)
     with pytest.raises(ValueError, match="covers 8 layers but the model has 9"):
         Pipeline(layers, loss_fn, partition=[4, 4], local_devices=2)
     with pytest.raises(ValueError, match="unknown schedule"):

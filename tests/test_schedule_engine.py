@@ -21,7 +21,7 @@ NAMES = sorted(SCHEDULES)
 
 def _build(name: str, P: int, m: int) -> Schedule:
     info = SCHEDULES[name]
-    return build(name, P, m, info.default_chunks, **({"batches": 2} if info.asynchronous else {}))
+    return build(name, P, m, info.default_virtual_stages, **({"batches": 2} if info.asynchronous else {}))
 
 
 def reference_times(sc: Schedule, dur, delay) -> dict[tuple[int, int], tuple[float, float]]:

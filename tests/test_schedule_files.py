@@ -36,7 +36,7 @@ def test_every_synchronous_schedule_round_trips_exactly(name, tmp_path):
         path = save(sc, tmp_path / f"{name}-{P}-{m}.csv")
         back = load(path)
         assert lists(back) == lists(sc), (name, P, m)
-        assert back.placement == sc.placement and back.chunks == sc.chunks and back.microbatches == m
+        assert back.placement == sc.placement and back.virtual_stages == sc.virtual_stages and back.microbatches == m
         assert back.name == f"{name}-{P}-{m}"
         split_used = any(a.op in ("I", "W") for p in sc.actions for a in p)
         assert back.split_backward == split_used
@@ -155,7 +155,7 @@ def test_resolve_schedule_takes_a_name_a_file_or_a_schedule(tmp_path):
     from_file = resolve_schedule(path, 3, 7)
     assert from_file.lowered and from_file.name == "mine"
     assert lists(from_file) == lists(validate(build("v-min", 3, 7)))
-    assert resolve_schedule(str(path), 3, 7, chunks=2).chunks == 2
+    assert resolve_schedule(str(path), 3, 7, virtual_stages=2).virtual_stages == 2
     given = build("zb-h2", 2, 4)
     assert lists(resolve_schedule(given, 2, 4)) == lists(validate(given))
     assert resolve_schedule(path, 3).microbatches == 7  # the file's own count when unset
@@ -163,8 +163,8 @@ def test_resolve_schedule_takes_a_name_a_file_or_a_schedule(tmp_path):
         resolve_schedule(path, 4, 7)
     with pytest.raises(ScheduleError, match="runs 7 micro-batches, not microbatches=8"):
         resolve_schedule(path, 3, 8)
-    with pytest.raises(ScheduleError, match="holds 2 chunks per device, not chunks=3"):
-        resolve_schedule(path, 3, 7, chunks=3)
+    with pytest.raises(ScheduleError, match="holds 2 virtual stages per device, not virtual_stages=3"):
+        resolve_schedule(path, 3, 7, virtual_stages=3)
     with pytest.raises(ScheduleError, match="'zb-h2' is written for 2 devices, but this pipeline has 3"):
         resolve_schedule(given, 3, 4)
     assert resolve_schedule("zb-h2", 2).microbatches == 4  # a name: m defaults to 4

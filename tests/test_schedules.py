@@ -33,7 +33,7 @@ def test_every_generator_validates_or_refuses_clearly(name, P, m, v):
     wants = {"interleaved": v >= 2, "looped-bfs": v >= 2, "zbv": v == 2, "v-half": v == 2, "v-min": v == 2,
              "dualpipev": v == 2}.get(name, v == 1)
     if not wants:
-        with pytest.raises(ScheduleError, match="chunks"):
+        with pytest.raises(ScheduleError, match="virtual_stages"):
             build(name, P, m, v, **opts)
         return
     sc = build(name, P, m, v, **opts)
@@ -119,7 +119,7 @@ def test_pipedream_stashes_versions_and_vertical_sync_agrees_across_stages():
             assert versions[("F", s, n)] == v
 
 
-@pytest.mark.parametrize("P,m,v,err", [(0, 4, 1, "devices"), (2, 0, 1, "micro-batches"), (2, 4, 0, "chunks")])
+@pytest.mark.parametrize("P,m,v,err", [(0, 4, 1, "devices"), (2, 0, 1, "micro-batches"), (2, 4, 0, "virtual_stages")])
 def test_impossible_arguments(P, m, v, err):
     with pytest.raises(ScheduleError, match=err):
         build("1f1b", P, m, v)

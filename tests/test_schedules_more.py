@@ -33,7 +33,7 @@ from stagewise.schedules import (
 NEW = ("looped-bfs", "zb-h2", "v-half", "v-min", "dualpipev")
 CHUNKS_OK = {"looped-bfs": lambda v: v >= 2, "zb-h2": lambda v: v == 1}  # the V-shaped ones: exactly 2
 UNIT = Costs(f=1, b=2, i=1, w=1)  # F = I = W: the zero-bubble papers' assumption, one stage per device
-HALF = Costs(f=0.5, b=1, i=0.5, w=0.5)  # the same model in two chunks per device
+HALF = Costs(f=0.5, b=1, i=0.5, w=0.5)  # the same model in two virtual stages per device
 
 
 def spans(sim) -> list[float]:
@@ -50,9 +50,9 @@ def idle(sim) -> list[float]:
     return [sim.makespan * b for b in sim.bubble_per_device]
 
 
-def test_registered_with_default_chunks():
+def test_registered_with_default_virtual_stages():
     assert set(NEW) <= set(SCHEDULES)
-    assert {n: SCHEDULES[n].default_chunks for n in NEW} == {
+    assert {n: SCHEDULES[n].default_virtual_stages for n in NEW} == {
         "looped-bfs": 2, "zb-h2": 1, "v-half": 2, "v-min": 2, "dualpipev": 2}
     assert not any(SCHEDULES[n].asynchronous for n in NEW)
 
@@ -73,9 +73,9 @@ def test_every_new_schedule_validates_for_any_P_and_m(name, P, m):
 def test_wrong_chunks_are_refused_by_name(name, v):
     ok = CHUNKS_OK.get(name, lambda v: v == 2)(v)
     if ok:
-        assert build(name, 3, 5, v).chunks == v
+        assert build(name, 3, 5, v).virtual_stages == v
     else:
-        with pytest.raises(ScheduleError, match=rf"{name}: .*chunks must|{name}: needs chunks"):
+        with pytest.raises(ScheduleError, match=rf"{name}: .*virtual_stages must|{name}: needs virtual_stages"):
             build(name, 3, 5, v)
 
 
@@ -150,11 +150,11 @@ def test_dualpipev_bubble_and_memory(P, m, w_share):
 
 
 def test_readme_table_numbers():
-    """The rows of docs/schedules.md for the new schedules (P=4, m=8; F=1, B=2, I=W=1; two chunks: halved)."""
+    """The rows of docs/schedules.md for the new schedules (P=4, m=8; F=1, B=2, I=W=1; two virtual stages: halved)."""
     got = {}
     for name in NEW:
         sc = build(name, 4, 8)
-        sim = simulate(sc, HALF if sc.chunks == 2 else UNIT)
+        sim = simulate(sc, HALF if sc.virtual_stages == 2 else UNIT)
         got[name] = (round(sim.bubble_fraction * 100, 1), sim.peak_inflight, sim.peak_weight_versions)
     assert got == {
         "looped-bfs": (15.8, [8.0] * 4, [1] * 4),

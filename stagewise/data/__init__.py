@@ -6,7 +6,7 @@ from stagewise.data.batches import (
     collate,
     encode_documents,
     repeat_batches,
-    token_chunks,
+    token_windows,
 )
 from stagewise.data.corpus import TEXT_SUFFIXES, builtin_corpus, load_squad_contexts, read_text_files
 from stagewise.data.split import split_texts
@@ -41,6 +41,6 @@ __all__ = [
     "read_text_files",
     "repeat_batches",
     "split_texts",
-    "token_chunks",
+    "token_windows",
     "train_bpe",
 ]

@@ -40,7 +40,7 @@ def encode_documents(
     return docs
 
 
-def token_chunks(
+def token_windows(
     texts: Sequence[str],
     tokenizer: Tokenizer,
     seq_len: int,
@@ -57,13 +57,13 @@ def token_chunks(
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     eot = eot_id(tokenizer) if append_eot else None
-    chunks: list[torch.Tensor] = []
+    windows: list[torch.Tensor] = []
     for ids in encode_documents(texts, tokenizer, cache_dir):
         if eot is not None:
             ids = torch.cat([ids, ids.new_tensor([eot])])
         # views into one tensor per document: no copy per chunk
-        chunks.extend(ids[s : s + seq_len + 1] for s in range(0, max(len(ids) - 1, 0), seq_len))
-    return chunks
+        windows.extend(ids[s : s + seq_len + 1] for s in range(0, max(len(ids) - 1, 0), seq_len))
+    return windows
 
 
 def collate(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ FP16_KEYS = ("enabled", "loss_scale", "initial_scale_power", "loss_scale_window"
              "consecutive_hysteresis", "min_loss_scale", "auto_cast", "fp16_master_weights_and_grads")
 # DeepSpeed's own pipeline keys, then stagewise's extensions
 PIPELINE_KEYS = ("stages", "partition", "seed_layers", "activation_checkpoint_interval", "pipe_partitioned",
-                 "grad_partitioned", "use_reentrant", "schedule", "chunks", "timeout")
+                 "grad_partitioned", "use_reentrant", "schedule", "virtual_stages", "timeout")
 # keys that tune only DeepSpeed's implementation (bucket sizes, overlap): accepted, no effect on any result
 NO_EFFECT = {"zero_optimization": ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
                                    "contiguous_gradients", "reduce_scatter", "allgather_partitions",
@@ -52,7 +52,7 @@ class DeepSpeedConfig:
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
     schedule: str = "1f1b"
-    chunks: int | None = None
+    virtual_stages: int | None = None
     timeout: float = 30.0
     zero_stage: int = 0
     dataloader_drop_last: bool = False
@@ -209,11 +209,12 @@ def _pipeline(raw: dict[str, Any], cfg: DeepSpeedConfig, num_stages: int) -> Non
         raise DeepSpeedConfigError("pipeline.schedule 'auto' (the planner) is not available here: PipelineModule "
                                    "partitions the layers; name a schedule, such as '1f1b' or 'interleaved'")
     cfg.schedule = os.fspath(schedule)
-    chunks = pipe.get("chunks")
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
-        raise DeepSpeedConfigError(f"pipeline.chunks must be an integer >= 1 (virtual stages per device), got "
-                                   f"{chunks!r}")
-    cfg.chunks = chunks
+    virtual_stages = pipe.get("virtual_stages")
+    if virtual_stages is not None and (isinstance(virtual_stages, bool) or not isinstance(virtual_stages,
+                                                                                          int) or virtual_stages < 1):
+        raise DeepSpeedConfigError(f"pipeline.virtual_stages must be an integer >= 1 (virtual stages per device), got "
+                                   f"{virtual_stages!r}")
+    cfg.virtual_stages = virtual_stages
     timeout = pipe.get("timeout", 30.0)
     if not _number(timeout) or timeout <= 0:
         raise DeepSpeedConfigError(f"pipeline.timeout must be a positive number of seconds, got {timeout!r}")

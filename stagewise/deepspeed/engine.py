@@ -86,7 +86,7 @@ class PipelineEngine:
         loss_fn = module.loss_fn if module.loss_fn is not None else _output_is_loss
         self.pipeline = Pipeline(
             module.pipeline_layers(), loss_fn, schedule=cfg.schedule, microbatches=self.micro_batches,
-            partition=module.balance, chunks=cfg.chunks, optimizer=bind, timeout=cfg.timeout,
+            partition=module.balance, virtual_stages=cfg.virtual_stages, optimizer=bind, timeout=cfg.timeout,
             data_parallel=self.dp_world_size, max_grad_norm=cfg.gradient_clipping or None,
             precision=cfg.precision, activation_checkpointing=interval if interval > 0 else "never",
             **({"loss_scale": cfg.loss_scale} if cfg.loss_scale is not None else {}))
@@ -299,7 +299,7 @@ class PipelineEngine:
         the config names a schedule with several stages per device (then the layers are partitioned again over
         its stages and this rank builds its new ones). Returns whether the layout changed."""
         module, cfg = self.module, self.config
-        base = resolve_schedule(cfg.schedule, module.num_stages, self.micro_batches, cfg.chunks)
+        base = resolve_schedule(cfg.schedule, module.num_stages, self.micro_batches, cfg.virtual_stages)
         mine = base.stages_of(self.stage_id)
         if base.num_stages == module.num_stages and mine == [self.stage_id]:
             return False

@@ -219,7 +219,8 @@ def default_cores(device: torch.device) -> int | None:
 def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.Tensor] | None,
                sample: tuple[Any, Any], devices: int, *, data_parallel: int = 1, schedule: str | Sequence[str] = AUTO,
                microbatches: int | Sequence[int] | str | None = AUTO, partition: str | Sequence[int] = AUTO,
-               chunks: int | None = None, memory_limit: float | str | None = None, device: torch.device | None = None,
+               virtual_stages: int | None = None, memory_limit: float | str | None = None,
+               device: torch.device | None = None,
                threads: int | None = None, runs: int = 3, repeats: int = 3, recompute: str | Sequence[str] = "never",
                cores: int | None | str = AUTO, tokens_per_sample: int | None = None, top: int = 5,
                max_microbatches: int | None = None, precision: str = "fp32", latency: float | None = None,
@@ -228,7 +229,7 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
     """Measure `layers` on `sample` and search: the `Plan` and the profiles it used.
 
     What is not "auto" is held fixed or narrowed: a schedule name (or a list to choose from), m (an int or a
-    list), a partition method or balance (then evaluated, not searched, for every configuration), `chunks`.
+    list), a partition method or balance (then evaluated, not searched, for every configuration), `virtual_stages`.
     `recompute` is an activation-checkpointing mode, or "auto" (every mode), or a list of modes to try.
     `sample` is a whole batch like the ones to train on (its size is the batch). `tokens_per_sample`
     defaults to the length of dim 1 of an integer input (token ids), else throughput is in samples/s.
@@ -279,7 +280,8 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
         reduce_bandwidth = links.reduce_bandwidth if reduce_bandwidth is None else reduce_bandwidth
     modes = MODES if recompute == AUTO else [recompute] if isinstance(recompute, str) else list(recompute)
     plan = search(profiles, P, batch, data_parallel=data_parallel, schedules=names, microbatches=ms,
-                  chunks=[chunks] if chunks else None, recompute=modes, memory_limit=parse_bytes(memory_limit),
+                  virtual_stages=[virtual_stages] if virtual_stages else None, recompute=modes,
+                  memory_limit=parse_bytes(memory_limit),
                   balance=balance_fn, cores=default_cores(device) if cores == AUTO else cores,
                   tokens_per_sample=tokens_per_sample, top=top,
                   latency=latency or 0.0, bandwidth=math.inf if bandwidth is None else float(bandwidth),
@@ -290,7 +292,7 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
 
 
 def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | None, world: Any, schedule: Any,
-                 microbatches: Any, partition: Any, chunks: int | None, memory_limit: Any,
+                 microbatches: Any, partition: Any, virtual_stages: int | None, memory_limit: Any,
                  activation_checkpointing: str | int, options: dict | None, precision: str = "fp32") -> Plan | None:
     """For `Pipeline`: the plan when its schedule or m is "auto" (computed by one process, handed to all), else
     None. `activation_checkpointing` "auto" lets the planner choose the mode; another mode is held. `options`
@@ -328,7 +330,8 @@ def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | 
 
     def run() -> Plan:
         return plan_model(layers, loss_fn, sample, grid.pipeline, data_parallel=grid.data, schedule=schedule,
-                          microbatches=microbatches, partition=partition, chunks=chunks, memory_limit=memory_limit,
+                          microbatches=microbatches, partition=partition, virtual_stages=virtual_stages,
+                          memory_limit=memory_limit,
                           device=device, threads=threads, recompute=activation_checkpointing, precision=precision,
                           **options)[0]
 

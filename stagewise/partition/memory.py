@@ -134,7 +134,7 @@ def least_memory(fp: Footprint, num_layers: int) -> tuple[list[int], float, bool
     """
     sc = fp.schedule
     S = sc.num_stages
-    if sc.chunks == 1:
+    if sc.virtual_stages == 1:
         start = min_max_partition(fp.stage, num_layers, S)
         return start, max(fp.devices(start)), True
     if math.comb(num_layers - 1, S - 1) <= ENUMERATE_MEMORY:

@@ -1,4 +1,5 @@
-"""The planner: schedule x micro-batches x chunks x balance x recompute, chosen together under a memory cap. No torch.
+"""The planner: schedule x micro-batches x virtual stages x balance x recompute, chosen together under a memory
+cap. No torch.
 
 `search(profiles, devices, batch, ...)` walks every synchronous schedule of the registry, every
 micro-batch count m, every chunk count the schedule takes and, where asked, every activation-checkpointing
@@ -26,7 +27,8 @@ How the search stays fast and exact:
 also kept alone (`ProfileSet.per_run`). The candidates within MAX_BAND of the fastest are re-predicted
 from each run's profile alone; those that some run predicts no slower than the fastest are ties (the
 repeated runs do not separate them from it), and the choice is the first of them by `preference` (no
-recompute, fewer actions per device, i.e. micro-batches x chunks, fewer chunks, the simpler schedule, less
+recompute, fewer actions per device, i.e. micro-batches x virtual stages, fewer virtual stages, the simpler schedule,
+less
 memory). Without runs to compare (one run, or a given `noise`), the band rule: candidates within the
 noise of the fastest are ties, the noise being the spread of each layer's time between runs (each run
 first scaled to the same total), summed over the layers, relative to the total, at most MAX_BAND. The cap
@@ -59,7 +61,7 @@ PREFERENCE = ("naive", "1f1b", "gpipe", "zb-h1", "zb-h2", "interleaved", "looped
 ENUMERATE_BALANCES = 20000  # balances of one configuration tried exactly (memory vectorised, time bounded)
 MAX_MICROBATCHES = 32
 MAX_BAND = 0.05  # the widest tie band, however noisy the profile
-MAX_CHUNKS = 4  # for the schedules that take any number of chunks (interleaved, looped-bfs)
+MAX_VIRTUAL_STAGES = 4  # for the schedules that take any number of virtual stages (interleaved, looped-bfs)
 
 def default_microbatches(per_replica: int, devices: int, cap: int = MAX_MICROBATCHES) -> list[int]:
     """The m tried by default: divisors of the per-replica batch (equal micro-batches) from P (fewer leave
@@ -69,14 +71,15 @@ def default_microbatches(per_replica: int, devices: int, cap: int = MAX_MICROBAT
     return wide or divisors[-1:]
 
 
-def chunk_options(name: str, devices: int, num_layers: int, chunks: Sequence[int] | None = None) -> list[int]:
-    """Chunks per device to try for schedule `name`: its default, and 2..MAX_CHUNKS for those that take any;
+def virtual_stage_options(name: str, devices: int, num_layers: int,
+                          virtual_stages: Sequence[int] | None = None) -> list[int]:
+    """Chunks per device to try for schedule `name`: its default, and 2..MAX_VIRTUAL_STAGES for those that take any;
     only as many as leave every stage a layer."""
-    default = SCHEDULES[name].default_chunks
-    if chunks is not None:
-        options = list(chunks)
+    default = SCHEDULES[name].default_virtual_stages
+    if virtual_stages is not None:
+        options = list(virtual_stages)
     elif default > 1 and name in ("interleaved", "looped-bfs"):
-        options = list(range(2, MAX_CHUNKS + 1))
+        options = list(range(2, MAX_VIRTUAL_STAGES + 1))
     else:
         options = [default]
     return [v for v in options if devices * v <= num_layers]
@@ -88,7 +91,7 @@ class Candidate:
 
     schedule: str
     microbatches: int
-    chunks: int
+    virtual_stages: int
     recompute: str  # the activation-checkpointing mode: "never", "except_last" or "always"
     balance: list[int]
     samples: int  # per micro-batch (the largest, when m does not divide the batch)
@@ -103,13 +106,13 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        extra = f" v={self.chunks}" if self.chunks > 1 else ""
+        extra = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         mode = f" recompute={self.recompute}" if self.recompute != "never" else ""
         return f"{self.schedule}{extra} m={self.microbatches}{mode}"
 
     def settings(self) -> tuple[str, int, int, list[int], str]:
-        """(schedule, microbatches, chunks, balance, activation_checkpointing): what `Pipeline` takes."""
-        return self.schedule, self.microbatches, self.chunks, list(self.balance), self.recompute
+        """(schedule, microbatches, virtual_stages, balance, activation_checkpointing): what `Pipeline` takes."""
+        return self.schedule, self.microbatches, self.virtual_stages, list(self.balance), self.recompute
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,15 +123,16 @@ class Candidate:
 
 
 def preference(c: Candidate) -> tuple:
-    """The tie-break order: no recompute, fewer actions per device (micro-batches x chunks), fewer chunks, the
-    simpler schedule, less memory.
+    """The tie-break order: no recompute, fewer actions per device (micro-batches x virtual stages), fewer
+    virtual stages, the simpler schedule, less memory.
 
     Fewer actions first because what the model leaves out is paid per action and per message (the executor's
     own work, a transfer's latency, a wake-up when ranks share cores): measured on 4 ranks sharing 2 cores, the
     planner's old order (the simpler schedule first) took 1f1b m=16 over zb-h1 m=4, predicted 1% apart, and it
     measured 36% slower."""
     rank = PREFERENCE.index(c.schedule) if c.schedule in PREFERENCE else len(PREFERENCE)
-    return (MODES.index(c.recompute), c.microbatches * c.chunks, c.chunks, rank, max(c.memory), c.step_s)
+    return (MODES.index(c.recompute), c.microbatches * c.virtual_stages, c.virtual_stages, rank, max(c.memory),
+            c.step_s)
 
 
 @dataclass
@@ -181,12 +185,13 @@ class Plan:
                      "slower than the fastest")
                     if st.get("tie_rule") == "runs" else
                     f"profile runs; tie band {self.noise:.1%}): candidates within the band of the fastest are ties")
-                 + ", broken toward fewer micro-batches x chunks, then the simpler schedule"]
-        head = ["", "#", "schedule", "m", "chunks", "recompute", "balance", "step", unit, "bubble",
+                 + ", broken toward fewer micro-batches x virtual stages, then the simpler schedule"]
+        head = ["", "#", "schedule", "m", "v", "recompute", "balance", "step", unit, "bubble",
                 "peak memory per device"]
         rows = [head]
         for k, c in enumerate(self.candidates, 1):
-            rows.append(["*" if c == self.choice else "", str(k), c.schedule, str(c.microbatches), str(c.chunks),
+            rows.append(["*" if c == self.choice else "", str(k), c.schedule, str(c.microbatches),
+                         str(c.virtual_stages),
                          c.recompute, ",".join(map(str, c.balance)), format_seconds(c.step_s),
                          f"{c.throughput:,.0f}", f"{c.bubble:.1%}", ", ".join(format_bytes(x) for x in c.memory)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -365,12 +370,12 @@ def _local_search(model: CostModel, limit: float, stats: _Stats) -> tuple[Estima
 
 def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int = 1,
            schedules: Sequence[str] | None = None, microbatches: Sequence[int] | None = None,
-           chunks: Sequence[int] | None = None, recompute: Sequence[str] = ("never",),
+           virtual_stages: Sequence[int] | None = None, recompute: Sequence[str] = ("never",),
            memory_limit: float | None = None, balance: Callable[[Schedule], Sequence[int]] | None = None,
            bytes_per_param: float = 16.0, latency: float = 0.0, bandwidth: float = math.inf,
            cores: int | None = None, tokens_per_sample: int | None = None, top: int = 5,
            noise: float | None = None, exhaustive: bool = False, reduce_bandwidth: float = math.inf) -> Plan:
-    """Search schedule x m x chunks x balance x recompute for the shortest predicted step within
+    """Search schedule x m x virtual stages x balance x recompute for the shortest predicted step within
     `memory_limit` bytes per device; see the module docstring. `batch` is the global batch (samples), split
     over `data_parallel` replicas, then into m micro-batches. `recompute`: the activation-checkpointing modes
     to try (a mode that changes nothing for a schedule, say "except_last" where every backward follows its
@@ -403,7 +408,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     tokens = tokens_per_sample or 1
     groups = []
     for name in names:
-        for v in chunk_options(name, devices, L, chunks):
+        for v in virtual_stage_options(name, devices, L, virtual_stages):
             for m in ms:
                 for r in recompute:
                     samples = -(-per_replica // m)
@@ -419,7 +424,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
                     groups.append((lb, name, v, m, r, samples))
     if not groups:
         raise PartitionError(f"no schedule of {', '.join(names)} fits {L} layers on {devices} devices "
-                             "(chunked schedules need devices x chunks layers)")
+                             "(chunked schedules need devices x virtual stages layers)")
     groups.sort(key=lambda g: (g[0], MODES.index(g[4]), PREFERENCE.index(g[1]) if g[1] in PREFERENCE else 99, g[3]))
     stats = _Stats()
     found: list[Candidate] = []
@@ -508,7 +513,7 @@ def unresolved(found: Sequence[Candidate], profiles: ProfileSet, schedules: dict
     for k in range(len(profiles.per_run)):
         run = profiles.run(k)
         for c in pool:
-            schedule = schedules[(c.schedule, c.chunks, c.microbatches, c.recompute)]
+            schedule = schedules[(c.schedule, c.virtual_stages, c.microbatches, c.recompute)]
             model = CostModel(schedule, run.at(-(-per_replica // c.microbatches)),
                               step_per_param=run.step_per_param, **options)
             steps[id(c)].append(model.estimate(c.balance).step_s)
@@ -526,6 +531,7 @@ def predict(profiles: ProfileSet, schedule: Schedule, batch: int, balance: Seque
     cm = CostModel(schedule, profiles.at(samples), step_per_param=profiles.step_per_param, replicas=data_parallel,
                    **model)
     e = cm.estimate(list(balance))
-    return Candidate(schedule.name, schedule.microbatches, schedule.chunks, recompute, e.balance, samples, e.step_s,
+    return Candidate(schedule.name, schedule.microbatches, schedule.virtual_stages, recompute, e.balance, samples,
+                     e.step_s,
                      e.makespan_s, e.bubble, e.bubble_per_device, e.busy_s, e.memory, e.saved_peak,
                      batch * (tokens_per_sample or 1) / e.step_s if e.step_s > 0 else math.inf)

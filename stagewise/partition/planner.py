@@ -139,7 +139,7 @@ def auto(layers: Sequence[LayerProfile], schedule: Schedule, *, memory_limit: fl
         if least[1] > limit:
             raise over_limit(fp, L, limit, least)
         seeds.append(least[0])
-        if schedule.chunks > 1:
+        if schedule.virtual_stages > 1:
             # Share the device limit among its stages in the proportions of the least-memory balance;
             # per-stage footprints add up to at least the device peak, so each DP answer fits.
             stage_mem = [fp.stage(s, lo, hi) for s, (lo, hi) in enumerate(ranges(least[0]))]

@@ -43,7 +43,7 @@ def check_request(num_layers: int, num_stages: int, allow_empty: bool = False) -
         raise PartitionError(f"the number of layers must be >= 0, got {num_layers}")
     if not allow_empty and num_stages > num_layers:
         raise PartitionError(f"cannot cut {num_layers} layers into {num_stages} stages: every stage needs a layer; "
-                             f"use at most {num_layers} stages (devices x chunks) or a model with more layers")
+                             f"use at most {num_layers} stages (devices x virtual stages) or a model with more layers")
 
 
 def check_balance(balance: Sequence[int], num_layers: int, num_stages: int) -> list[int]:
@@ -51,7 +51,7 @@ def check_balance(balance: Sequence[int], num_layers: int, num_stages: int) -> l
     out = [int(x) for x in balance]
     if len(out) != num_stages:
         raise PartitionError(f"balance {out} has {len(out)} entries for {num_stages} stages "
-                             "(devices x chunks); give one layer count per stage")
+                             "(devices x virtual stages); give one layer count per stage")
     if any(b < 1 for b in out):
         raise PartitionError(f"balance {out} leaves stage {next(i for i, b in enumerate(out) if b < 1)} "
                              "without layers; every stage needs at least one")

@@ -184,14 +184,16 @@ class Runner:
     def unflushed(self, it: Iterator[tuple[Any, Any]], rebuild: tuple[str, int | None, dict] | None, batches: int
                   ) -> tuple[list[float], dict[int, int]]:
         """Run `batches` batches from `it` as one program that never drains (PipeDream, 2BW), the schedule built
-        again by name for that many batches (`rebuild`: name, chunks, generator options): the loss of each batch,
+        again by name for that many batches (`rebuild`: name, virtual_stages,
+                                             generator options): the loss of each batch,
         and the most weight versions each stage held at once."""
         if rebuild is None:
             raise ScheduleError("an asynchronous Schedule object runs one batch per train_step; to run several "
                                 "batches unflushed, pass the schedule by name")
         grid = self.world.grid
-        name, chunks, options = rebuild
-        schedule = resolve_schedule(name, grid.pipeline, self.schedule.batch_microbatches, chunks, batches=batches,
+        name, virtual_stages, options = rebuild
+        schedule = resolve_schedule(name, grid.pipeline, self.schedule.batch_microbatches, virtual_stages,
+                                    batches=batches,
                                     data_parallel=grid.data, **options)
         m = schedule.batch_microbatches
         device = self.world.device(self.world.local_ranks[0])

@@ -15,7 +15,7 @@ from stagewise.schedules.programs import OP_CODE, Programs
 from stagewise.schedules.schedule import Schedule
 
 
-def pipedream(devices: int, microbatches: int, chunks: int = 1, *, batches: int = 1,
+def pipedream(devices: int, microbatches: int, virtual_stages: int = 1, *, batches: int = 1,
               vertical_sync: bool = False) -> Schedule:
     """PipeDream: 1F1B over `microbatches * batches` micro-batches, an optimizer step after every backward.
 
@@ -23,8 +23,8 @@ def pipedream(devices: int, microbatches: int, chunks: int = 1, *, batches: int 
     `vertical_sync`, a micro-batch uses on every stage the version that was current on
     stage 0 when it entered; each step still updates the newest version.
     """
-    check_args("pipedream", devices, microbatches, chunks)
-    _check_async("pipedream", chunks, batches)
+    check_args("pipedream", devices, microbatches, virtual_stages)
+    _check_async("pipedream", virtual_stages, batches)
     P, total = devices, microbatches * batches
     w0 = min(P - 1, total)
     rows = []
@@ -42,15 +42,15 @@ def pipedream(devices: int, microbatches: int, chunks: int = 1, *, batches: int 
     return Schedule(name, P, total, plain(P), _programs(P, rows), asynchronous=True, per_batch=microbatches)
 
 
-def two_bw(devices: int, microbatches: int, chunks: int = 1, *, batches: int = 1) -> Schedule:
+def two_bw(devices: int, microbatches: int, virtual_stages: int = 1, *, batches: int = 1) -> Schedule:
     """PipeDream-2BW: 1F1B with gradients accumulated over each batch of m micro-batches.
 
     Batch t's forwards and backwards use version max(t-1, 0); the step after its last
     backward creates version t+1, so W(t+1) = W(t) - lr * grad(W(t-1)) and at most two
     versions are ever held.
     """
-    check_args("2bw", devices, microbatches, chunks)
-    _check_async("2bw", chunks, batches)
+    check_args("2bw", devices, microbatches, virtual_stages)
+    _check_async("2bw", virtual_stages, batches)
     P, m, total = devices, microbatches, microbatches * batches
     rows = []
     for d in range(P):
@@ -82,8 +82,8 @@ def _programs(P: int, rows: list[tuple[np.ndarray, ...]]) -> Programs:
     return Programs.from_rows(P, dev, op, st, mb, ver)
 
 
-def _check_async(name: str, chunks: int, batches: int) -> None:
-    if chunks != 1:
-        raise ScheduleError(f"{name}: holds one stage per device, so chunks must be 1 (got {chunks})")
+def _check_async(name: str, virtual_stages: int, batches: int) -> None:
+    if virtual_stages != 1:
+        raise ScheduleError(f"{name}: holds one stage per device, so virtual_stages must be 1 (got {virtual_stages})")
     if not isinstance(batches, int) or batches < 1:
         raise ScheduleError(f"{name}: batches must be an integer >= 1, got {batches!r}")

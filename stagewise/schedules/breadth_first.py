@@ -10,8 +10,9 @@ from stagewise.schedules.programs import OP_CODE, Programs
 from stagewise.schedules.schedule import Schedule
 
 
-def looped_bfs(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
-    """Looped breadth-first: `chunks` stages per device placed round-robin (as interleaved), run a chunk at a time.
+def looped_bfs(devices: int, microbatches: int, virtual_stages: int = 2) -> Schedule:
+    """Looped breadth-first: `virtual_stages` stages per device placed round-robin (as interleaved),
+    run a virtual stage at a time.
 
     Device d runs the forwards of every micro-batch through its first chunk (stage d), then
     through its second (stage P + d), and so on; then the backwards chunk by chunk in reverse,
@@ -20,11 +21,11 @@ def looped_bfs(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
     micro-batches, GPipe's memory, for a bubble like the interleaved schedule's once m >= P.
     Any m works.
     """
-    check_args("looped-bfs", devices, microbatches, chunks)
-    if chunks < 2:
-        raise ScheduleError(f"looped-bfs: needs chunks >= 2 virtual stages per device (got {chunks}); "
+    check_args("looped-bfs", devices, microbatches, virtual_stages)
+    if virtual_stages < 2:
+        raise ScheduleError(f"looped-bfs: needs virtual_stages >= 2 virtual stages per device (got {virtual_stages}); "
                             "use 'gpipe' for one")
-    P, m, v = devices, microbatches, chunks
+    P, m, v = devices, microbatches, virtual_stages
     chunk = np.arange(v)
     n = np.arange(m)
     rows = []

@@ -4,7 +4,7 @@ A schedule there is one building block repeated every micro-batch: on device d, 
 forwards and the two input gradients (I) of micro-batch n start at fixed offsets plus 6n
 (in units where F = I = W, each chunk's action taking one unit), and the weight gradients
 (W) fill the free units. How long a block lives decides the peak activation memory; the
-offsets below are the paper's V-Min and V-Half blocks (two chunks per device in a V, stage d
+offsets below are the paper's V-Min and V-Half blocks (two virtual stages per device in a V, stage d
 and 2P-1-d). Running the blocks' order as soon as possible squeezes the warm-up and cool-down.
 """
 
@@ -17,40 +17,41 @@ from stagewise.schedules.placement import check_args, v_shape
 from stagewise.schedules.programs import OP_CODE, Programs
 from stagewise.schedules.schedule import Schedule
 
-_PERIOD = 6  # units per micro-batch and device: F, I and W of two chunks
+_PERIOD = 6  # units per micro-batch and device: F, I and W of two virtual stages
 
 
-def v_min(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
+def v_min(devices: int, microbatches: int, virtual_stages: int = 2) -> Schedule:
     """V-Min: about a third of 1F1B's activation memory ((P+4)/3 micro-batches), about 2/3 of its bubble.
 
     Block offsets on device d: forward of the first chunk at d, of the second at 2P-1-d, input
     gradient of the second chunk at 2P+g+d and of the first at 4P+g-1-d (g = 2 when 3 divides P,
     else 0), so every unit of a 6-unit period is used once. Any m works.
     """
-    P = _check("v-min", devices, microbatches, chunks)
+    P = _check("v-min", devices, microbatches, virtual_stages)
     g = 2 if P % 3 == 0 else 0
     d = np.arange(P)
     offsets = np.stack([d, 2 * P - 1 - d, 2 * P + g + d, 4 * P + g - 1 - d], axis=1)
     return _from_blocks("v-min", P, microbatches, offsets)
 
 
-def v_half(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
+def v_half(devices: int, microbatches: int, virtual_stages: int = 2) -> Schedule:
     """V-Half: about half of 1F1B's activation memory ((P+2)/2 micro-batches) and about half of its bubble.
 
     Block offsets on device d: forwards at 2d and 3P-2-d, input gradients at 3P+g+2d-1 and
     6P+g-d-2 (g = 3 when P is even, else 0). Any m works.
     """
-    P = _check("v-half", devices, microbatches, chunks)
+    P = _check("v-half", devices, microbatches, virtual_stages)
     g = 3 if P % 2 == 0 else 0
     d = np.arange(P)
     offsets = np.stack([2 * d, 3 * P - 2 - d, 3 * P + g + 2 * d - 1, 6 * P + g - d - 2], axis=1)
     return _from_blocks("v-half", P, microbatches, offsets)
 
 
-def _check(name: str, devices: int, microbatches: int, chunks: int) -> int:
-    check_args(name, devices, microbatches, chunks)
-    if chunks != 2:
-        raise ScheduleError(f"{name}: places exactly two chunks per device in a V, so chunks must be 2 (got {chunks})")
+def _check(name: str, devices: int, microbatches: int, virtual_stages: int) -> int:
+    check_args(name, devices, microbatches, virtual_stages)
+    if virtual_stages != 2:
+        raise ScheduleError(f"{name}: places exactly two virtual stages per device in a V, so virtual_stages must "
+                            f"be 2 (got {virtual_stages})")
     return devices
 
 

@@ -16,8 +16,8 @@ from stagewise.schedules.programs import OP_CODE, Programs
 from stagewise.schedules.schedule import Schedule
 
 
-def dualpipev(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
-    """DualPipeV: two chunks per device in a V (stages d and 2P-1-d), steady state of overlapped F+B pairs.
+def dualpipev(devices: int, microbatches: int, virtual_stages: int = 2) -> Schedule:
+    """DualPipeV: two virtual stages per device in a V (stages d and 2P-1-d), steady state of overlapped F+B pairs.
 
     DeepSeek's order (deepseek-ai/DualPipe, `dualpipev.py`; also torch's `ScheduleDualPipeV`),
     device d of P, first chunk stage d, second chunk stage 2P-1-d:
@@ -34,10 +34,11 @@ def dualpipev(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
     micro-batches past m are dropped (a pair that loses a member runs the other alone), so any
     m works. The backward is full B in the pairs and split into I and W elsewhere.
     """
-    check_args("dualpipev", devices, microbatches, chunks)
-    if chunks != 2:
-        raise ScheduleError(f"dualpipev: places exactly two chunks per device in a V, so chunks must be 2 "
-                            f"(got {chunks})")
+    check_args("dualpipev", devices, microbatches, virtual_stages)
+    if virtual_stages != 2:
+        raise ScheduleError(f"dualpipev: places exactly two virtual stages per device in a V, so virtual_stages "
+                            f"must be 2 "
+                            f"(got {virtual_stages})")
     P, m = devices, microbatches
     n = max(m, 2 * P)
     rows: list[tuple[int, str, int, int]] = []  # (device, op, stage, micro-batch); a pair is three rows

@@ -20,28 +20,28 @@ def _finish(name: str, devices: int, m: int, orders: list[tuple[np.ndarray, np.n
     return Schedule(name, devices, m, plain(devices), Programs.flushed(devices, dev, op, dev, mb))
 
 
-def naive(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
+def naive(devices: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """Inter-layer model parallelism: one micro-batch travels the whole pipeline at a time."""
-    check_args("naive", devices, microbatches, chunks)
-    _one_chunk("naive", chunks)
+    check_args("naive", devices, microbatches, virtual_stages)
+    _one_chunk("naive", virtual_stages)
     m = microbatches
     order = (np.tile([_F, _B], m), np.repeat(np.arange(m), 2))
     return _finish("naive", devices, m, [order] * devices)
 
 
-def gpipe(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
+def gpipe(devices: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """GPipe: every forward, then every backward, then the flush (optimizer step)."""
-    check_args("gpipe", devices, microbatches, chunks)
-    _one_chunk("gpipe", chunks)
+    check_args("gpipe", devices, microbatches, virtual_stages)
+    _one_chunk("gpipe", virtual_stages)
     m = microbatches
     order = (np.repeat([_F, _B], m), np.tile(np.arange(m), 2))
     return _finish("gpipe", devices, m, [order] * devices)
 
 
-def one_f_one_b(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
+def one_f_one_b(devices: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """1F1B / PipeDream-Flush: min(P-s-1, m) warm-up forwards, then one forward, one backward."""
-    check_args("1f1b", devices, microbatches, chunks)
-    _one_chunk("1f1b", chunks)
+    check_args("1f1b", devices, microbatches, virtual_stages)
+    _one_chunk("1f1b", virtual_stages)
     orders = []
     for d in range(devices):
         backward, mbs = one_f_one_b_order(d, devices, microbatches)
@@ -63,7 +63,7 @@ def one_f_one_b_order(device: int, devices: int, m: int, warmup: int | None = No
     return backward, mbs.astype(np.int64)
 
 
-def _one_chunk(name: str, chunks: int) -> None:
-    if chunks != 1:
-        raise ScheduleError(f"{name}: holds one stage per device, so chunks must be 1 (got {chunks}); "
-                            "use 'interleaved' or 'zbv' for several chunks per device")
+def _one_chunk(name: str, virtual_stages: int) -> None:
+    if virtual_stages != 1:
+        raise ScheduleError(f"{name}: holds one stage per device, so virtual_stages must be 1 (got {virtual_stages}); "
+                            "use 'interleaved' or 'zbv' for several virtual_stages per device")

@@ -1,4 +1,4 @@
-"""Megatron's interleaved 1F1B: v chunks per device placed round-robin, for any m."""
+"""Megatron's interleaved 1F1B: v virtual_stages per device placed round-robin, for any m."""
 
 from __future__ import annotations
 
@@ -10,21 +10,21 @@ from stagewise.schedules.placement import check_args, round_robin
 from stagewise.schedules.schedule import Schedule
 
 
-def interleaved(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
-    """Interleaved 1F1B (Narayanan et al. 2021) with `chunks` virtual stages per device.
+def interleaved(devices: int, microbatches: int, virtual_stages: int = 2) -> Schedule:
+    """Interleaved 1F1B (Narayanan et al. 2021) with `virtual_stages` virtual stages per device.
 
     Forwards follow Megatron's order (groups of P micro-batches, chunk by chunk), backwards
-    the same order with chunks reversed; after (v-1)P + 2(P-1-d) warm-up forwards a device
+    the same order with virtual stages reversed; after (v-1)P + 2(P-1-d) warm-up forwards a device
     alternates one forward and one backward, so it holds at most (v-1)P + 2(P-1-d) + 1
     chunk activations. Unlike Megatron, any m works: when P does not divide m the groups
     hold P or P+1 micro-batches (one more chunk activation of warm-up per extra one), and
     m < P makes one group of m.
     """
-    check_args("interleaved", devices, microbatches, chunks)
-    if chunks < 2:
-        raise ScheduleError(f"interleaved: needs chunks >= 2 virtual stages per device (got {chunks}); "
+    check_args("interleaved", devices, microbatches, virtual_stages)
+    if virtual_stages < 2:
+        raise ScheduleError(f"interleaved: needs virtual_stages >= 2 virtual stages per device (got {virtual_stages}); "
                             "use '1f1b' for one")
-    P, m, v = devices, microbatches, chunks
+    P, m, v = devices, microbatches, virtual_stages
 
     # Megatron's groups of P micro-batches; when P does not divide m, the remainder is spread
     # over the groups (sizes P or P+1) so that no short trailing group runs without overlap.
@@ -32,7 +32,7 @@ def interleaved(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
     sizes = [m // n_groups + (1 if g < m % n_groups else 0) for g in range(n_groups)]
 
     def chunk_order(backward: bool) -> np.ndarray:
-        """Megatron's order of chunks, the same on every device: group by group, chunk by chunk."""
+        """Megatron's order of virtual stages, the same on every device: group by group, chunk by chunk."""
         return np.concatenate([np.repeat(np.arange(v)[::-1] if backward else np.arange(v), size) for size in sizes])
 
     total = m * v

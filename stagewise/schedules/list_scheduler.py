@@ -28,7 +28,7 @@ NONE, FWD, BWD, WGT = -1, 0, 1, 2
 
 @dataclass
 class Ready:
-    """What the policy sees at time `t`, for every device d and chunk c (arrays shaped (chunks, P)).
+    """What the policy sees at time `t`, for every device d and chunk c (arrays shaped (virtual_stages, P)).
 
     `f`, `b`, `w`: the chunk's next forward, backward (B, or I when split) and weight-gradient
     piece can start now on a free device. `inflight[d]` counts chunk forwards started whose
@@ -73,8 +73,8 @@ def list_schedule(
     """Run the policy until every device has placed all its F, B (or I and W) actions."""
     S, m, P = len(placement), microbatches, devices
     place = np.asarray(placement, dtype=np.int64)
-    chunks = S // P
-    stage_of = np.zeros((chunks, P), dtype=np.int64)
+    virtual_stages = S // P
+    stage_of = np.zeros((virtual_stages, P), dtype=np.int64)
     seen = np.zeros(P, dtype=np.int64)
     for s, d in enumerate(placement):  # chunk c of device d = its c-th stage in stage order
         stage_of[seen[d], d] = s
@@ -100,7 +100,7 @@ def list_schedule(
     last = m - 1
     rows: list[tuple] = []
     t = 0.0
-    ready_w = np.zeros((chunks, P), dtype=bool)
+    ready_w = np.zeros((virtual_stages, P), dtype=bool)
     while True:
         free_s = ((busy <= t) & (remaining > 0))[place]
         nf = np.minimum(nxt_f, last)

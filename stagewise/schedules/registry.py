@@ -1,4 +1,4 @@
-"""Every schedule by name: its generator, a one-line summary, its default chunks, whether it is asynchronous.
+"""Every schedule by name: its generator, a one-line summary, its default virtual_stages, whether it is asynchronous.
 
 This is the one place a schedule's name is written down; the CLI's help, `Pipeline`'s
 docstring and `stagewise simulate --list` read it from here.
@@ -24,17 +24,17 @@ from stagewise.schedules.zero_bubble import zb_h1, zb_h2, zbv
 
 @dataclass(frozen=True)
 class ScheduleInfo:
-    """A registered schedule: `generator(devices, microbatches, chunks, **options) -> Schedule`."""
+    """A registered schedule: `generator(devices, microbatches, virtual_stages, **options) -> Schedule`."""
 
     name: str
     generator: Callable[..., Schedule]
     summary: str
-    default_chunks: int = 1
+    default_virtual_stages: int = 1
     asynchronous: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
-        """The keyword options the generator takes beyond (devices, microbatches, chunks)."""
+        """The keyword options the generator takes beyond (devices, microbatches, virtual_stages)."""
         params = list(inspect.signature(self.generator).parameters.values())[3:]
         return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
@@ -45,16 +45,18 @@ SCHEDULES: dict[str, ScheduleInfo] = {
         ScheduleInfo("naive", naive, "inter-layer model parallelism: one micro-batch in the pipeline at a time"),
         ScheduleInfo("gpipe", gpipe, "GPipe: all forwards, then all backwards, then a flush"),
         ScheduleInfo("1f1b", one_f_one_b, "PipeDream-Flush: one forward, one backward; at most P-s micro-batches held"),
-        ScheduleInfo("interleaved", interleaved, "Megatron interleaved 1F1B: v round-robin chunks per device", 2),
-        ScheduleInfo("looped-bfs", looped_bfs, "breadth-first: v round-robin chunks, every micro-batch through a "
+        ScheduleInfo("interleaved", interleaved, "Megatron interleaved 1F1B: v round-robin virtual stages per "
+                                                 "device", 2),
+        ScheduleInfo("looped-bfs", looped_bfs, "breadth-first: v round-robin virtual stages, every micro-batch "
+                                               "through a "
                      "chunk before the next", 2),
         ScheduleInfo("zb-h1", zb_h1, "zero bubble H1: backward split into I and W, W fills the bubbles"),
         ScheduleInfo("zb-h2", zb_h2, "zero bubble H2: up to 2P-1 micro-batches in flight, no idle time inside a "
                      "device's span under F = I = W"),
-        ScheduleInfo("zbv", zbv, "zero bubble V: two chunks per device in a V, split backward", 2),
+        ScheduleInfo("zbv", zbv, "zero bubble V: two virtual stages per device in a V, split backward", 2),
         ScheduleInfo("v-half", v_half, "V-Half: V-shaped blocks, about 1/2 of 1F1B's activation memory", 2),
         ScheduleInfo("v-min", v_min, "V-Min: V-shaped blocks, about 1/3 of 1F1B's activation memory", 2),
-        ScheduleInfo("dualpipev", dualpipev, "DualPipeV: two chunks in a V, forward and backward of two "
+        ScheduleInfo("dualpipev", dualpipev, "DualPipeV: two virtual stages in a V, forward and backward of two "
                      "micro-batches overlapped in one action", 2),
         ScheduleInfo("pipedream", pipedream, "PipeDream: asynchronous 1F1B, weight stashing, a step per micro-batch",
                      asynchronous=True),
@@ -79,10 +81,10 @@ def info(name: str) -> ScheduleInfo:
     return found
 
 
-def build(name: str, devices: int, microbatches: int, chunks: int | None = None, **options) -> Schedule:
+def build(name: str, devices: int, microbatches: int, virtual_stages: int | None = None, **options) -> Schedule:
     """Generate schedule `name` for `devices` devices and `microbatches` micro-batches.
 
-    `chunks` defaults to the schedule's own (2 for the interleaved and V-shaped ones, else 1); `options`
+    `virtual_stages` defaults to the schedule's own (2 for the interleaved and V-shaped ones, else 1); `options`
     (such as `batches=` or `vertical_sync=` of the asynchronous generators) must be ones the
     generator takes, else a ScheduleError lists those it does take.
     """
@@ -91,7 +93,8 @@ def build(name: str, devices: int, microbatches: int, chunks: int | None = None,
     if unknown:
         takes = ", ".join(entry.options) or "none"
         raise ScheduleError(f"schedule {name!r} takes no option {', '.join(map(repr, unknown))} (its options: {takes})")
-    return entry.generator(devices, microbatches, entry.default_chunks if chunks is None else chunks, **options)
+    return entry.generator(devices, microbatches,
+                           entry.default_virtual_stages if virtual_stages is None else virtual_stages, **options)
 
 
 SCHEDULE_FILE_SUFFIXES = (".csv", ".txt")
@@ -104,15 +107,16 @@ def check_spec(spec: str | os.PathLike | Schedule) -> None:
 
 
 def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatches: int | None = None,
-                     chunks: int | None = None, data_parallel: int = 1, activation_checkpointing: str | int = "never",
+                     virtual_stages: int | None = None, data_parallel: int = 1,
+                     activation_checkpointing: str | int = "never",
                      **options) -> Schedule:
     """The schedule a user asked for, validated and lowered as `validate()` returns it.
 
     `spec` is a registered name (built for `devices` with `microbatches`, default 4, and
-    `chunks` and `options`, see `build`), the path of a schedule file ending in .csv or .txt
+    `virtual_stages` and `options`, see `build`), the path of a schedule file ending in .csv or .txt
     (`files.load`), or a `Schedule`. A file or a Schedule must be written for `devices`
     devices, for `microbatches` micro-batches when given (left unset, its own count is used),
-    and hold `chunks` stages per device when given; it takes no options. With `data_parallel`
+    and hold `virtual_stages` stages per device when given; it takes no options. With `data_parallel`
     > 1 it gets its gradient reductions (`with_reductions`), and with `activation_checkpointing` its
     recomputes (`with_recompute`). Anything else, or any fault the validator finds, is a ScheduleError
     naming it.
@@ -122,11 +126,11 @@ def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatc
     from stagewise.schedules.validate import validate
 
     if activation_checkpointing != "never":
-        return validate(with_recompute(resolve_schedule(spec, devices, microbatches, chunks, data_parallel,
+        return validate(with_recompute(resolve_schedule(spec, devices, microbatches, virtual_stages, data_parallel,
                                                         **options), activation_checkpointing))
 
     if data_parallel > 1:
-        schedule = resolve_schedule(spec, devices, microbatches, chunks, **options)
+        schedule = resolve_schedule(spec, devices, microbatches, virtual_stages, **options)
         steps = sum(a.op == STEP for a in schedule.actions[0])
         batches = schedule.microbatches // schedule.batch_microbatches
         if steps > batches:
@@ -142,7 +146,7 @@ def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatc
 
         schedule, source = load(spec), f"schedule file {os.fspath(spec)}"
     elif isinstance(spec, str):
-        return validate(build(spec, devices, 4 if microbatches is None else microbatches, chunks, **options))
+        return validate(build(spec, devices, 4 if microbatches is None else microbatches, virtual_stages, **options))
     else:
         raise ScheduleError(f"a schedule is a name ({names()}), a .csv/.txt file or a Schedule, got {spec!r}")
     if options:
@@ -152,6 +156,7 @@ def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatc
     if microbatches is not None and microbatches != schedule.microbatches:
         raise ScheduleError(f"{source} runs {schedule.microbatches} micro-batches, not microbatches={microbatches}; "
                             "leave microbatches unset with a Schedule object or a file")
-    if chunks is not None and chunks != schedule.chunks:
-        raise ScheduleError(f"{source} holds {schedule.chunks} chunks per device, not chunks={chunks}")
+    if virtual_stages is not None and virtual_stages != schedule.virtual_stages:
+        raise ScheduleError(f"{source} holds {schedule.virtual_stages} virtual stages per device, not "
+                            f"virtual_stages={virtual_stages}")
     return validate(schedule)

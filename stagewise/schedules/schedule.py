@@ -42,7 +42,7 @@ class Schedule:
         return len(self.placement)
 
     @property
-    def chunks(self) -> int:
+    def virtual_stages(self) -> int:
         """Stages per device (virtual stages)."""
         return self.num_stages // self.num_devices
 

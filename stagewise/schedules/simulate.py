@@ -91,7 +91,7 @@ class Simulation:
         self.makespan = makespan
         self.bubble_fraction = bubble_fraction  # idle share of all devices over the makespan, 0..1
         self.bubble_per_device = bubble_per_device
-        self.peak_inflight = peak_inflight  # activations held, in whole-stage micro-batches (chunk count / chunks)
+        self.peak_inflight = peak_inflight  # activations held, in whole-stage micro-batches
         self.peak_weight_versions = peak_weight_versions
         self.costs = costs
         self._timeline: Timeline | None = None
@@ -119,7 +119,7 @@ class Simulation:
         sc = self.schedule
         return {
             "schedule": sc.name, "stages": sc.num_stages, "devices": sc.num_devices,
-            "microbatches": sc.microbatches, "chunks": sc.chunks, "makespan": self.makespan,
+            "microbatches": sc.microbatches, "virtual_stages": sc.virtual_stages, "makespan": self.makespan,
             "bubble_fraction": self.bubble_fraction, "bubble_per_device": self.bubble_per_device,
             "peak_inflight": self.peak_inflight, "peak_weight_versions": self.peak_weight_versions,
             "costs": self.costs,
@@ -195,7 +195,7 @@ def _peak_inflight(schedule: Schedule, c, start: np.ndarray, end: np.ndarray) ->
     first = np.concatenate([np.ones(f.sum(), dtype=np.int64), np.zeros(b.sum(), dtype=np.int64)])
     delta = np.concatenate([np.ones(f.sum(), dtype=np.int64), -np.ones(b.sum(), dtype=np.int64)])
     peaks = _segment_peaks(group, time, first, delta, schedule.num_devices)
-    v = schedule.chunks
+    v = schedule.virtual_stages
     return [x / v if v > 1 else float(x) for x in peaks.tolist()]
 
 

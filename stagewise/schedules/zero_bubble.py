@@ -15,15 +15,16 @@ from stagewise.schedules.programs import OP_CODE, Programs
 from stagewise.schedules.schedule import Schedule
 
 
-def zb_h1(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
+def zb_h1(devices: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """ZB-H1: 1F1B's rhythm (P-d micro-batches awaiting I), F before I before W.
 
     W waits to fill the bubbles, but a device never holds more than P micro-batches
     awaiting W: the peak activation memory of 1F1B's first device.
     """
-    check_args("zb-h1", devices, microbatches, chunks)
-    if chunks != 1:
-        raise ScheduleError(f"zb-h1: holds one stage per device, so chunks must be 1 (got {chunks}); use 'zbv' for two")
+    check_args("zb-h1", devices, microbatches, virtual_stages)
+    if virtual_stages != 1:
+        raise ScheduleError(f"zb-h1: holds one stage per device, so virtual_stages must be 1 (got "
+                            f"{virtual_stages}); use 'zbv' for two")
     P = devices
     room = P - np.arange(P)
     zeros = np.zeros(P, dtype=np.int64)
@@ -37,8 +38,8 @@ def zb_h1(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
     return _build("zb-h1", plain(P), P, microbatches, policy)
 
 
-def zbv(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
-    """ZB-V (Qi et al. 2024, section 6): two chunks per device in a V (device d holds stages d and 2P-1-d).
+def zbv(devices: int, microbatches: int, virtual_stages: int = 2) -> Schedule:
+    """ZB-V (Qi et al. 2024, section 6): two virtual stages per device in a V (device d holds stages d and 2P-1-d).
 
     The paper's handcrafted order. Device d warms up with 2(P-d)-1 forwards of its first
     chunk, then d pairs (second-chunk F, first-chunk F), then P-d rounds of second-chunk
@@ -50,9 +51,10 @@ def zbv(devices: int, microbatches: int, chunks: int = 2) -> Schedule:
     whole-stage micro-batches, 1F1B's peak), and with F = I = W the bubble nearly vanishes
     once m >= 2P. It is also the order `torch.distributed.pipelining` runs.
     """
-    check_args("zbv", devices, microbatches, chunks)
-    if chunks != 2:
-        raise ScheduleError(f"zbv: places exactly two chunks per device in a V, so chunks must be 2 (got {chunks})")
+    check_args("zbv", devices, microbatches, virtual_stages)
+    if virtual_stages != 2:
+        raise ScheduleError(f"zbv: places exactly two virtual stages per device in a V, so virtual_stages must be 2 "
+                            f"(got {virtual_stages})")
     P, m = devices, microbatches
     n = max(m, 2 * P - 1)
     # categories: 0 F chunk 0, 1 F chunk 1, 2 I chunk 0, 3 I chunk 1, 4 W chunk 0, 5 W chunk 1
@@ -84,7 +86,7 @@ def _build(name: str, placement: tuple[int, ...], P: int, m: int, policy) -> Sch
     return schedule_from_listed(name, P, m, placement, listed, split_backward=True)
 
 
-def zb_h2(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
+def zb_h2(devices: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """ZB-H2 (Qi et al. 2024, section 3): up to 2P-1 micro-batches in flight, no bubble inside a device's span.
 
     The paper's handcrafted order. Device d runs, for x = 0, 1, ...: the forward of
@@ -96,9 +98,9 @@ def zb_h2(devices: int, microbatches: int, chunks: int = 1) -> Schedule:
     end ramps, P-1 slots per device, as filled by the neighbouring iterations once the
     optimizer step is not synchronised). A device holds at most 2P-1 micro-batches. Any m works.
     """
-    check_args("zb-h2", devices, microbatches, chunks)
-    if chunks != 1:
-        raise ScheduleError(f"zb-h2: holds one stage per device, so chunks must be 1 (got {chunks})")
+    check_args("zb-h2", devices, microbatches, virtual_stages)
+    if virtual_stages != 1:
+        raise ScheduleError(f"zb-h2: holds one stage per device, so virtual_stages must be 1 (got {virtual_stages})")
     P, m = devices, microbatches
     x = np.arange(m + 2 * (P - 1))
     code = np.array([OP_CODE[F], OP_CODE[I], OP_CODE[W]])

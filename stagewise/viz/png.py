@@ -27,7 +27,7 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
     """Draw one or several timelines stacked vertically (one subplot each) into the PNG file `path`.
 
     A row per device (device 0 on top), a box per action colored by op with its micro-batch
-    number inside when it fits; actions of later chunks (stage >= number of devices) are darker
+    number inside when it fits; actions of later virtual_stages (stage >= number of devices) are darker
     and hatched; idle time stays white. An overlapped F+B pair is a thick magenta frame around
     its two members: side by side when they ran one after the other, the forward in the upper
     and the backward in the lower half when they overlapped. Returns `path`.

@@ -74,7 +74,7 @@ def render_text(timeline: Timeline, width: int = 100, color: bool = False) -> st
     """Render `timeline` as text: a row per device, `width` columns spanning the makespan, `.` for idle time.
 
     Each action shows its label (`F3`, `B12`, `S` for a step), or only its op letter when it covers
-    too few columns; actions of later chunks (stage >= number of devices) are lowercase. An
+    too few columns; actions of later virtual_stages (stage >= number of devices) are lowercase. An
     overlapped F+B pair is one box labelled with both members (`F3+b1`, or `P` when narrow),
     whether its members ran one after the other or together. Below the rows come a time axis
     and a legend. `color=True` adds ANSI colors per op.

@@ -12,12 +12,12 @@ checkpoint folder holds:
     extra.pt                          only when the caller's `extra` is not JSON (it holds tensors)
 
 Names are those of `nn.Sequential(*layers).state_dict()` (parameters and persistent buffers),
-independent of balance, schedule, chunks, P and D, so a checkpoint loads into any other pipeline
+independent of balance, schedule, virtual_stages, P and D, so a checkpoint loads into any other pipeline
 shape. A tensor with several names (GPT-2's embedding tied to its head) is stored once, under its
 name in the lowest layer; `aliases` and `ties` in the manifest lead its other names to it. Of D
 data-parallel replicas only the first writes tensors; every rank loads.
 
-The manifest (JSON) records: format and version; `step`; `schedule`, `microbatches`, `chunks`,
+The manifest (JSON) records: format and version; `step`; `schedule`, `microbatches`, `virtual_stages`,
 `stages`, `balance`, `placement`, `P`, `D`, `world_size`; `precision` (the parameters' dtype:
 "fp32", ...); `extra` (what the caller passed: the data position of `stagewise train`, and the slot
 for further state dicts such as a loss scaler's: `extra={"data": {...}, "loss_scaler": {...}}`);

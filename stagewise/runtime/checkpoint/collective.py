@@ -204,7 +204,7 @@ def _manifest(world: World, schedule: Any, model: StageSet, step: int | None, pl
     return {
         "format": files.FORMAT, "version": files.VERSION, "step": step, "created": time.time(),
         "stagewise": __version__, "torch": torch.__version__,
-        "schedule": schedule.name, "microbatches": schedule.microbatches, "chunks": schedule.chunks,
+        "schedule": schedule.name, "microbatches": schedule.microbatches, "virtual_stages": schedule.virtual_stages,
         "stages": schedule.num_stages, "balance": [hi - lo for lo, hi in model.layer_ranges],
         "placement": list(schedule.placement), "P": world.grid.pipeline, "D": world.grid.data,
         "world_size": world.size, "precision": precision(list(entries.values())),
