@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -140,16 +138,57 @@ def build_layers(cfg: TrainConfig, vocab_size: int, tokenizer: Any = None) -> li
     return gpt2_layers(config(cfg.model, vocab_size=vocab_size, n_positions=max(base.n_positions, cfg.seq_len)))
 
 
+@dataclass
+class _Run:
+    """What one rank's run holds once it is set up: the pipeline, its data and where it writes."""
+
+    cfg: TrainConfig
+    rank: int
+    out: Path
+    say: Any
+    pipe: Any
+    batches: Any
+    val: list
+    plan: Any
+    lr_scheds: list
+    model_info: dict[str, Any]
+    tokenizer: Any
+    start: int  # the step the run continues after (0: a fresh run)
+    resumed: dict[str, Any]  # the checkpoint's `extra`
+    t0: float = 0.0
+
+
+@dataclass
+class _Progressed:
+    """What the training loop measured: per step (step, loss, tokens/s), the last 10 losses of every attempt, the
+    first loss of the run, the last validation loss and the planner's prediction checked against the trace."""
+
+    history: list[tuple[int, float, float]]
+    recent: list[list[float]]
+    first_loss: float | None
+    val_loss: float | None = None
+    prediction: dict[str, Any] | None = None
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job on this rank; returns the summary (first/last loss, tokens/s) on every rank."""
+    run = _set_up(cfg)
+    if run.start >= cfg.steps:
+        run.say(f"the run is already at step {run.start} of {cfg.steps}: nothing to train (give a larger --steps to "
+                "go on)")
+        return {"first_loss": run.resumed.get("first_loss"), "steps": cfg.steps, "resumed_from_step": run.start}
+    _write_run_files(run)
+    return _summarise(run, _train_steps(run))
+
+
+def _set_up(cfg: TrainConfig) -> _Run:
+    """Join the ranks, restore a restarted run's plan, prepare the data, build the pipeline and resume."""
     import torch
 
-    from stagewise import Pipeline, optim
-    from stagewise.cli_config import to_toml
-    from stagewise.models import causal_lm_loss, count_parameters, lm_loss
+    from stagewise import optim
+    from stagewise.models import count_parameters
     from stagewise.runtime import launch
-    from stagewise.schedules import SCHEDULES
-    from stagewise.train_logs import RunLogs
+    from stagewise.train_logs import Printer
 
     rank, world = launch.init_from_env(cfg.timeout)
     if world != cfg.stages * cfg.dp:
@@ -160,10 +199,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     if cfg.plan:
         cfg.schedule = cfg.microbatches = cfg.partition = cfg.activation_checkpointing = "auto"
+    out, say = Path(cfg.out), Printer(rank == 0)
+    attempt = attempt_number()
     planned = "auto" in (cfg.schedule, cfg.microbatches)
-    out = Path(cfg.out)
-    say = _Printer(rank == 0)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if planned and attempt > 0 and (out / "config.json").is_file():  # a restart keeps what the first attempt planned
         saved = json.loads((out / "config.json").read_text())
         for key in ("schedule", "microbatches", "virtual_stages", "partition", "activation_checkpointing"):
@@ -183,53 +221,71 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
            "no validation" + (f" (the held-out {cfg.val_fraction:g} of the corpus makes no full batch)"
                               if cfg.val_fraction else "")))
     layers = build_layers(cfg, tok.get_vocab_size(), tok)
-    model_info = _export_info(cfg, layers, tok)  # in every checkpoint, for `stagewise export`
     sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
+    pipe = _pipeline(cfg, layers, sample)
+    min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+    lr_scheds = optim.schedulers(pipe.optimizers.values(),
+                                 optim.LRSchedule(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, min_lr / cfg.lr))
+    if pipe.plan is not None:  # config.json records what runs, so that a resumed run does not plan again
+        say(pipe.plan.format())
+        (cfg.schedule, cfg.microbatches, cfg.virtual_stages, cfg.partition,
+         cfg.activation_checkpointing) = pipe.plan.choice.settings()
+        cfg.plan = False
+    say(pipe.partition_table().format())
+    say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
+    start, resumed = _resume(pipe, cfg, out / "checkpoints", attempt, rank, say)
+    optim.load_scheduler_state(lr_scheds, resumed.get("lr_scheduler"), cfg.lr)
+    return _Run(cfg, rank, out, say, pipe, batches, val, pipe.plan, lr_scheds,
+                _export_info(cfg, layers, tok),  # in every checkpoint, for `stagewise export`
+                tok, start, resumed, t0)
+
+
+def _pipeline(cfg: TrainConfig, layers: list, sample: Any) -> Any:
+    """The run's `Pipeline`: AdamW with decay groups, the token-mean loss, the options of the command line."""
+    from stagewise import Pipeline, optim
+    from stagewise.models import causal_lm_loss, lm_loss
+    from stagewise.schedules import SCHEDULES
+
     # the mean over every label token of the batch, as the unsplit model's cross-entropy; asynchronous schedules
     # step during a batch, before its token count is known, so they take each micro-batch's own token mean
     info = SCHEDULES.get(cfg.schedule)
     loss_fn = lm_loss if info is not None and info.asynchronous else causal_lm_loss
-    pipe = Pipeline(layers, loss_fn, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
+    return Pipeline(layers, loss_fn, schedule=cfg.schedule, microbatches=cfg.microbatches, partition=cfg.partition,
                     virtual_stages=cfg.virtual_stages, timeout=cfg.timeout, sample=sample,
-                    memory_limit=cfg.memory_limit,
-                    show_partition=False, data_parallel=cfg.dp, max_grad_norm=cfg.max_grad_norm, track_grad_norm=True,
-                    precision=cfg.precision, activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
-                    on_nonfinite=cfg.on_nonfinite,
-                    optimizer=optim.adamw(cfg.lr, cfg.weight_decay), compile=cfg.compile)
-    min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
-    lr_scheds = optim.schedulers(pipe.optimizers.values(),
-                                 optim.LRSchedule(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, min_lr / cfg.lr))
-    plan = pipe.plan
-    if plan is not None:  # config.json records what runs, so that a resumed run does not plan again
-        say(plan.format())
-        (cfg.schedule, cfg.microbatches, cfg.virtual_stages, cfg.partition,
-         cfg.activation_checkpointing) = plan.choice.settings()
-        cfg.plan = False
-    say(pipe.partition_table().format())
-    say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
-    root = out / "checkpoints"
-    start, resumed = _resume(pipe, cfg, root, attempt, rank, say)
-    first_loss = resumed.get("first_loss")
-    optim.load_scheduler_state(lr_scheds, resumed.get("lr_scheduler"), cfg.lr)
-    recent: list[list[float]] = [list(x) for x in resumed.get("recent_losses", [])]  # [step, loss], every attempt
-    if start >= cfg.steps:
-        say(f"the run is already at step {start} of {cfg.steps}: nothing to train (give a larger --steps to go on)")
-        return {"first_loss": first_loss, "steps": cfg.steps, "resumed_from_step": start}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (out / "config.toml").write_text(to_toml(asdict(cfg), f"`stagewise train --config {out / 'config.toml'}` "
-                                                 "repeats this run (add --out to write elsewhere)"))
-        tok.save(str(out / "tokenizer.json"))  # `stagewise export` copies it beside the weights
-        if plan is not None:
-            _write_json(out / "plan.json", plan.to_dict())
-    prediction: dict[str, Any] | None = None
+                    memory_limit=cfg.memory_limit, show_partition=False, data_parallel=cfg.dp,
+                    max_grad_norm=cfg.max_grad_norm, track_grad_norm=True, precision=cfg.precision,
+                    activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
+                    on_nonfinite=cfg.on_nonfinite, optimizer=optim.adamw(cfg.lr, cfg.weight_decay),
+                    compile=cfg.compile)
+
+
+def _write_run_files(run: _Run) -> None:
+    """Rank 0 writes what repeats and exports the run: config.json/.toml, the tokenizer, the plan."""
+    from stagewise.cli_config import to_toml
+
+    if run.rank != 0:
+        return
+    out, cfg = run.out, run.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out / "config.toml").write_text(to_toml(asdict(cfg), f"`stagewise train --config {out / 'config.toml'}` "
+                                             "repeats this run (add --out to write elsewhere)"))
+    run.tokenizer.save(str(out / "tokenizer.json"))  # `stagewise export` copies it beside the weights
+    if run.plan is not None:
+        _write_json(out / "plan.json", run.plan.to_dict())
+
+
+def _train_steps(run: _Run) -> _Progressed:
+    """Steps start+1 .. cfg.steps: train, log every `log_every`, validate, trace one step, save checkpoints."""
+    from stagewise import optim
+    from stagewise.train_logs import Progress, RunLogs
+
+    cfg, pipe, out, rank, start = run.cfg, run.pipe, run.out, run.rank, run.start
+    done = _Progressed([], [list(x) for x in run.resumed.get("recent_losses", [])],  # [step, loss], every attempt
+                       run.resumed.get("first_loss"))
     logs = RunLogs(out, start, rank == 0, cfg.tensorboard, cfg.wandb, asdict(cfg))
-    val_loss: float | None = None
-    history: list[tuple[int, float, float]] = []
-    data = iter(_batches_from(batches, start))
-    progress = _Progress(rank == 0, cfg.steps, start)
-    kill = _kill_hook(rank, attempt)
+    data = iter(_batches_from(run.batches, start))
+    progress = Progress(rank == 0, cfg.steps, start)
     window_tokens, window_time = 0, 0.0
     saved = start if start else None
     looped = time.perf_counter()
@@ -239,26 +295,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             begin = time.perf_counter()
             loss = pipe.train_step((inputs, labels)).item()
             took = time.perf_counter() - begin
-            lr = optim.current_lr(lr_scheds)  # the rate this step used
-            optim.step_schedulers(lr_scheds)
-            first_loss = loss if first_loss is None else first_loss
+            lr = optim.current_lr(run.lr_scheds)  # the rate this step used
+            optim.step_schedulers(run.lr_scheds)
+            done.first_loss = loss if done.first_loss is None else done.first_loss
             tokens = int((labels != -100).sum())
             window_tokens, window_time = window_tokens + tokens, window_time + took
-            history.append((step, loss, tokens / took))
-            recent = [*recent, [step, loss]][-10:]
+            done.history.append((step, loss, tokens / took))
+            done.recent = [*done.recent, [step, loss]][-10:]
             progress.update(step, loss, tokens / took)
             if cfg.trace_step and step == min(cfg.trace_step, cfg.steps):
                 trace = _save_timelines(pipe, out, rank)
-                if trace is not None and plan is not None:
-                    prediction = _check_prediction(plan, pipe, trace, took, cfg.dp, progress)
+                if trace is not None and run.plan is not None:
+                    done.prediction = _check_prediction(run.plan, pipe, trace, took, cfg.dp, progress)
                 if rank == 0 and (out / "timeline.png").exists():
                     logs.image(step, out / "timeline.png")
-            evaluate = bool(val) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
+            evaluate = bool(run.val) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
             if step % cfg.log_every == 0 or step == cfg.steps or evaluate:
                 tps = window_tokens / window_time
                 norm = pipe.last_step.get("grad_norm")
                 measured = _measures(pipe)  # collective, before the validation replaces the last step's trace
-                val_loss = _validate(pipe, val) if evaluate else None
+                done.val_loss = val_loss = _validate(pipe, run.val) if evaluate else None
                 eta = (cfg.steps - step) * (time.perf_counter() - looped) / (step - start)
                 progress.print(f"step {step} loss {loss:.4f}"
                                + (f"  val {val_loss:.4f} (ppl {math.exp(min(val_loss, 700)):,.1f})"
@@ -271,23 +327,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 logs.write(step, {"loss": loss, "val_loss": val_loss,
                                   "val_perplexity": None if val_loss is None else math.exp(min(val_loss, 700)),
                                   "lr": lr, "grad_norm": norm, "loss_scale": pipe.last_step.get("loss_scale"),
-                                  "tokens_per_s": tps, **measured, "elapsed_s": time.perf_counter() - t0})
+                                  "tokens_per_s": tps, **measured, "elapsed_s": time.perf_counter() - run.t0})
                 window_tokens, window_time = 0, 0.0
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                pipe.save_checkpoint(root, step=step, keep=cfg.keep,
-                                     extra={"data": _position(batches, step), "first_loss": first_loss,
-                                            "model": model_info, "lr_scheduler": optim.scheduler_state(lr_scheds),
-                                            "recent_losses": recent})
+                pipe.save_checkpoint(out / "checkpoints", step=step, keep=cfg.keep,
+                                     extra={"data": _position(run.batches, step), "first_loss": done.first_loss,
+                                            "model": run.model_info,
+                                            "lr_scheduler": optim.scheduler_state(run.lr_scheds),
+                                            "recent_losses": done.recent})
                 saved = step
             if rank == 0:
-                _write_json(out / "progress.json", {"step": step, "loss": loss, "attempt": attempt,
+                _write_json(out / "progress.json", {"step": step, "loss": loss, "attempt": attempt_number(),
                                                     "checkpoint": saved})
-            if kill == step:
-                os.kill(os.getpid(), signal.SIGKILL)  # the test hook: die as a crash would, mid-run
     finally:
         progress.close()
         logs.close()
-    last = sum(loss for _, loss in recent) / len(recent) if recent else float("nan")  # over every attempt's steps
+    return done
+
+
+def attempt_number() -> int:
+    """Which attempt of the run this is: 0, or torchrun's restart count under `--max-restarts`."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _summarise(run: _Run, done: _Progressed) -> dict[str, Any]:
+    """The run's summary (on every rank; rank 0 prints it and writes summary.json)."""
+    cfg, pipe, out, start = run.cfg, run.pipe, run.out, run.start
+    history, val_loss, first_loss = done.history, done.val_loss, done.first_loss
+    last = sum(loss for _, loss in done.recent) / len(done.recent) if done.recent else float("nan")  # every attempt
     steady = history[len(history) // 5:] or history
     summary = {"first_loss": first_loss, "last_loss_mean10": last,
                "last_loss": history[-1][1] if history else None,
@@ -296,16 +363,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                "microbatches": pipe.microbatches, "balance": pipe.balance,
                "resumed_from_step": start, "steps_this_attempt": cfg.steps - start,
                "val_loss": val_loss, "val_perplexity": None if val_loss is None else math.exp(min(val_loss, 700)),
-               "seconds": time.perf_counter() - t0}
-    if prediction is not None:
-        summary["prediction"] = prediction
+               "seconds": time.perf_counter() - run.t0}
+    if done.prediction is not None:
+        summary["prediction"] = done.prediction
     drawn = "timeline.png, trace.json, " if cfg.trace_step and start < min(cfg.trace_step, cfg.steps) else ""
     said_val = f"validation loss {val_loss:.3f} (perplexity {summary['val_perplexity']:,.1f}), " \
         if val_loss is not None else ""
-    say(f"done: loss {first_loss:.3f} -> {last:.3f} (mean of the last 10 steps), {said_val}"
-        f"{summary['tokens_per_s']:,.0f} "
-        f"tokens/s, {summary['seconds']:.0f} s; wrote {out}/metrics.jsonl, {drawn}checkpoints/")
-    if rank == 0:
+    run.say(f"done: loss {first_loss:.3f} -> {last:.3f} (mean of the last 10 steps), {said_val}"
+            f"{summary['tokens_per_s']:,.0f} "
+            f"tokens/s, {summary['seconds']:.0f} s; wrote {out}/metrics.jsonl, {drawn}checkpoints/")
+    if run.rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -424,16 +491,6 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _kill_hook(rank: int, attempt: int) -> int | None:
-    """STAGEWISE_TEST_KILL_AFTER_STEP=RANK:STEP: that rank SIGKILLs itself after STEP, in the first attempt only
-    (for the restart test)."""
-    spec = os.environ.get("STAGEWISE_TEST_KILL_AFTER_STEP")
-    if not spec or attempt:
-        return None
-    who, step = (int(x) for x in spec.split(":"))
-    return step if who == rank else None
-
-
 def _position(batches: Any, consumed: int) -> dict[str, int]:
     """The data position after `consumed` batches: the next batch is batch `index` of epoch `epoch`."""
     epoch, index = divmod(consumed, len(batches))
@@ -492,43 +549,3 @@ def _save_timelines(pipe: Any, out: Path, rank: int) -> Any:
     render_png([measured, sim.timeline], str(out / "timeline.png"))
     write_chrome_trace([measured, sim.timeline], str(out / "trace.json"))
     return full
-
-
-class _Printer:
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __call__(self, text: str) -> None:
-        if self.on:
-            print(text, flush=True)
-
-
-class _Progress:
-    """A rich progress bar with loss and tokens/s on a terminal; plain lines elsewhere."""
-
-    def __init__(self, on: bool, total: int, start: int = 0):
-        self.on = on
-        self.bar = None
-        if on and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, loss: float, tps: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=f"loss {loss:.3f}  {tps:,.0f} tok/s")
-
-    def print(self, text: str) -> None:
-        if not self.on:
-            return
-        if self.bar is not None:
-            self.bar.console.print(text)
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()

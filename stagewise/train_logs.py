@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -106,3 +107,45 @@ class RunLogs:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class Printer:
+    """Lines on standard output, from rank 0 only."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __call__(self, text: str) -> None:
+        if self.on:
+            print(text, flush=True)
+
+
+class Progress:
+    """A rich progress bar with loss and tokens/s on a terminal; plain lines elsewhere."""
+
+    def __init__(self, on: bool, total: int, start: int = 0):
+        self.on = on
+        self.bar = None
+        if on and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, tps: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=f"loss {loss:.3f}  {tps:,.0f} tok/s")
+
+    def print(self, text: str) -> None:
+        if not self.on:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

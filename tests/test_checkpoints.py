@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_workers import batch, kill_during_save, resume_run
+from crashes import crash_after
 from toy import loss_fn, make_layers, make_tied_layers
 
 import stagewise
@@ -294,7 +295,7 @@ def test_train_restarts_after_a_rank_is_killed(tmp_path_factory):
     env: dict[str, str] = {}  # the tokenizer and token caches are keyed by content: the usual cache is safe to share
     run = tmp / "run"
     out = _train(*common, "--max-restarts", "1", "--out", str(run),
-                 env={**env, "STAGEWISE_TEST_KILL_AFTER_STEP": "1:5"})
+                 env={**env, **crash_after("1:5")})
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "exitcode: -9" in log and "restart 1: resuming from" in log and "step-00000004 (step 4)" in log

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crashes import crash_after
 
 from stagewise.cli import build_parser
 from stagewise.cli_config import read_config, to_toml
@@ -181,7 +182,7 @@ def test_resumed_run_equals_the_uninterrupted_one_with_validation_and_logs(tmp_p
     assert any(c[0] == "log" and c[1] == 3 and "val/loss" in c[2] for c in calls)
     assert any(c[0] == "log" and c[2] == ["timeline"] for c in calls)
 
-    killed = train(*common, "--out", str(cut), env={"STAGEWISE_TEST_KILL_AFTER_STEP": "0:3"})
+    killed = train(*common, "--out", str(cut), env=crash_after("0:3"))
     assert killed.returncode != 0 and "step 3 loss" in killed.stdout
     out = train("--resume", str(cut))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
