@@ -5,9 +5,10 @@
   same initial weights everywhere, and a fixed batch of random token ids.
 * `SingleProcess`: the unpipelined baseline (nn.Sequential forward, backward, Adam step).
 * `timed`, `spread`: timing and "median [min-max]".
-* `analyse`: one measured step against the simulator's ideal from the measured per-action costs, and
-  the measured bubbles against the simulated ones; `activation_peaks`: measured peak saved-activation
-  bytes per device against the simulator's prediction.
+* `analyse`: one measured step against the simulator's ideal from the measured per-action costs (read off the
+  trace by `stagewise.measure.trace_costs`, the one place that does), and the measured bubbles against the
+  simulated ones; `activation_peaks`: measured peak saved-activation bytes per device against the simulator's
+  prediction.
 * `bench_meta` (with `machine`), `write_jsonl`: the JSON lines records (docs/benchmarks.md is generated from
   them by `pages.py`).
 """
@@ -27,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from stagewise.measure.trace_costs import held_peaks, saved_peaks, step_costs
 from stagewise.models.gpt2 import GPT2Config, config, gpt2_layers, lm_loss
-from stagewise.schedules import STEP, B, Costs, F, I, Schedule, Simulation, W, simulate
-from stagewise.schedules.timeline import Event, Timeline
+from stagewise.schedules import F, Schedule, Simulation, simulate
+from stagewise.schedules.timeline import Timeline
 
 
 @dataclass
@@ -111,65 +113,24 @@ def analyse_with_sim(trace: Timeline, schedule: Schedule, step_wall: float,
     """Per-stage mean F/B (I/W) compute, the simulated ideal, and measured against simulated bubbles, of one step.
 
     The measured per-stage means of each compute action (they exclude time spent waiting for a
-    peer) are fed to `simulate`. With `with_step` the optimizer STEP counts too (its mean over the
-    devices as the simulator's one step cost, and as busy time in the measured bubble); without, the
-    ideal is the F/B schedule alone. Returns the ideal makespan (`ideal_s`), the measured and simulated
-    bubble per device, and per-device busy, wait-for-peer and STEP seconds; and the simulation.
+    peer; `stagewise.measure.trace_costs.step_costs`) are fed to `simulate`. With `with_step` every device's
+    optimizer STEP counts too (its measured seconds as that device's step in the simulation, and as busy time in
+    the measured bubble); without, the ideal is the F/B schedule alone. Returns the ideal makespan (`ideal_s`),
+    the measured and simulated bubble per device, and per-device busy, wait-for-peer and STEP seconds; and the
+    simulation.
     """
-    S, P = schedule.num_stages, trace.num_devices
-    ops = (F, I, W) if schedule.split_backward else (F, B)
-    durations: dict[str, list[list[float]]] = {op: [[] for _ in range(S)] for op in ops}
-    busy, wait, step_action = [0.0] * P, [0.0] * P, [0.0] * P
-    for e in trace.events:
-        d = e.end - e.start
-        if e.op in durations:
-            durations[e.op][e.stage].append(d)
-            busy[e.device] += d
-        elif e.op == STEP:
-            step_action[e.device] += d
-        wait[e.device] += float(e.extra.get("wait_s", 0.0))
-    mean = {op: [statistics.fmean(x) if x else 0.0 for x in durations[op]] for op in ops}
-    step_cost = statistics.fmean(step_action) if with_step else 0.0
-    if schedule.split_backward:
-        costs = Costs(f=mean[F], i=mean[I], w=mean[W], step=step_cost)
-        b = [x + y for x, y in zip(mean[I], mean[W])]
-    else:
-        costs = Costs(f=mean[F], b=mean[B], step=step_cost)
-        b = mean[B]
-    sim = simulate(schedule, costs)
-    if with_step:
-        busy = [x + y for x, y in zip(busy, step_action)]
+    measured = step_costs(trace, schedule)
+    sim = simulate(schedule, measured.costs(step=with_step))
+    busy = [x + y for x, y in zip(measured.compute, measured.step)] if with_step else list(measured.compute)
     out = {
-        "f_s": mean[F], "b_s": b, "ideal_s": sim.makespan, "traced_step_s": step_wall,
+        "f_s": measured.f, "b_s": measured.b, "ideal_s": sim.makespan, "traced_step_s": step_wall,
         "trace_span_s": trace.makespan, "outside_trace_s": step_wall - trace.makespan,
         "bubble_measured": [1.0 - x / step_wall for x in busy], "bubble_simulated": list(sim.bubble_per_device),
-        "busy_s": busy, "wait_s": wait, "step_action_s": step_action,
+        "busy_s": busy, "wait_s": measured.wait, "step_action_s": measured.step,
     }
     if schedule.split_backward:
-        out.update(i_s=mean[I], w_s=mean[W])
+        out.update(i_s=measured.i, w_s=measured.w)
     return out, sim
-
-
-def _held_peak(events: Iterable[Event], schedule: Schedule, nbytes: Callable[[Event], float]) -> list[float]:
-    """Peak per device of the bytes held from each forward until the last backward piece of that (stage, mb)."""
-    deltas: list[list[tuple[float, int, float]]] = [[] for _ in range(schedule.num_devices)]
-    size: dict[tuple[int, int], float] = {}
-    for e in events:
-        if e.op == F:
-            size[(e.stage, e.microbatch)] = nbytes(e)
-    for e in events:
-        if e.op == F:
-            deltas[e.device].append((e.start, 1, size[(e.stage, e.microbatch)]))
-        elif e.op in (B, W):  # the last backward piece: B, or W where the backward was split
-            deltas[e.device].append((e.end, 0, -size.get((e.stage, e.microbatch), 0.0)))
-    peaks = []
-    for dev in deltas:
-        level = peak = 0.0
-        for _, _order, delta in sorted(dev):
-            level += delta
-            peak = max(peak, level)
-        peaks.append(peak)
-    return peaks
 
 
 def activation_peaks(trace: Timeline, schedule: Schedule, sim: Simulation) -> dict[str, list[float]]:
@@ -177,7 +138,8 @@ def activation_peaks(trace: Timeline, schedule: Schedule, sim: Simulation) -> di
     against the simulator's `peak_inflight` x the device's measured saved bytes per micro-batch (summed
     over its virtual_stages, as `peak_inflight` counts whole-stage units), and against the simulated timeline
     swept with each (stage, micro-batch)'s measured bytes (`predicted_swept`, exact for unequal virtual_stages)."""
-    measured = _held_peak(trace.events, schedule, lambda e: float(e.extra.get("saved_bytes", 0)))
+    rows = list(range(schedule.num_devices))
+    measured = saved_peaks(trace, rows)
     per_stage: dict[int, list[float]] = {}
     by_key: dict[tuple[int, int], float] = {}
     for e in trace.events:
@@ -188,7 +150,7 @@ def activation_peaks(trace: Timeline, schedule: Schedule, sim: Simulation) -> di
     for s, values in per_stage.items():
         per_mb[schedule.placement[s]] += statistics.fmean(values)
     predicted = [sim.peak_inflight[d] * per_mb[d] for d in range(schedule.num_devices)]
-    swept = _held_peak(sim.timeline.events, schedule, lambda e: by_key.get((e.stage, e.microbatch), 0.0))
+    swept = held_peaks(sim.timeline.events, rows, lambda e: by_key.get((e.stage, e.microbatch), 0.0))
     return {"saved_peak_bytes": measured, "saved_per_mb_bytes": per_mb, "peak_inflight": list(sim.peak_inflight),
             "saved_predicted_bytes": predicted, "saved_predicted_swept_bytes": swept}
 
@@ -202,7 +164,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "load_1min": round(os.getloadavg()[0], 2)}  # what else ran: on a shared machine the numbers move
 
 
 def bench_meta(bench: str, settings: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,8 @@ def worker(rank: int, world: int, schedule: str, steps: int, m: int, lr: float) 
 
 
 def main() -> None:
+    from _common import bench_meta
+
     from stagewise import spawn
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -63,6 +65,7 @@ def main() -> None:
           f"Adam lr {args.lr}")
     print(f"{'schedule':<10} {'tokens/s (median, min-max)':>28} {'vs 1f1b':>8} {'first loss':>11} "
           f"{'last-5 loss':>12}")
+    meta = bench_meta("async", {k: v for k, v in vars(args).items() if k != "out"})
     with open(args.out, "a") as f:
         for s in SCHEDULES:
             tps = [x["tokens_per_s"] for x in runs[s]]
@@ -71,7 +74,7 @@ def main() -> None:
             med = statistics.median(tps)
             print(f"{s:<10} {med:>10.0f} ({min(tps):.0f}-{max(tps):.0f}) {med / base:>12.2f}x "
                   f"{losses[0]:>11.3f} {last:>12.3f}")
-            f.write(json.dumps({"schedule": s, "tokens_per_s": tps, "losses": losses,
+            f.write(json.dumps({**meta, "kind": "summary", "schedule": s, "tokens_per_s": tps, "losses": losses,
                                 "microbatches": args.microbatches, "steps": args.steps}) + "\n")
 
 

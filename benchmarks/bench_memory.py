@@ -31,9 +31,9 @@ def tiny() -> ModelSettings:
 
 
 def predicted(layers: list, s: ModelSettings, schedule: str, m: int, mode: str, precision: str, balance: list[int]):
+    from stagewise.measure.layers import profile_layers
     from stagewise.models.gpt2 import lm_loss
     from stagewise.partition.memory import Footprint
-    from stagewise.partition.profile import profile_layers
     from stagewise.runtime.precision import Precision
     from stagewise.schedules import build, validate, with_recompute
 

@@ -14,7 +14,8 @@ of the loss, so every rank is done).
 Printed per stage count: the balance each method chose, the step time (median [min-max] over the
 rounds' median steps), the speed-up against uniform (step ratio within each round), the step the
 partitioner's own model predicts for that balance (`Planner.predict` over the profile measured by
-the "time"/"auto" pipeline: compute only, no communication) and its predicted speed-up, and per
+the "time"/"auto" pipeline: compute and the tied-parameter wait, no communication and no optimizer cost, which
+`profile_layers` does not measure) and its predicted speed-up, and per
 stage the measured mean F + B compute per micro-batch (from the last timed step's timeline)
 against the profile's prediction. With 4 ranks on a 2-core machine two processes share each
 core, so those numbers are slow and noisy: read them for the ranking, not the absolute value.
@@ -40,10 +41,11 @@ import torch
 from _common import add_run_args, bench_meta, build_layers, lm_loss, make_batch, spread, timed, write_jsonl
 from torch import nn
 
+from stagewise.measure.trace_costs import step_costs
 from stagewise.partition import Planner
 from stagewise.pipeline import Pipeline
 from stagewise.runtime.launch import spawn
-from stagewise.schedules import B, F
+from stagewise.schedules import Schedule
 from stagewise.schedules.timeline import Timeline
 
 
@@ -67,15 +69,10 @@ class Settings:
     seed: int
 
 
-def stage_compute(trace: Timeline, num_stages: int) -> list[float]:
+def stage_compute(trace: Timeline, schedule: Schedule) -> list[float]:
     """Mean F + B compute seconds per micro-batch of every stage (waiting for peers excluded)."""
-    sums, counts = [0.0] * num_stages, [0] * num_stages
-    for e in trace.events:
-        if e.op in (F, B):
-            sums[e.stage] += e.end - e.start
-            if e.op == F:
-                counts[e.stage] += 1
-    return [x / n if n else 0.0 for x, n in zip(sums, counts)]
+    costs = step_costs(trace, schedule)
+    return [f + b for f, b in zip(costs.f, costs.b)]
 
 
 def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:
@@ -108,7 +105,7 @@ def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:
             record: dict[str, Any] = {
                 "stages": world, "method": method, "round": r, "balance": list(pipe.balance),
                 "step_times_s": times, "step_s": statistics.median(times), "build_s": build_s[method],
-                "stage_compute_s": stage_compute(trace, pipe.schedule.num_stages),
+                "stage_compute_s": stage_compute(trace, pipe.schedule),
             }
             if planner is not None:
                 pred = planner.predict(pipe.balance)

@@ -33,7 +33,8 @@ def main() -> None:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), cpu)
     meta = {"bench": "schedules", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-            "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version()},
+            "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version(),
+                        "load_1min": round(os.getloadavg()[0], 2)},
             "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"P={args.devices} m={args.microbatches} v={args.virtual_stages} (v for interleaved and zbv)")

@@ -182,10 +182,10 @@ def _partition(args: argparse.Namespace) -> int:
     """`stagewise partition`: cut a built-in GPT-2 into stages and print the partition table, without training."""
     import torch
 
+    from stagewise.measure.layers import describe_layers, profile_layers
     from stagewise.models import config, gpt2_layers
     from stagewise.models.gpt2 import lm_loss
     from stagewise.partition import PartitionTable, resolve_balance
-    from stagewise.partition.profile import describe_layers, profile_layers
 
     cfg = config(args.model, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
     schedule = build(args.schedule, args.stages, args.microbatches, args.virtual_stages)
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "line overrides it. A run writes RUN/config.toml: --config RUN/config.toml repeats it")
     opt("--stages", type=positive_int, help="pipeline devices (processes)")
     opt("--dp", type=positive_int, help="data-parallel replicas of the pipeline: stages x dp processes")
+    opt("--shard", choices=["none", "optimizer", "gradients", "full"],
+        help="what --dp replicas split between them: optimizer state (optimizer, ZeRO-1), and gradients (gradients, "
+             "ZeRO-2), and weights (full, ZeRO-3, FSDP2)")
     opt("--precision", choices=["fp32", "bf16", "fp16"], help="compute precision of the stages")
     opt("--activation-checkpointing", dest="activation_checkpointing", type=auto_or(checkpointing_spec),
         help="never, except_last, always, N layers per checkpointed group, or auto (the planner's choice)")

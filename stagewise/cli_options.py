@@ -108,7 +108,7 @@ def auto_or(spec: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def memory_spec(text: str) -> str:
     """Bytes, with an optional unit: 2GiB, 512MiB, 1.5GB, 3e9."""
-    from stagewise.partition.costs import parse_bytes
+    from stagewise.partition.units import parse_bytes
 
     try:
         value = parse_bytes(text)
@@ -259,6 +259,13 @@ def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         split = f"{args.dp} data-parallel replicas x {m}" if args.dp > 1 else f"{m}"
         parser.error(f"argument --batch-size: a batch of {args.batch_size} samples cannot be split into {split} "
                      f"micro-batches; use --batch-size >= {args.dp * m} or fewer --microbatches")
+    if getattr(args, "shard", "none") != "none":  # (torch is imported only then)
+        from stagewise.runtime.sharding import check_shard
+
+        try:
+            check_shard(args.shard, args.dp, None, args.precision, args.compile)
+        except ValueError as err:
+            parser.error(f"argument --shard: {str(err).replace('data_parallel=', '--dp ')}")
     if args.batch_size < args.dp:
         parser.error(f"argument --batch-size: a batch of {args.batch_size} samples cannot feed {args.dp} "
                      f"data-parallel replicas; use --batch-size >= {args.dp}")

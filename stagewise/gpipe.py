@@ -5,36 +5,53 @@
     loss_fn(out, y).backward()          # the pipelined backward; .grad on every parameter
     optimizer.step()
 
-`GPipe` resolves its options and composes the parts: the balance (`stagewise.partition`), the
-GPipe schedule from the schedule core (`build("gpipe", P, chunks)`, validated and lowered), and
-a `ThreadedRun` per call (`stagewise.runtime.threaded`: one worker thread per device walking
-its action list; the module docstring there explains the pipelined backward). Checkpointing
-and reproducible random numbers are in `stagewise.runtime.recompute`, device copies in
-`stagewise.runtime.copies`, `DeferredBatchNorm` in `stagewise.runtime.batchnorm`.
+`GPipe` resolves its options and composes the parts `Pipeline` runs on: the balance
+(`stagewise.partition`); the GPipe schedule from the schedule core (`build("gpipe", P, chunks)`),
+its `checkpoint=` mode as RECOMPUTE actions (`recompute_microbatches`), validated and lowered; a
+`Stage` per partition and an `Executor` per device, run by the worker threads of a `LocalWorld`
+(one per device) whose `LocalTransport` moves activations and gradients between devices. Each call
+is a `ModuleCall` (`stagewise.runtime.module_call`: the forward part of the program at the call,
+the rest inside `loss.backward()`). Recomputation replays random numbers from a seed per
+(partition, micro-batch) and call (`stagewise.runtime.rng`); `DeferredBatchNorm` is in
+`stagewise.runtime.batchnorm`.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from stagewise.measure.layers import MEASURED, layer_facts
 from stagewise.partition import PartitionError, PartitionTable, resolve_balance
-from stagewise.partition.profile import MEASURED, layer_facts
 from stagewise.runtime.batchnorm import DeferredBatchNorm
-from stagewise.runtime.copies import Lane
+from stagewise.runtime.executor import Executor
+from stagewise.runtime.grid import Grid
 from stagewise.runtime.host_memory import keep_freed_host_memory
-from stagewise.runtime.microbatch import batch_size
-from stagewise.runtime.recompute import CHECKPOINT_MODES, RandomStreams, checkpoint_stop
-from stagewise.runtime.threaded import Part, ThreadedRun, split_program, timeline
-from stagewise.runtime.workers import WorkerPool
+from stagewise.runtime.microbatch import batch_size, scatter
+from stagewise.runtime.module_call import ModuleCall, forward_part, timeline
+from stagewise.runtime.stage import Stage
+from stagewise.runtime.streams import ActionClock
+from stagewise.runtime.threads import LocalWorld
 from stagewise.schedules import build, validate
+from stagewise.schedules.actions import RECOMPUTE
+from stagewise.schedules.recompute import CHECKPOINT_MODES, checkpointed, recompute_microbatches
 from stagewise.schedules.timeline import Event, Timeline
+from stagewise.tree import map_tensors, tensors_of
 
 DeviceSpec = int | str | torch.device
+
+
+@dataclass
+class _Runtime:
+    """What runs the calls: the worker threads (a rank per partition) and each one's executor."""
+
+    world: LocalWorld
+    executors: dict[int, Executor]
+    cuts: dict[int, int]  # rank -> where its program's forward part ends
 
 
 class GPipe(nn.Module):
@@ -68,7 +85,9 @@ class GPipe(nn.Module):
     gradients reach the parameters as `.grad` (through `backward()`), not through
     `torch.autograd.grad(out, params)`; the input gets its gradient either way when it requires one.
     A parameter used by several partitions is held by the first; the others use a per-call replica on
-    their own device whose gradient is added to it after the backward.
+    their own device whose gradient is added to it after the backward. In training mode every
+    (partition, micro-batch) forward draws its random numbers from its own seed, taken from torch's
+    default generator once per call, so a run is reproducible under `torch.manual_seed`.
     """
 
     def __init__(self, module: nn.Sequential | Sequence[nn.Module], balance: Sequence[int] | str,
@@ -97,8 +116,9 @@ class GPipe(nn.Module):
                              f"per partition, such as devices=['cpu'] * {count}")
         self.devices = found[:count]
         self.chunks, self.checkpoint, self.timeout = chunks, checkpoint, timeout
-        self.schedule = validate(build("gpipe", count, chunks))
-        self._programs = [split_program(self.schedule, d) for d in range(count)]
+        self.schedule = validate(recompute_microbatches(validate(build("gpipe", count, chunks)),
+                                                        checkpointed(checkpoint, chunks)))
+        self._cuts = {d: forward_part(self.schedule, d) for d in range(count)}
         self._profiles = layer_facts(layers, balance, (sample, None) if sample is not None else None, chunks,
                                      None, self.devices[0])
         self.balance = resolve_balance(balance, len(layers), count, layers=self._profiles, schedule=self.schedule)
@@ -107,19 +127,21 @@ class GPipe(nn.Module):
         for name, layer in zip(names, layers):
             self.add_module(name, layer)
         starts = [sum(self.balance[:j]) for j in range(count)]
-        parts = [nn.Sequential(*layers[a:a + n]) for a, n in zip(starts, self.balance)]
+        stages = [Stage(j, layers[a:a + n], a) for j, (a, n) in enumerate(zip(starts, self.balance))]
+        replays = any(a.op == RECOMPUTE for prog in self.schedule.actions for a in prog)
         # Moved last partition first: a parameter shared by several partitions ends on its first user's device.
-        for part, device in reversed(list(zip(parts, self.devices))):
-            part.to(device)
+        for stage, device in reversed(list(zip(stages, self.devices))):
+            stage.module.to(device)
+            stage.replays = replays
         # Kept out of the registered children, so state_dict() has the plain module's keys.
-        self.__dict__["partitions"] = nn.ModuleList(parts)
-        self._shared = _shared_parameters(parts)
+        self.__dict__["partitions"] = nn.ModuleList([st.module for st in stages])
+        self._stages = stages
+        self._shared = _shared_parameters([st.module for st in stages])
         self._deferred = [m for m in self.modules() if isinstance(m, DeferredBatchNorm)]
-        self._copy_streams: dict[torch.device, Any] = {}
-        self._pool: WorkerPool | None = None
+        self._runtime: _Runtime | None = None
         self.keeps_host_memory = keep_host_memory and any(d.type == "cpu" for d in self.devices) and \
             keep_freed_host_memory()
-        self._last_events: list[Event] | None = None  # the last call's events (its backward adds its own)
+        self._last_events: dict[int, list[Event]] | None = None  # per rank, the last call's (and its backward's)
         if show_partition:
             print(self.partition_table().format(), flush=True)
 
@@ -142,22 +164,26 @@ class GPipe(nn.Module):
             for bn in self._deferred:
                 bn.chunks = m
                 bn.reset_tracking()
-        streams = None
-        if self.training:
-            streams = RandomStreams(int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item()))
-        parts = [Part(j, p, Lane.of(d, self._copy_stream(d)), self._shared[j])
-                 for j, (p, d) in enumerate(zip(self.partitions, self.devices))]
-        run = ThreadedRun(parts, self.schedule, self._programs, checkpoint_stop(self.checkpoint, m) if graph else 0,
-                          self.timeout, streams, graph, self._workers())
-        self._last_events = run.events
-        return run.forward(input)
+        seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item()) if self.training else None
+        on_first = map_tensors(input, lambda t: t.to(self.devices[0]))
+        leaves = [t for t in tensors_of(on_first) if t.requires_grad and t.is_floating_point()]
+        rt = self._started()
+        replicas = self._stand_ins(graph)
+        call = ModuleCall(rt.world, rt.executors, rt.cuts, m, lambda: self._add_replica_grads(replicas))
+        self._last_events = call.events
+        try:
+            return call.forward(scatter(on_first, m)[0], leaves, graph, seed)
+        finally:
+            if not graph:
+                self._add_replica_grads(replicas)
 
     def last_trace(self) -> Timeline:
-        """The measured timeline of the last call (and of its backward, once run): one event per F and B,
-        with the worker thread that ran it in `extra["thread"]`."""
-        if self._last_events is None:
+        """The measured timeline of the last call (and of its backward, once run): the executors' events of
+        every F and B (a B starts where the recompute before it started, `extra["recompute_s"]`), with the
+        worker thread that ran it in `extra["thread"]`."""
+        if self._last_events is None or self._runtime is None:
             raise RuntimeError("the model has not been called yet")
-        return timeline(self._last_events, self.schedule)
+        return timeline(self._last_events, self._runtime.executors, self.schedule)
 
     def train(self, mode: bool = True) -> GPipe:
         super().train(mode)
@@ -182,26 +208,49 @@ class GPipe(nn.Module):
                         ".cpu()")
 
     def __getstate__(self) -> dict[str, Any]:
-        """For copy.deepcopy and pickle: without the worker threads and streams (a copy starts its own)."""
+        """For copy.deepcopy and pickle: without the worker threads (a copy starts its own)."""
         state = dict(self.__dict__)
-        state.update(_pool=None, _copy_streams={}, _last_events=None)
+        state.update(_runtime=None, _last_events=None)
         return state
 
-    def _workers(self) -> WorkerPool | None:
-        """The worker threads, one per device, started at the first call (none for a single device)."""
-        if len(self.devices) == 1:
-            return None
-        if self._pool is None or self._pool.broken:
-            self._pool = WorkerPool(len(self.devices), self.timeout)
-            weakref.finalize(self, self._pool.close)
-        return self._pool
+    def _started(self) -> _Runtime:
+        """The worker threads (one per partition, started at the first call; the calling thread for a single
+        one) and their executors; new ones after a failure, which leaves a world unusable."""
+        rt = self._runtime
+        if rt is not None and not rt.world.failed:
+            return rt
+        if rt is not None:
+            rt.world.close()
+        P = len(self.devices)
+        world = LocalWorld(Grid(P), self.timeout, self.devices, name="stagewise-gpipe", keep_threads=True)
+        world.placement = self.schedule.placement
+        executors = {d: Executor(self.schedule, d, {d: self._stages[d]}, world.transport(d, P), None, rank=d,
+                                 clock=ActionClock(dev), who=lambda s, dev=dev: f"partition {s} (device {dev})")
+                     for d, dev in enumerate(self.devices)}
+        self._runtime = _Runtime(world, executors, self._cuts)
+        return self._runtime
 
-    def _copy_stream(self, device: torch.device) -> Any:
-        if device.type != "cuda":
-            return None
-        if device not in self._copy_streams:
-            self._copy_streams[device] = torch.cuda.Stream(device)
-        return self._copy_streams[device]
+    def _stand_ins(self, graph: bool) -> list[dict[str, torch.Tensor]]:
+        """Per partition, this call's replicas of the parameters it shares with an earlier partition."""
+        replicas = []
+        for stage, shared, device in zip(self._stages, self._shared, self.devices):
+            stage.stand_ins = {name: _replica(p, device, graph) for name, p in shared.items()}
+            replicas.append(stage.stand_ins)
+        return replicas
+
+    def _add_replica_grads(self, replicas: list[dict[str, torch.Tensor]]) -> None:
+        """A replica's gradient joins its parameter's, partition by partition (the same order every run)."""
+        for stage, shared, mine in zip(self._stages, self._shared, replicas):
+            for name, p in shared.items():
+                g = mine[name].grad
+                if g is not None:
+                    g = g.to(p.device)
+                    if p.grad is None:
+                        p.grad = g
+                    else:
+                        p.grad.add_(g)
+            if stage.stand_ins is mine:
+                stage.stand_ins = {}
 
 
 def _named_layers(module: nn.Sequential | Sequence[nn.Module]) -> tuple[list[str], list[nn.Module]]:
@@ -287,6 +336,12 @@ def _check_device(dev: torch.device, partition: int) -> torch.device:
         raise ValueError(f"partition {partition} is placed on {dev}, which is not available here ({err}); pass "
                          "devices= that exist") from None
     return dev
+
+
+def _replica(p: nn.Parameter, device: torch.device, graph: bool) -> torch.Tensor:
+    """A stand-in for `p` on `device` for one call: a leaf of its own, whose gradient is added to p's after
+    the backward (no copy when p already lives there)."""
+    return p.detach().to(device).requires_grad_(p.requires_grad and graph)
 
 
 def _shared_parameters(parts: list[nn.Sequential]) -> list[dict[str, nn.Parameter]]:

@@ -16,18 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from stagewise.measure.layers import layer_facts
+from stagewise.measure.plan_model import plan_if_auto
 from stagewise.partition import PartitionTable, resolve_balance
-from stagewise.partition.measure import plan_if_auto
-from stagewise.partition.profile import layer_facts
 from stagewise.runtime import checkpoint, claims
-from stagewise.runtime.guards import check_options
 from stagewise.runtime.host_memory import keep_freed_host_memory
+from stagewise.runtime.options import resolve_options
 from stagewise.runtime.precision import LossScaler, Precision
+from stagewise.runtime.processes import make_world
 from stagewise.runtime.runner import Runner
+from stagewise.runtime.sharding import Sharding
 from stagewise.runtime.stages import LayerSpec, StageSet, as_layer_list
-from stagewise.runtime.step import training_step
-from stagewise.runtime.ties import Ties
-from stagewise.runtime.world import make_world
 from stagewise.schedules import Schedule
 from stagewise.schedules.recompute import check_mode
 from stagewise.schedules.registry import resolve_schedule
@@ -55,7 +54,7 @@ class Pipeline:
             of padded batches (`stagewise.models.causal_lm_loss`; see `stagewise.runtime.loss`).
         schedule: a registered name (see `stagewise simulate --list`), the path of a schedule file (.csv/.txt), a
             `Schedule` built by hand for P devices (validated before anything runs), or "auto": the planner
-            (`stagewise.partition.plan`) measures the layers on `sample` and picks schedule, m and balance within
+            (`stagewise.partition.plan_search`) measures the layers on `sample` and picks schedule, m and balance within
             `memory_limit` (bytes or text like "2GiB"); `self.plan` holds its table. `planner`: its options.
         microbatches: m (default 4; taken from the schedule when a `Schedule` or a file is given), or "auto"; a
             batch of B samples gives micro-batches of B//m or B//m + 1 samples.
@@ -66,6 +65,7 @@ class Pipeline:
         optimizer: `params -> torch.optim.Optimizer`, built over each rank's parameters.
         data_parallel: D >= 1 replicas of the whole pipeline: P x D ranks (rank = device x D + replica). Every rank is
             given the same batch; replica r trains on its share; gradients are reduced over replicas before the step.
+        shard: "none", "optimizer", "gradients" or "full": ZeRO-1/2/3 over the replicas (`stagewise.runtime.sharding`).
         max_grad_norm: > 0: clip the gradients by their global norm (every stage and replica, tied parameters once)
             as `clip_grad_norm_` does; `last_step["grad_norm"]` is the norm (`track_grad_norm`: measured only).
         timeout: seconds any wait on another device may take before every rank stops with an error (> 0).
@@ -95,12 +95,11 @@ class Pipeline:
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
                  data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False,
                  precision: str = "fp32", activation_checkpointing: str | int = "never", on_nonfinite: str = "raise",
-                 loss_scale: dict[str, Any] | None = None, compile: bool | str = False):
+                 loss_scale: dict[str, Any] | None = None, compile: bool | str = False, shard: str = "none"):
         self.loss_fn, self.timeout = loss_fn, timeout
-        options = {"vertical_sync": True} if vertical_sync else {}
-        # an unknown schedule or a bad option fails before anything runs ("auto": the planner picks a registered one)
-        check_options(None if schedule == "auto" else schedule, timeout, on_nonfinite, max_grad_norm, data_parallel)
-        scaling = LossScaler.options(loss_scale, precision)  # fp16's loss scaler: its options, checked
+        options, scaling, planner = resolve_options(schedule, timeout, on_nonfinite, max_grad_norm, data_parallel,
+                                                    vertical_sync, loss_scale, precision, shard, local_devices,
+                                                    compile, planner)  # checked before anything runs
         self.world = make_world(local_devices, timeout=timeout, backend=backend, device=device,
                                 data_parallel=data_parallel)
         layer_list = claims.claim(as_layer_list(layers), self)  # warns when another live Pipeline holds them
@@ -110,7 +109,7 @@ class Pipeline:
         if self.plan is not None:
             schedule, microbatches, virtual_stages, partition, activation_checkpointing = self.plan.choice.settings()
         self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, virtual_stages,
-                                         data_parallel, check_mode(activation_checkpointing), **options)
+                                         data_parallel, check_mode(activation_checkpointing), shard=shard, **options)
         self.microbatches = self.schedule.microbatches
         self._rebuild = (schedule, virtual_stages, options) if isinstance(schedule, str) else None
         self.device = self.world.device(self.world.local_ranks[0])
@@ -123,11 +122,10 @@ class Pipeline:
                               activation_checkpointing if isinstance(activation_checkpointing, int) else None, compile)
         self.loss_scalers = {r: LossScaler(**scaling) for r in self.world.local_ranks} if precision == "fp16" else {}
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
-        ties = Ties(self.world, self.model.tied)
-        self.optimizers = {r: optimizer(ps) for r, ps in self.model.owned.items() if optimizer is not None and ps}
-        self.step_parts = training_step(self.world, self.model, ties, asynchronous=self.schedule.asynchronous,
-                                        max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
-                                        scalers=self.loss_scalers, optimizer=optimizer is not None)
+        self.sharding = Sharding(shard, self.world, self.model, self.precision)  # ties made equal, stages sharded
+        self.optimizers = self.sharding.optimizers(optimizer)
+        self.step_parts = self.sharding.training_step(max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
+                                                      scalers=self.loss_scalers, optimizer=optimizer is not None)
         self.last_step: dict[str, Any] = {}  # the last step's loss, and what its parts reported (grad_norm, ...)
         self.runner = Runner(self.world, self.model, self.schedule, loss_fn, self.step_parts, self.optimizers,
                              self.loss_scalers, on_nonfinite)

@@ -85,20 +85,20 @@ def _ints(text: str) -> list[int]:
 def _plan(args: argparse.Namespace) -> int:
     import torch
 
-    from stagewise.partition.measure import plan_model
-    from stagewise.partition.plan import MAX_MICROBATCHES
+    from stagewise.measure.plan_model import plan_model
+    from stagewise.partition.plan_search import MAX_MICROBATCHES
 
     layers, loss_fn, batch, what = build_model(args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.stages * args.dp))
     torch.set_num_threads(threads)
+    latency, bandwidth, reduce_bandwidth = _links(args, layers)
     plan, profiles = plan_model(
         layers, loss_fn, batch, args.stages, data_parallel=args.dp,
         schedule=args.schedules or "auto", microbatches=args.microbatches or "auto", memory_limit=args.memory_limit,
         threads=threads, runs=args.runs, repeats=args.repeats, recompute=args.activation_checkpointing,
         cores=args.cores if args.cores is not None else "auto", top=args.top,
         max_microbatches=args.max_microbatches or MAX_MICROBATCHES, precision=args.precision,
-        latency=args.latency, bandwidth=args.bandwidth, reduce_bandwidth=args.reduce_bandwidth,
-        measure_links=args.measure_links)
+        latency=latency, bandwidth=bandwidth, reduce_bandwidth=reduce_bandwidth, shard=args.shard)
     data = {"model": what, **plan.to_dict(), "threads": threads}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +109,25 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"{what}: {len(layers)} layers, {args.stages} devices, batch {args.batch}, {threads} thread(s) per rank")
         print(plan.format())
     return 0
+
+
+def _links(args: argparse.Namespace, layers: list[Any]) -> tuple[float | None, float | None, float | None]:
+    """(latency, bandwidth, reduce_bandwidth) for the planner: as given, else timed between gloo processes started
+    on this machine (messages with --measure-links: the command profiles on the CPU, where messages are not
+    charged by default; the data-parallel reduction with --dp), else None (free). The command line may start
+    processes; `Pipeline` never does."""
+    from stagewise.measure.links import local_links
+    from stagewise.measure.plan_model import MESSAGE_BYTES, stage_gradient_bytes
+
+    latency, bandwidth, reduce_bandwidth = args.latency, args.bandwidth, args.reduce_bandwidth
+    messages = bool(args.measure_links) and args.stages > 1 and (latency is None or bandwidth is None)
+    if messages or (args.dp > 1 and reduce_bandwidth is None):
+        links = local_links(args.stages if messages else 1, args.dp if reduce_bandwidth is None else 1,
+                            MESSAGE_BYTES, stage_gradient_bytes(layers, args.stages))
+        latency = links.latency if latency is None else latency
+        bandwidth = links.bandwidth if bandwidth is None else bandwidth
+        reduce_bandwidth = links.reduce_bandwidth if reduce_bandwidth is None else reduce_bandwidth
+    return latency, bandwidth, reduce_bandwidth
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -140,6 +159,9 @@ def add_parsers(sub: Any) -> None:
     _model_args(pl, batch=16, seq_len=128)
     pl.add_argument("--stages", type=int, default=4, help="pipeline devices P")
     pl.add_argument("--dp", type=int, default=1, help="data-parallel replicas D (P x D ranks)")
+    pl.add_argument("--shard", choices=("none", "optimizer", "gradients", "full"), default="none",
+                    help="what the D replicas split (as `train --shard`): the memory model counts the shards, the "
+                         "all-gathered weights and the whole gradients until their reduce-scatter")
     pl.add_argument("--memory-limit", dest="memory_limit", default=None,
                     help="bytes per device, with a unit if you like: 2GiB, 512MiB, 1.5GB")
     pl.add_argument("--schedules", nargs="+", default=None,

@@ -36,6 +36,7 @@ class TrainConfig:
 
     stages: int = 4
     dp: int = 1  # data-parallel replicas of the pipeline: stages x dp processes
+    shard: str = "none"  # what the dp replicas split: "optimizer" (ZeRO-1), "gradients" (ZeRO-2), "full" (ZeRO-3)
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
     precision: str = "fp32"  # fp32, bf16 or fp16 (dynamic loss scaling)
     activation_checkpointing: str = "never"  # never, except_last, always, a number of layers per group, or auto
@@ -222,6 +223,7 @@ def _set_up(cfg: TrainConfig) -> _Run:
                               if cfg.val_fraction else "")))
     layers = build_layers(cfg, tok.get_vocab_size(), tok)
     sample = next(iter(batches)) if planned or cfg.partition in ("time", "memory", "auto") else None
+    params = count_parameters(layers)  # before the Pipeline (sharding swaps a stage's parameters for shards)
     pipe = _pipeline(cfg, layers, sample)
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
     lr_scheds = optim.schedulers(pipe.optimizers.values(),
@@ -232,7 +234,7 @@ def _set_up(cfg: TrainConfig) -> _Run:
          cfg.activation_checkpointing) = pipe.plan.choice.settings()
         cfg.plan = False
     say(pipe.partition_table().format())
-    say(f"parameters: {count_parameters(layers) / 1e6:.2f}M (embedding and head tied, counted once)")
+    say(f"parameters: {params / 1e6:.2f}M (embedding and head tied, counted once)")
     start, resumed = _resume(pipe, cfg, out / "checkpoints", attempt, rank, say)
     optim.load_scheduler_state(lr_scheds, resumed.get("lr_scheduler"), cfg.lr)
     return _Run(cfg, rank, out, say, pipe, batches, val, pipe.plan, lr_scheds,
@@ -256,7 +258,7 @@ def _pipeline(cfg: TrainConfig, layers: list, sample: Any) -> Any:
                     max_grad_norm=cfg.max_grad_norm, track_grad_norm=True, precision=cfg.precision,
                     activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
                     on_nonfinite=cfg.on_nonfinite, optimizer=optim.adamw(cfg.lr, cfg.weight_decay),
-                    compile=cfg.compile)
+                    compile=cfg.compile, shard=cfg.shard)
 
 
 def _write_run_files(run: _Run) -> None:
@@ -304,7 +306,7 @@ def _train_steps(run: _Run) -> _Progressed:
             done.recent = [*done.recent, [step, loss]][-10:]
             progress.update(step, loss, tokens / took)
             if cfg.trace_step and step == min(cfg.trace_step, cfg.steps):
-                trace = _save_timelines(pipe, out, rank)
+                trace = _save_timelines(pipe, out, rank, cfg.dp)
                 if trace is not None and run.plan is not None:
                     done.prediction = _check_prediction(run.plan, pipe, trace, took, cfg.dp, progress)
                 if rank == 0 and (out / "timeline.png").exists():
@@ -511,35 +513,27 @@ def _batches_from(batches: Any, start: int):
 
 def _check_prediction(plan: Any, pipe: Any, trace: Any, step_s: float, dp: int, progress: Any) -> dict[str, Any]:
     """The plan's prediction against the traced step: busy time, bubble and saved-activation bytes per device."""
-    from stagewise.partition.plan import format_comparison
+    from stagewise.measure.trace_costs import compare, format_comparison
 
     rows = [d * dp for d in range(pipe.schedule.num_devices)]  # replica 0's devices (rows are ranks when dp > 1)
-    result = plan.compare(trace, step_s, rows)
+    result = compare(plan.choice, trace, step_s, rows)
     progress.print(format_comparison(result))
     return result
 
 
-def _save_timelines(pipe: Any, out: Path, rank: int) -> Any:
-    """The measured timeline of this step beside the simulation of the same schedule with its measured costs;
-    returns the measured timeline on rank 0 (None elsewhere)."""
-    from stagewise.schedules import Costs, simulate
+def _save_timelines(pipe: Any, out: Path, rank: int, dp: int) -> Any:
+    """The measured timeline of this step beside the simulation of the same schedule with its measured costs (per
+    stage F, B, I, W, RECOMPUTE and per device the STEP: optimizer and tie sync); returns the measured timeline on
+    rank 0 (None elsewhere)."""
+    from stagewise.measure.trace_costs import step_costs
+    from stagewise.schedules import simulate
     from stagewise.viz import render_png, write_chrome_trace
 
     measured = pipe.last_trace()  # collective
     if rank != 0:
         return None
-    compute = [e for e in measured.events if e.op in ("F", "B", "I", "W")]
-    costs: dict[str, list[float]] = {}
-    for op in ("F", "B", "I", "W"):
-        per_stage = []
-        for s in range(pipe.schedule.num_stages):
-            d = [e.end - e.start for e in compute if e.op == op and e.stage == s]
-            per_stage.append(sum(d) / len(d) if d else 0.0)
-        costs[op] = per_stage
-    if pipe.schedule.split_backward:
-        sim = simulate(pipe.schedule, Costs(f=costs["F"], i=costs["I"], w=costs["W"]))
-    else:
-        sim = simulate(pipe.schedule, Costs(f=costs["F"], b=costs["B"]))
+    rows = [d * dp for d in range(pipe.schedule.num_devices)]  # replica 0's devices (rows are ranks when dp > 1)
+    sim = simulate(pipe.schedule, step_costs(measured, pipe.schedule, rows).costs())
     sim.timeline.title = f"simulated with the measured per-stage costs: makespan {sim.makespan * 1e3:.1f} ms"
     sim.timeline.unit = "s"
     full = replace(measured, events=list(measured.events))

@@ -322,8 +322,9 @@ def test_data_parallel_replicas_save_once_and_all_load(tmp_path):
     """D=2 (a 2 x 2 grid of threads, the runtime's StageSet without a Pipeline): only the first replica writes
     tensors; a D=1 checkpoint loads into every replica, and the D=2 one into one process."""
     from stagewise.runtime import checkpoint
+    from stagewise.runtime.grid import Grid
     from stagewise.runtime.stages import StageSet
-    from stagewise.runtime.world import Grid, LocalWorld
+    from stagewise.runtime.threads import LocalWorld
     from stagewise.schedules import build
 
     torch.set_default_dtype(torch.float64)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 from collections import namedtuple
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,11 @@ from stagewise import GPipe, PipelineError
 from stagewise.models import config, gpt2_layers, lm_loss
 from stagewise.partition import PartitionError
 from stagewise.runtime.batchnorm import DeferredBatchNorm
-from stagewise.runtime.recompute import RandomStreams, is_recomputing
-from stagewise.schedules import build, validate
+from stagewise.runtime.rng import RandomDraws
+from stagewise.runtime.stage import is_recomputing
+from stagewise.runtime.transport import LocalHub, LocalTransport
+from stagewise.schedules import RECOMPUTE, build, validate
+from stagewise.schedules.recompute import recompute_microbatches
 
 TOL = 1e-10
 CPU4 = ["cpu"] * 4
@@ -160,7 +165,7 @@ def test_dropout_masks_are_the_plain_modules_under_a_seed_per_partition_and_micr
     x, y = torch.randn(7, 8), torch.randn(7, 4)
     # the reference: the plain module's layers, partition by partition, each seeded as GPipe seeds it
     torch.manual_seed(5)
-    streams = RandomStreams(int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item()))
+    streams = RandomDraws(int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item()))
     outs, starts = [], [0, 3, 6, 8, 9]
     for n, xb in enumerate(x.split([3, 2, 2])):
         for s in range(len(balance)):
@@ -479,3 +484,119 @@ def test_output_tensors_with_their_own_first_dimension():
     (flat.square().sum() + summed.sin().sum()).backward()
     (ref_flat.square().sum() + ref_summed.sin().sum()).backward()
     assert grad_error(model, plain) <= TOL
+
+
+# ---- GPipe on the one executor: races, reproducibility, guards, the world's threads ----
+
+@contextmanager
+def short_switches() -> Iterator[None]:
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def tied_mlp() -> nn.Sequential:
+    """Layers 0 and 4 share their weight: partitions 0 and 2 of balance [2, 2, 2, 1] hold it both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 4))
+    model[4].weight = model[0].weight
+    return model
+
+
+@pytest.mark.parametrize("checkpoint", ["always", "except_last", "never"])
+def test_exact_every_time_under_short_thread_switches(checkpoint):
+    """20 calls per mode and chunks 1, 3, 5, with a parameter shared by partitions 0 and 2, the interpreter
+    switching threads every 10 us: output, every gradient and the input's gradient equal the plain module's."""
+    plain = tied_mlp()
+    x, y = torch.randn(10, 8), torch.randn(10, 4)
+    xr = x.clone().requires_grad_()
+    ref = plain(xr)
+    ((ref - y) ** 2).mean().backward()
+    for chunks in (1, 3, 5):
+        model = GPipe(copy.deepcopy(plain), [2, 2, 2, 1], devices=CPU4, chunks=chunks, checkpoint=checkpoint,
+                      show_partition=False)
+        assert model.partitions[2][0].weight is model.partitions[0][0].weight
+        with short_switches():
+            for _ in range(20):
+                model.zero_grad()
+                xg = x.clone().requires_grad_()
+                out = model(xg)
+                ((out - y) ** 2).mean().backward()
+                assert rel(out, ref) <= TOL and rel(xg.grad, xr.grad) <= TOL
+                assert grad_error(model, plain) <= TOL, (chunks, grad_error(model, plain))
+
+
+def test_a_run_is_reproducible_under_a_seed_whatever_the_thread_timing():
+    """Dropout on every partition, the forwards of two partitions drawing at once: the same seed gives the same
+    bits, call after call, under short thread switches."""
+    model = GPipe(dropout_mlp(), [3, 3, 2, 1], devices=CPU4, chunks=4, checkpoint="except_last",
+                  show_partition=False)
+    x = torch.randn(8, 8)
+    runs = []
+    with short_switches():
+        for _ in range(5):
+            model.zero_grad()
+            torch.manual_seed(9)
+            out = model(x)
+            out.square().sum().backward()
+            runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
+
+
+class ReturnsNone(nn.Module):
+    def forward(self, x: torch.Tensor) -> None:
+        x.sum()
+
+
+def test_gpipe_gains_the_executors_guards():
+    """A partition returning None is named with the layer that returned it, before the next one fails on it."""
+    model = GPipe([nn.Linear(4, 4), ReturnsNone(), nn.Linear(4, 2)], [2, 1], devices=["cpu"] * 2, chunks=2,
+                  show_partition=False)
+    with pytest.raises(PipelineError, match=r"partition 0 \(device cpu\) returned None at F\(stage 0, mb 0\): its "
+                                            r"last layer, layer 1 \(ReturnsNone\), returned None") as info:
+        model(torch.randn(4, 4))
+    assert (info.value.stage, info.value.microbatch) == (0, 0)
+
+
+def test_the_worker_threads_live_across_calls_and_end_with_a_failure():
+    model = GPipe(mlp(), [4, 3], devices=["cpu"] * 2, chunks=2, show_partition=False)
+    before = set(threading.enumerate())
+
+    def workers() -> set[threading.Thread]:
+        return {t for t in set(threading.enumerate()) - before if t.name.startswith("stagewise-gpipe")}
+
+    model(torch.randn(4, 8)).sum().backward()
+    first = workers()
+    model(torch.randn(4, 8)).sum().backward()
+    assert first == workers() and len(first) == 2  # the same two threads ran both calls
+    with pytest.raises(PipelineError, match=r"partition 0 \(device cpu\) failed at F\(stage 0, mb 0\)"):
+        model(torch.randn(4, 3))  # a shape error in partition 0: the world fails, its workers end
+    assert not any(t.is_alive() for t in first)
+    model(torch.randn(4, 8)).sum().backward()  # and the next call gets new ones
+    assert len(workers() - first) == 2
+
+
+def test_recompute_microbatches_puts_a_recompute_before_each_chosen_backward():
+    sc = validate(recompute_microbatches(validate(build("gpipe", 2, 4)), range(3)))
+    for prog in sc.actions:
+        compute = [(a.op, a.microbatch) for a in prog if a.op in ("F", "B", RECOMPUTE)]
+        assert compute == [("F", n) for n in range(4)] + [x for n in range(4) for x in
+                                                          ([(RECOMPUTE, n)] if n < 3 else []) + [("B", n)]]
+
+
+def test_the_local_transport_hands_tensors_over_without_a_copy_on_one_device():
+    hub = LocalHub()
+    sender, receiver = (LocalTransport(hub, 5.0, r, [0, 1], [torch.device("cpu"), torch.device("meta")])
+                        for r in (0, 1))
+    t = torch.randn(3, 2, requires_grad=True)
+    receiver.send_grad([t], 1, 0, 0, peer=0)  # to the CPU: the same memory
+    got = sender.recv_grad([t], 1, 0, 0, peer=1).wait()[0]
+    assert got.data_ptr() == t.data_ptr() and not got.requires_grad
+    sender.send_activation({"h": t}, 0, 1, 0, peer=1)  # to another device: a copy there
+    moved = receiver.recv_activation(0, 1, 0, peer=0).wait()["h"]
+    assert moved.device.type == "meta" and moved.shape == t.shape and moved.requires_grad

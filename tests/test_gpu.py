@@ -99,6 +99,30 @@ def test_gpipe_on_two_partitions_of_one_gpu_equals_one_module():
         assert ((p.grad - ref[n].grad).abs().max() <= 1e-10 * ref[n].grad.abs().max()).item(), n
 
 
+@pytest.mark.parametrize("devices", [["cpu", "cuda:0", "cpu"], ["cuda:0", "cpu", "cuda:0"]])
+def test_gpipe_across_the_host_and_a_gpu_equals_one_module(devices):
+    """Partitions alternate between the CPU and the GPU: the transport copies every activation (a dict with an
+    integer tensor riding along) and gradient to the receiver's device; with recomputation, the output's loss
+    and every gradient equal one module's on the CPU."""
+    layers = make_layers(blocks=4)
+    reference = nn.Sequential(*copy.deepcopy(layers))
+    ids, labels = make_batch(8, 5)
+    model = GPipe(nn.Sequential(*layers), balance=[2, 2, 2], devices=devices, chunks=4, checkpoint="always",
+                  show_partition=False)
+    for part, dev in zip(model.partitions, model.devices):
+        assert all(p.device == dev for p in part.parameters())
+    out = model(ids.to(model.devices[0]))
+    assert out.device == model.devices[-1]
+    loss = loss_fn(out.cpu(), labels)
+    loss.backward()
+    ref_loss = loss_fn(reference(ids), labels)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-10 * abs(ref_loss.item())
+    ref = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        assert ((p.grad.cpu() - ref[n].grad).abs().max() <= 1e-10 * ref[n].grad.abs().max()).item(), n
+
+
 def test_a_checkpoint_saved_from_gpu_loads_on_cpu_and_back(tmp_path):
     dev = torch.device("cuda", 0)
     batch = tuple(t.to(dev) for t in make_batch(8, 5))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from stagewise.measure.layers import profile_layers
 from stagewise.partition import (
     Footprint,
     LayerProfile,
@@ -23,6 +24,7 @@ from stagewise.partition import (
     PartitionTable,
     Planner,
     auto,
+    auto_balance,
     by_memory,
     by_parameters,
     by_time,
@@ -32,11 +34,9 @@ from stagewise.partition import (
     min_max_balance,
     min_max_partition,
     min_sum_partition,
-    planner,
     resolve_balance,
     uniform,
 )
-from stagewise.partition.profile import profile_layers
 from stagewise.partition.solver import ranges
 from stagewise.schedules import build, simulate
 
@@ -322,7 +322,7 @@ def test_asynchronous_schedules_pay_for_stashed_weights():
 @pytest.mark.parametrize("name,devices", [("1f1b", 4), ("gpipe", 4), ("interleaved", 2), ("zbv", 2), ("zb-h1", 4)])
 def test_auto_is_no_worse_than_uniform(name: str, devices: int, search: str, monkeypatch):
     if search == "heuristic":
-        monkeypatch.setattr(planner, "ENUMERATE_STEPS", 0)
+        monkeypatch.setattr(auto_balance, "ENUMERATE_STEPS", 0)
     sc = build(name, devices, 8)
     for seed in range(2):
         layers = gpt2_profiles(random.Random(seed))
@@ -349,7 +349,7 @@ def test_auto_finds_the_best_balance_on_a_small_case():
 @pytest.mark.parametrize("name,devices", [("1f1b", 4), ("interleaved", 2), ("zbv", 2)])
 def test_auto_respects_the_memory_limit(name: str, devices: int, search: str, monkeypatch):
     if search == "heuristic":
-        monkeypatch.setattr(planner, "ENUMERATE_STEPS", 0)
+        monkeypatch.setattr(auto_balance, "ENUMERATE_STEPS", 0)
         monkeypatch.setattr(memory, "ENUMERATE_MEMORY", 0)
     layers = gpt2_profiles()
     sc = build(name, devices, 8)
@@ -513,8 +513,6 @@ def test_profile_measures_the_input_gradient_and_the_loss_with_the_last_layer():
 
 
 def test_auto_models_the_input_and_weight_gradient_pieces_of_split_schedules():
-    from stagewise.partition.planner import Planner
-
     layers = [LayerProfile(i, "L", forward=1.0, backward=2.0, input_grad=1.5) for i in range(8)]
     plan = Planner(layers, build("zbv", 2, 4))
     costs = plan.costs([2, 2, 2, 2]).table(4)

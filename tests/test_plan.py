@@ -17,19 +17,12 @@ import plan_models
 import pytest
 import torch
 
-from stagewise.partition import Footprint, LayerProfile
-from stagewise.partition.costmodel import CostModel, ProfileSet, SizeProfile
-from stagewise.partition.costs import parse_bytes
-from stagewise.partition.plan import (
-    PREFERENCE,
-    best_balance,
-    compare,
-    compositions_array,
-    default_microbatches,
-    predict,
-    preference,
-    search,
-)
+from stagewise.measure.trace_costs import compare
+from stagewise.partition import CostModel, Footprint, LayerProfile, ProfileSet, SizeProfile, predict, search
+from stagewise.partition.balances import compositions_array
+from stagewise.partition.plan_search import best_balance, default_microbatches
+from stagewise.partition.plan_ties import PREFERENCE, preference
+from stagewise.partition.units import parse_bytes
 from stagewise.schedules import SYNCHRONOUS, build
 from stagewise.schedules.recompute import MODES, with_recompute
 
@@ -226,7 +219,7 @@ def test_pipeline_plans_itself_and_meets_its_saved_bytes_prediction():
         assert pipe.plan.settings["latency"] == 0.0 and pipe.plan.settings["bandwidth"] is None  # CPU: not charged
         losses = [pipe.train_step((ids, ids)).item() for _ in range(3)]
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-        result = pipe.plan.compare(pipe.last_trace(), 0.1)
+        result = compare(pipe.plan.choice, pipe.last_trace(), 0.1)
         assert result["saved_bytes"]["measured"] == pytest.approx(result["saved_bytes"]["predicted"], rel=0.05)
     finally:
         pipe.close()
@@ -234,8 +227,8 @@ def test_pipeline_plans_itself_and_meets_its_saved_bytes_prediction():
 
 def test_pipeline_recomputes_when_only_recompute_fits():
     from stagewise import Pipeline
+    from stagewise.measure.planner_profiles import measure
     from stagewise.models import lm_loss
-    from stagewise.partition.measure import measure
 
     ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
     layers = plan_models.small_gpt(vocab=128, seq=64)
@@ -258,7 +251,7 @@ def test_pipeline_recomputes_when_only_recompute_fits():
         assert c.recompute != "never" and max(c.memory) <= limit
         assert any(a.op == "RECOMPUTE" for a in pipe.schedule.actions[0])
         pipe.train_step((ids, ids))
-        got = pipe.plan.compare(pipe.last_trace(), 0.1)["saved_bytes"]
+        got = compare(pipe.plan.choice, pipe.last_trace(), 0.1)["saved_bytes"]
         assert got["measured"] == pytest.approx(got["predicted"], rel=0.05)
     finally:
         pipe.close()
@@ -266,8 +259,8 @@ def test_pipeline_recomputes_when_only_recompute_fits():
 
 def test_saved_activation_bytes_match_the_prediction_for_every_synchronous_schedule():
     from stagewise import Pipeline
+    from stagewise.measure.planner_profiles import measure
     from stagewise.models import lm_loss
-    from stagewise.partition.measure import measure
 
     ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
     profiles = measure(plan_models.small_gpt(), (ids, ids), lm_loss, [2], runs=1, repeats=1)
@@ -331,8 +324,8 @@ def test_gradient_reductions_are_priced_in_the_prediction():
 
 
 def test_the_links_are_measured_on_the_runs_world():
-    from stagewise.partition.link_speed import Links, local_links, measure_links
-    from stagewise.runtime.world import make_world
+    from stagewise.measure.links import Links, local_links, measure_links
+    from stagewise.runtime.processes import make_world
 
     world = make_world(2, data_parallel=2)  # four threads: two devices, two replicas
     try:
@@ -357,8 +350,8 @@ def test_messages_are_priced_in_the_prediction():
 
 
 def test_the_profile_runs_in_the_runs_precision():
+    from stagewise.measure.planner_profiles import measure
     from stagewise.models import lm_loss
-    from stagewise.partition.measure import measure
 
     ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
     full = measure(plan_models.small_gpt(), (ids, ids), lm_loss, [2], runs=1, repeats=1).at(2)
@@ -398,7 +391,7 @@ def test_a_data_parallel_pipeline_plans_with_its_reductions():
 
 
 def test_ties_are_the_candidates_the_profile_runs_do_not_separate():
-    from stagewise.partition.plan import MAX_BAND
+    from stagewise.partition.plan_ties import MAX_BAND
 
     rng = random.Random(21)
     base = synthetic(rng, 8)
@@ -432,3 +425,122 @@ def test_ties_are_the_candidates_the_profile_runs_do_not_separate():
     assert plan.noise == pytest.approx(max(c.step_s / best.step_s - 1 for c in tied))
     assert "one run alone predicts no slower" in plan.format() and "no ties" in agreed.format()
     assert len(ProfileSet.from_dict(noisy.to_dict()).per_run) == 3
+
+
+# ---- the optimizer step and the tied-parameter sync in the model; measured traces; no processes ----
+
+def tied_pair() -> SizeProfile:
+    """4 layers of F = 1 s and B = 2 s, no bytes sent; layer 0 and layer 3 use one tied parameter of 1000
+    elements (counted at layer 0); parameters 1000, 100, 100, 50."""
+    params = [1000, 100, 100, 50]
+    return SizeProfile(1, tuple(LayerProfile(i, "L", forward=1.0, backward=2.0, params=params[i],
+                                             shared={0: 1000} if i in (0, 3) else {}) for i in range(4)))
+
+
+def test_the_optimizer_step_and_the_tie_sync_are_on_the_simulated_timeline_and_in_the_step(tmp_path):
+    from stagewise.measure.trace_costs import busy_seconds
+    from stagewise.viz import render_png
+
+    schedule = build("1f1b", 2, 2)
+    # 1 ms per parameter; messages 0.1 s; the tie's gradient: 1000 x 4 bytes at 4000 bytes/s
+    model = CostModel(schedule, tied_pair(), step_per_param=1e-3, latency=0.1, bandwidth=4000.0)
+    est = model.estimate([2, 2])
+    # Without the step, by hand (F = 2, B = 4 per stage, 0.1 s per message): device 0 runs F0 [0, 2], F1 [2, 4],
+    # B0 [8.2, 12.2], B1 [14.2, 18.2]; device 1 runs F0 [2.1, 4.1], B0 [4.1, 8.1], F1 [8.1, 10.1], B1 [10.1, 14.1].
+    # The tie's all-reduce (2 x 0.1 s latency + 4000 / 4000 s) starts when device 0 is done: 18.2 -> 19.4; then
+    # the optimizer steps: device 0 holds 1100 parameters (1.1 s), device 1 its 150 and a copy of the tie (1.15 s).
+    assert est.optimizer_s == pytest.approx([1.1, 1.15]) and est.tie_sync_s == pytest.approx(1.2)
+    assert est.step_s == pytest.approx(19.4 + 1.15)
+    steps = {e.device: e for e in model.simulation([2, 2]).timeline.events if e.op == "STEP"}
+    assert (steps[0].start, steps[0].end) == pytest.approx((18.2, 19.4 + 1.1))
+    assert (steps[1].start, steps[1].end) == pytest.approx((14.1, 19.4 + 1.15))
+    assert steps[1].extra == pytest.approx({"optimizer_s": 1.15, "tie_sync_s": 1.2, "tie_wait_s": 4.1})
+    assert steps[0].extra["tie_wait_s"] == pytest.approx(0.0)
+    assert Path(render_png(model.simulation([2, 2]).timeline, str(tmp_path / "step.png"))).stat().st_size > 0
+    # busy counts the STEP as a measured trace does (`busy_seconds`, the one reader of traces)
+    assert est.busy_s == pytest.approx(busy_seconds(model.simulation([2, 2]).timeline, [0, 1]))
+    # both terms are what separates this step from the schedule alone
+    bare = CostModel(schedule, tied_pair(), latency=0.1, bandwidth=4000.0)
+    assert bare.estimate([2, 2]).step_s == pytest.approx(19.4)  # the sync still waits for device 0
+    untied = SizeProfile(1, tuple(replace(x, shared={}) for x in tied_pair().layers))
+    alone = CostModel(schedule, untied, step_per_param=1e-3, latency=0.1, bandwidth=4000.0).estimate([2, 2])
+    assert alone.step_s == pytest.approx(18.2 + 1.1) and alone.optimizer_s == pytest.approx([1.1, 0.15])
+    # the bounds the search prunes with stay below the step
+    assert model.lower_bounds(np.array([[2, 2]]))[0] <= est.step_s
+    # and the planner reports both, for the choice it makes
+    plan = search(ProfileSet({1: tied_pair()}, step_per_param=1e-3), 2, 2, schedules=["1f1b"], microbatches=[2],
+                  latency=0.1, bandwidth=4000.0)
+    assert plan.choice.optimizer_s and plan.choice.tie_sync_s == pytest.approx(1.2)
+    assert "tied-parameter sync 1.2 s" in plan.format()
+
+
+def test_a_tied_head_and_embedding_on_one_device_save_the_sync():
+    """A V places the first and the last stage on device 0: no all-reduce, no waiting for another device."""
+    model = CostModel(build("zbv", 2, 2), tied_pair(), step_per_param=1e-3, latency=0.1, bandwidth=4000.0)
+    est = model.estimate([1, 1, 1, 1])
+    assert est.tie_sync_s == 0.0 and model.tie_syncs([1, 1, 1, 1]) == ()
+    assert est.optimizer_s == pytest.approx([1.05, 0.2])  # device 0: 1000 + 50, the tie once
+
+
+def test_a_measured_trace_becomes_per_stage_costs_in_one_place():
+    from stagewise.measure.trace_costs import busy_seconds, saved_peaks, step_costs
+    from stagewise.schedules import Costs, Event, Timeline
+
+    def ev(d, t0, t1, op, s, mb, **extra):
+        return Event(d, 100 + t0, 100 + t1, op, s, mb, extra=extra)
+
+    trace = Timeline(2, [
+        ev(0, 0, 1, "F", 0, 0, saved_bytes=10), ev(0, 1, 3, "F", 0, 1, saved_bytes=20),
+        ev(1, 1.5, 2.5, "F", 1, 0, saved_bytes=5, wait_s=0.5), ev(1, 2.5, 4.5, "B", 1, 0),
+        ev(1, 4.5, 5.5, "F", 1, 1, saved_bytes=5), ev(0, 5, 8, "B", 0, 0), ev(1, 5.5, 7.5, "B", 1, 1),
+        ev(1, 7.5, 10.6, "STEP", 1, -1), ev(0, 8, 10, "B", 0, 1), ev(0, 10, 10.5, "STEP", 0, -1),
+    ], unit="s", num_stages=2)
+    schedule = build("1f1b", 2, 2)
+    got = step_costs(trace, schedule)
+    assert got.f == pytest.approx([1.5, 1.0]) and got.b == pytest.approx([2.5, 2.0]) and got.i is None
+    assert got.step == pytest.approx([0.5, 3.1]) and got.compute == pytest.approx([8.0, 6.0])
+    assert got.wait == pytest.approx([0.0, 0.5]) and got.recompute is None
+    assert got.costs() == Costs(f=got.f, b=got.b, step=got.step) and got.costs(step=False).step == 0.0
+    assert busy_seconds(trace, [0, 1]) == pytest.approx([8.5, 9.1])
+    assert saved_peaks(trace, [0, 1]) == [30.0, 5.0]
+    assert step_costs(trace, schedule, rows=[1, 0]).step == pytest.approx([3.1, 0.5])  # rows: one replica's ranks
+    split = Timeline(2, [ev(0, 0, 1, "F", 0, 0), ev(1, 1, 2, "F", 1, 0), ev(1, 2, 3, "I", 1, 0),
+                         ev(0, 3, 5, "W", 0, 0), ev(1, 3, 4.5, "W", 1, 0)], unit="s", num_stages=2)
+    zb = step_costs(split, build("zb-h1", 2, 1))
+    assert zb.i == pytest.approx([0.0, 1.0]) and zb.w == pytest.approx([2.0, 1.5])
+    assert zb.b == pytest.approx([2.0, 2.5])
+
+
+def test_an_auto_pipeline_starts_no_process(monkeypatch):
+    """`Pipeline(schedule="auto")` measures in-process only: on its own world (threads here, links and the
+    data-parallel reduction included), never by starting processes as `stagewise plan` may."""
+    import ast
+    import multiprocessing.process
+
+    from stagewise import Pipeline
+    from stagewise.models import lm_loss
+
+    for module in ("stagewise/measure/plan_model.py", "stagewise/pipeline.py"):
+        names = {n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else a.name
+                 for n in ast.walk(ast.parse((ROOT / module).read_text()))
+                 for a in (n.names if isinstance(n, (ast.Import, ast.ImportFrom)) else [n])
+                 if isinstance(n, (ast.Name, ast.Attribute, ast.Import, ast.ImportFrom))}
+        assert not names & {"local_links", "spawn", "launch"}, module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Pipeline(schedule='auto') started a process")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "spawnv", "spawnve", "execv", "execve", "system"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, refuse)
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    pipe = Pipeline(plan_models.small_gpt(), lm_loss, schedule="auto", microbatches="auto", partition="auto",
+                    sample=(ids, ids), local_devices=2, data_parallel=2, show_partition=False,
+                    planner={"runs": 1, "repeats": 1, "max_microbatches": 2, "measure_links": True},
+                    keep_host_memory=False)  # the runtime finds libc with `ldconfig -p`: a process, not the planner's
+    try:
+        assert 0 < pipe.plan.settings["reduce_bandwidth"] < math.inf and 0 < pipe.plan.settings["latency"] < 1
+    finally:
+        pipe.close()

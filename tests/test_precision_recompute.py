@@ -10,8 +10,8 @@ import torch
 from toy import loss_fn, make_batch, make_layers, reference
 
 from stagewise import Pipeline, PipelineError, spawn
+from stagewise.measure.layers import profile_layers
 from stagewise.partition.memory import Footprint
-from stagewise.partition.profile import profile_layers
 from stagewise.runtime.precision import LossScaler
 from stagewise.schedules import RECOMPUTE, ScheduleError, build, validate
 from stagewise.schedules.recompute import with_recompute

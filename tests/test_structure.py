@@ -147,6 +147,21 @@ def test_runtime_does_not_import_partition_and_there_is_no_import_cycle():
             visit(n, [n])
 
 
+def test_planning_is_torch_free_and_measurement_sits_above_the_runtime():
+    """The planning package (stagewise.partition: solvers, methods, search, the cost and memory models, the planner)
+    imports nothing but itself and the schedules, anywhere in its files, and never torch: what measures with torch
+    is stagewise.measure, which the runtime never imports."""
+    for path in sorted((ROOT / "partition").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "torch" not in roots, path.name
+        for m in _imports(path, everywhere=True):
+            assert m.startswith(("stagewise.partition", "stagewise.schedules")), (path.name, m)
+    for path in (ROOT / "runtime").rglob("*.py"):
+        assert not any(m.startswith("stagewise.measure") for m in _imports(path, everywhere=True)), path
+
+
 def test_pipeline_has_no_branch_on_threads_or_processes():
     text = (ROOT / "pipeline.py").read_text()
     assert len(text.splitlines()) < 250

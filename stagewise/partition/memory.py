@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from stagewise.partition.costs import ParamCounter, Shared, format_bytes
-from stagewise.partition.search import compositions, descend, unique
+import numpy as np
+
+from stagewise.partition.balances import compositions, descend, unique
+from stagewise.partition.layers import ParamCounter, Shared
 from stagewise.partition.solver import (
     ExactSums,
     PartitionError,
@@ -16,6 +18,7 @@ from stagewise.partition.solver import (
     ranges,
     uniform,
 )
+from stagewise.partition.units import format_bytes
 from stagewise.schedules import RECOMPUTE, B, F, Schedule, W, simulate
 
 
@@ -23,6 +26,36 @@ def check_len(values: Sequence | None, num_layers: int, what: str) -> None:
     """PartitionError unless `values` (when given) has one entry per layer."""
     if values is not None and len(values) != num_layers:
         raise PartitionError(f"{what} has {len(values)} entries for {num_layers} layers; give one per layer")
+
+
+def holding_events(schedule: Schedule) -> list[np.ndarray]:
+    """Per device, in action order, one row per action that changes what the device holds: (stage, dA, dX, dM).
+
+    dA and dX are how the bytes held change, in multiples of the stage's saved activations A and of its input X:
+    a forward keeps A, or only X when it recomputes (a RECOMPUTE of its stage and micro-batch follows); a
+    RECOMPUTE adds A back; the last backward piece (B, or W where the backward was split: dualpipev mixes both)
+    frees what was held. dM counts micro-batches in flight (+1 at a forward, -1 at the last backward piece).
+    An I frees nothing and is left out. Computed once per schedule.
+    """
+    return schedule.actions.cached("holding_events", lambda: _holding_events(schedule))
+
+
+def _holding_events(schedule: Schedule) -> list[np.ndarray]:
+    out = []
+    for d in range(schedule.num_devices):
+        acts = [a for a in schedule.compute_actions(d) if a.op in (F, B, W, RECOMPUTE)]
+        redone = {(a.stage, a.microbatch) for a in acts if a.op == RECOMPUTE}
+        rows = []
+        for a in acts:
+            again = (a.stage, a.microbatch) in redone
+            if a.op == F:
+                rows.append((a.stage, 0, 1, 1) if again else (a.stage, 1, 0, 1))
+            elif a.op == RECOMPUTE:
+                rows.append((a.stage, 1, 0, 0))
+            else:
+                rows.append((a.stage, -1, -1 if again else 0, -1))
+        out.append(np.array(rows, dtype=np.int64).reshape(-1, 4))
+    return out
 
 
 def inflight_per_stage(schedule: Schedule) -> list[int]:
@@ -35,38 +68,11 @@ def inflight_per_stage(schedule: Schedule) -> list[int]:
     """
     held = [0] * schedule.num_stages
     peak = [0] * schedule.num_stages
-    for stage, delta in (x for program in _programs(schedule) for x in program):
-        held[stage] += delta
-        peak[stage] = max(peak[stage], held[stage])
+    for events in holding_events(schedule):
+        for stage, _, _, delta in events.tolist():
+            held[stage] += delta
+            peak[stage] = max(peak[stage], held[stage])
     return peak
-
-
-def _programs(schedule: Schedule) -> list[list[tuple[int, int]]]:
-    """Per device, (stage, +1) when a micro-batch's activations appear and (stage, -1) when they are freed."""
-    # the last backward piece is B, or W where the backward was split (dualpipev mixes both)
-    return [[(a.stage, 1 if a.op == F else -1) for a in schedule.compute_actions(d) if a.op in (F, B, W)]
-            for d in range(schedule.num_devices)]
-
-
-def _events(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
-    """Per device, (stage, activation delta, input delta) in action order, with activation checkpointing: a
-    forward that recomputes (a RECOMPUTE follows it) keeps its input only until its RECOMPUTE rebuilds the
-    activations; the last backward piece frees what was held."""
-    out = []
-    for d in range(schedule.num_devices):
-        acts = [a for a in schedule.compute_actions(d) if a.op in (F, B, W, RECOMPUTE)]
-        redone = {(a.stage, a.microbatch) for a in acts if a.op == RECOMPUTE}
-        events = []
-        for a in acts:
-            again = (a.stage, a.microbatch) in redone
-            if a.op == F:
-                events.append((a.stage, 0, 1) if again else (a.stage, 1, 0))
-            elif a.op == RECOMPUTE:
-                events.append((a.stage, 1, 0))
-            else:
-                events.append((a.stage, -1, -1 if again else 0))
-        out.append(events)
-    return out
 
 
 class Footprint:
@@ -91,8 +97,8 @@ class Footprint:
         self.params = ParamCounter(param_counts, shared)
         self.act = ExactSums(activation_bytes)
         self.inflight = inflight_per_stage(schedule)
-        self.programs = _programs(schedule)
-        self.events = _events(schedule)  # with recomputes: what a forward keeps is its input (`input_bytes`)
+        # with recomputes, what a forward keeps is its input (`input_bytes`); lists: summed as exact Python ints
+        self.events = [e.tolist() for e in holding_events(schedule)]
         self.inputs = [float(x) for x in input_bytes] if input_bytes is not None else [0.0] * L
         versions = simulate(schedule).peak_weight_versions if schedule.asynchronous else [1] * schedule.num_devices
         self.per_param = [bytes_per_param + (v - 1) * stash_bytes_per_param for v in versions]
@@ -110,7 +116,7 @@ class Footprint:
         kept = [self.inputs[lo] * self.act.scale for lo, _ in spans]  # a stage's input: its first layer's
         for d, events in enumerate(self.events):
             level = peak = 0
-            for s, da, di in events:
+            for s, da, di, _ in events:
                 level += da * act[s] + di * kept[s]
                 peak = max(peak, level)
             static = self.params.held(spans[s] for s in self.schedule.stages_of(d)) * self.per_param[d]

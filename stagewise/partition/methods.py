@@ -7,7 +7,7 @@
 | `by_type` | layers whose class matches a regex (DeepSpeed's `type:REGEX`) | yes | here |
 | `by_time` | forward + backward seconds of the slowest stage | yes | here |
 | `by_memory` | peak bytes per device under a schedule | yes with one stage per device or few balances | `memory` |
-| `auto` | simulated step time under a memory limit per device | yes for few balances; see `auto` | `planner` |
+| `auto` | simulated step time under a memory limit per device | yes for few balances; see `auto` | `auto_balance` |
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import math
 import re
 from collections.abc import Sequence
 
-from stagewise.partition.costs import LayerProfile, ParamCounter, Shared, parse_bytes
+from stagewise.partition.auto_balance import auto
+from stagewise.partition.layers import LayerProfile, ParamCounter, Shared
 from stagewise.partition.memory import by_memory, check_len
-from stagewise.partition.planner import auto
 from stagewise.partition.solver import (
     ExactSums,
     PartitionError,
@@ -29,6 +29,7 @@ from stagewise.partition.solver import (
     min_max_partition,
     uniform,
 )
+from stagewise.partition.units import parse_bytes
 from stagewise.schedules import Schedule
 
 METHODS = ("uniform", "parameters", "type:REGEX", "time", "memory", "auto")
@@ -105,14 +106,14 @@ def resolve_balance(partition: str | Sequence[int], num_layers: int, num_stages:
             names: Sequence[str] | None = None, params: Sequence[float] | None = None,
             times: Sequence[float] | None = None, layers: Sequence[LayerProfile] | None = None,
             schedule: Schedule | None = None, memory_limit: float | str | None = None, bytes_per_param: float = 16.0,
-            latency: float = 0.0, bandwidth: float = math.inf) -> list[int]:
+            latency: float = 0.0, bandwidth: float = math.inf, step_per_param: float = 0.0) -> list[int]:
     """Turn `partition` into a balance (one layer count per stage).
 
     `partition` is a list of layer counts, or one of "uniform", "parameters" (needs `params`
     or `layers`), "type:REGEX" (needs `names` or `layers`), "time" (needs `times` or
     `layers`), "memory" and "auto" (need `layers`, from `profile_layers`, and `schedule`).
     Profiles also bring tied parameters, counted once per stage that holds them. `memory_limit`: bytes, or
-    text such as "2GiB" (`parse_bytes`).
+    text such as "2GiB" (`parse_bytes`). `step_per_param`: the optimizer's seconds per parameter, for "auto".
     """
     memory_limit = parse_bytes(memory_limit)
     if not isinstance(partition, str):
@@ -154,6 +155,6 @@ def resolve_balance(partition: str | Sequence[int], num_layers: int, num_stages:
             return by_memory([x.params for x in layers], [x.saved_bytes for x in layers], schedule,
                              bytes_per_param=bytes_per_param, shared=[x.shared for x in layers], limit=memory_limit)
         return auto(layers, schedule, memory_limit=memory_limit, bytes_per_param=bytes_per_param,
-                    latency=latency, bandwidth=bandwidth)
+                    latency=latency, bandwidth=bandwidth, step_per_param=step_per_param)
     raise PartitionError(f"unknown partition method {partition!r}; use one of {', '.join(METHODS)} "
                          "or a list of layer counts")

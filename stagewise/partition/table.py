@@ -6,9 +6,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from stagewise.partition.costs import LayerProfile, ParamCounter, Shared, format_bytes, format_count, format_seconds
-from stagewise.partition.planner import Planner
+from stagewise.partition.auto_balance import Planner
+from stagewise.partition.layers import LayerProfile, ParamCounter, Shared
 from stagewise.partition.solver import check_balance, ranges
+from stagewise.partition.units import format_bytes, format_count, format_seconds
 from stagewise.schedules import Schedule
 
 
@@ -71,7 +72,8 @@ class PartitionTable:
     def from_profiles(cls, balance: Sequence[int], layers: Sequence[LayerProfile], schedule: Schedule | None = None,
                       **planner: float) -> PartitionTable:
         """A table from `profile_layers` output; with a schedule, also memory per stage and device and the
-        simulated step time (`planner` options: bytes_per_param, stash_bytes_per_param, latency, bandwidth)."""
+        simulated step time (`planner` options: bytes_per_param, stash_bytes_per_param, latency, bandwidth,
+        step_per_param)."""
         names = [x.name for x in layers]
         params = [x.params for x in layers]
         shared = [x.shared for x in layers]

@@ -7,7 +7,7 @@ its running mean and variance m times per step, each time towards one micro-batc
 - normalises each micro-batch with that micro-batch's own mean and (biased) variance, as
   torchgpipe does (the gradient is that of BatchNorm over the micro-batch);
 - accumulates count, mean and sum of squared deviations over the micro-batches (merged exactly,
-  Chan et al.), skipping recomputations (`is_recomputing()`);
+  Chan et al.), skipping recomputations (`stagewise.runtime.stage.is_recomputing()`);
 - after the `chunks`-th micro-batch, updates the running statistics once, exactly as
   `nn.BatchNorm` would for the whole mini-batch: running_mean <- (1 - f) running_mean + f mean,
   running_var <- (1 - f) running_var + f var (the unbiased variance of the mini-batch, n/(n-1)),
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from stagewise.runtime.recompute import is_recomputing
+from stagewise.runtime.stage import is_recomputing
 
 
 class DeferredBatchNorm(_BatchNorm):

@@ -2,6 +2,12 @@
 
 The executor never looks at the schedule's name; what it runs, and in which order, is
 entirely the list. Its STEP handler calls the training step through `StepRunner`.
+
+A pass is `begin` (a fresh `RunState`), `walk` (actions up to a position, any number of times:
+the state persists between walks) and `end`. `run` does all three at once (`Pipeline`). `GPipe`
+walks the forward part of the list when the model is called and the rest inside the caller's
+`backward()`, with the last stage handing out its outputs instead of computing a loss, and its
+backward starting from the output gradients the caller's autograd gives (`RunState.output_grads`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.loss import LossError, split_loss
+from stagewise.runtime.rng import RandomDraws
 from stagewise.runtime.stage import Pending, Stage
 from stagewise.runtime.streams import ActionClock
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
@@ -24,9 +31,11 @@ from stagewise.schedules.actions import (
     RECV_B,
     RECV_F,
     REDUCE,
+    RESHARD,
     SEND_B,
     SEND_F,
     STEP,
+    UNSHARD,
     Action,
     B,
     F,
@@ -77,13 +86,23 @@ class RunResult:
 
 @dataclass
 class RunState:
-    """What one pass keeps between actions."""
+    """What one pass keeps between actions (and between walks)."""
 
     inputs: Any
     labels: Any
     weights: Any
     train: bool
     keep_outputs: bool
+    # None: the last stage computes the loss and its backward starts from it. A dict: the last stage keeps its
+    # outputs (`kept`, with their graph) and computes no loss; the backward of micro-batch n starts from
+    # output_grads[n], one gradient per output tensor that carries one (`pending[(last, n)].like`), put there
+    # from outside before that backward is walked.
+    output_grads: dict[int, list[torch.Tensor]] | None = None
+    # None: the first stage's input gets no gradient. A dict: its floating-point tensors that require one keep
+    # it, and the backward of micro-batch n leaves their gradients in input_grads[n].
+    input_grads: dict[int, list[torch.Tensor]] | None = None
+    draws: RandomDraws = field(default_factory=RandomDraws)  # how the forwards draw random numbers
+    position: int = 0  # the next action of the program to walk
     pending: dict[tuple[int, int], Pending] = field(default_factory=dict)  # (stage, mb) -> forward kept for backward
     outputs: dict[tuple[int, int], Any] = field(default_factory=dict)  # stage outputs not yet sent or consumed
     received: dict[tuple[str, int, int], Handle] = field(default_factory=dict)  # posted receives
@@ -122,7 +141,7 @@ class Executor:
     def __init__(self, schedule: Schedule, device: int, stages: dict[int, Stage], transport: Transport,
                  loss_fn: LossFn | None, step: StepRunner | None = None, rank: int | None = None,
                  loss_scale: Callable[[], float] | None = None, watch: Watch | None = None,
-                 clock: ActionClock | None = None):
+                 clock: ActionClock | None = None, who: Callable[[int], str] | None = None):
         if not schedule.lowered:
             raise ValueError("the executor runs lowered schedules (see stagewise.schedules.validate / lower)")
         self.schedule, self.device, self.stages, self.transport = schedule, device, stages, transport
@@ -130,6 +149,8 @@ class Executor:
         self.clock = clock or ActionClock(torch.device("cpu"))  # host seconds, or CUDA events on a GPU
         self.loss_scale = loss_scale  # the last stage's backward starts from this (fp16 loss scaling)
         self.rank = device if rank is None else rank
+        # a stage of this device in messages: "stage 2 (rank 2)" by default
+        self.who = who or (lambda s: f"stage {s} (rank {self.rank})")
         self.program = schedule.actions[device]
         self.last = schedule.num_stages - 1
         self.handlers: dict[str, Callable[[Action, RunState, _Timing], None]] = {
@@ -137,6 +158,7 @@ class Executor:
             SEND_F: self._send_activation, SEND_B: self._send_grad,
             RECV_F: self._post, RECV_B: self._post, STEP: self._step, REDUCE: self._reduce,
             OVERLAP_F_B: self._pair, RECOMPUTE: self._recompute,
+            UNSHARD: self._reduce, RESHARD: self._reduce,  # sharded data parallel: the step's parts gather, release
         }
         # Forwards that keep only their stage's input: the list recomputes them before their backward.
         self.recomputed = {(a.stage, a.microbatch) for a in self.program if a.op == RECOMPUTE}
@@ -157,12 +179,24 @@ class Executor:
         """One pass over the program. `inputs`/`labels` index the micro-batches (needed on the first/last
         stage); `weights[n]` is micro-batch n's share of its batch, or with `per_item` the weight of one counted
         item of a (sum, count) loss (1 / the items of the whole step, known ahead: `stagewise.runtime.loss`)."""
-        st = RunState(inputs, labels, weights, train, keep_outputs, per_item=per_item)
+        st = self.begin(RunState(inputs, labels, weights, train, keep_outputs, per_item=per_item))
+        self.walk(st)
+        return self.end(st)
+
+    def begin(self, st: RunState) -> RunState:
+        """Start a pass over the program with the fresh state `st`."""
         self.clock.reset()
-        for i, a in enumerate(self.program):
+        return st
+
+    def walk(self, st: RunState, stop: int | None = None) -> None:
+        """Run the program's actions from `st.position` up to (not including) position `stop` (default: the end)."""
+        stop = len(self.program) if stop is None else stop
+        for i in range(st.position, stop):
+            a = self.program[i]
+            st.position = i + 1
             if i in self.in_pair:
                 continue  # run by its pair
-            if not train and a.op in TRAIN_ONLY:
+            if not st.train and a.op in TRAIN_ONLY:
                 continue
             if a.op in (RECV_F, RECV_B) and _received_key(a) in st.received:
                 continue  # posted early
@@ -170,14 +204,27 @@ class Executor:
                 self._post_early(self.program[j], st)
             st.index = i
             self._run_action(a, st)
+
+    def finish(self, st: RunState) -> None:
+        """Wait for this pass's sends; refuse a pass that left work unfinished."""
         self.transport.finish()
-        if train and (st.pending or st.grad_in) and not self.schedule.asynchronous:
+        if st.train and (st.pending or st.grad_in) and not self.schedule.asynchronous:
             left = sorted(set(st.pending) | set(st.grad_in))
             raise PipelineError(f"device {self.device}: the schedule left work unfinished for (stage, mb) {left[:4]}")
+
+    def end(self, st: RunState) -> RunResult:
+        """`finish` the pass; its result, its events timed in host seconds."""
+        self.finish(st)
         total = torch.stack([st.losses[n] for n in sorted(st.losses)]).sum() if st.losses else None
-        for e in st.events:  # stamps to seconds (CUDA events: once the device has run them)
-            e.start, e.end = self.clock.seconds(e.start), self.clock.seconds(e.end)
+        self.timed(st.events)
         return RunResult(total, st.losses, [st.kept[i] for i in sorted(st.kept)], st.events, st.counts)
+
+    def timed(self, events: list[Event]) -> list[Event]:
+        """`events` of this pass with their stamps turned into host seconds, in place (CUDA events: once the
+        device has run them; stamps already in seconds stay)."""
+        for e in events:
+            e.start, e.end = self.clock.seconds(e.start), self.clock.seconds(e.end)
+        return events
 
     def _run_action(self, a: Action, st: RunState, extra: dict[str, Any] | None = None) -> None:
         """Run one action through its handler and record its event; errors name the action."""
@@ -191,7 +238,7 @@ class Executor:
         except (PipelineError, PeerError):
             raise
         except TransportTimeout as err:
-            raise PipelineError(f"stage {a.stage} (rank {self.rank}) timed out at {a}: {err}; the peer "
+            raise PipelineError(f"{self.who(a.stage)} timed out at {a}: {err}; the peer "
                                 "is slow or stuck (raise `timeout=` if its work is legitimately long)",
                                 stage=a.stage, microbatch=a.microbatch, action=str(a), rank=self.rank) from err
         except Exception as err:
@@ -259,7 +306,8 @@ class Executor:
             st.received_spec = flatten(x)[1]
             timing.waited()
         loss = None
-        if s == self.last:
+        heads = s == self.last and st.output_grads is None  # the last stage computes the loss
+        if heads:
             labels, weight = st.labels[n], st.weights[n]
 
             def loss(out: Any) -> torch.Tensor:
@@ -267,14 +315,17 @@ class Executor:
 
         with torch.set_grad_enabled(st.train):
             out, p = stage.forward(x, version=a.version if self.schedule.asynchronous else None, loss=loss,
-                                   keep=not st.train or (s, n) not in self.recomputed)
-        if s == self.last:
+                                   keep=not st.train or (s, n) not in self.recomputed, microbatch=n, draws=st.draws,
+                                   input_grad=s == 0 and st.input_grads is not None)
+        if heads:
             if st.train and not p.like and st.counts.get(n) != 0:  # (a pair counting nothing may be a constant)
-                raise PipelineError(f"stage {s} (rank {self.rank}) at {a}: {stage.no_gradient_path(out, p, n)}",
+                raise PipelineError(f"{self.who(s)} at {a}: {stage.no_gradient_path(out, p, n)}",
                                     stage=s, microbatch=n, action=str(a), rank=self.rank)
             st.losses[n] = st.sums.get(n, p.loss)  # a pair's own sum, whatever weight its backward started from
             if st.keep_outputs:
                 st.kept[n] = out.detach() if isinstance(out, torch.Tensor) else out
+        elif s == self.last:
+            st.kept[n] = out  # handed out with its graph; its gradients come back in output_grads
         else:
             self._check_signature(st, s, n, out)
             st.outputs[(s, n)] = out
@@ -315,7 +366,9 @@ class Executor:
         s, n = a.stage, a.microbatch
         stage = self.stages[s]
         p = st.pending[(s, n)]
-        if s == self.last:  # the loss: seeded with 1, or with the loss scale
+        if s == self.last and st.output_grads is not None:  # given from outside
+            grads = st.output_grads.pop(n)
+        elif s == self.last:  # the loss: seeded with 1, or with the loss scale
             grads = None if self.loss_scale is None else [torch.full_like(t, self.loss_scale()) for t in p.like]
         elif self.schedule.placement[s + 1] == self.device:
             grads = st.grad_in.pop((s + 1, n))
@@ -323,8 +376,8 @@ class Executor:
             grads = st.received.pop(("B", s, n)).wait()
             timing.waited()
         if grads is not None and len(grads) != len(p.like):
-            raise PipelineError(f"stage {s + 1} returned {len(grads)} gradients for {len(p.like)} outputs that "
-                                "need one")
+            source = "were given" if s == self.last else f"came from stage {s + 1}"
+            raise PipelineError(f"{len(grads)} gradients {source} for stage {s}'s {len(p.like)} outputs that need one")
         if a.op == B:
             got = stage.backward(p, grads)
             del st.pending[(s, n)]
@@ -332,6 +385,8 @@ class Executor:
             got = stage.backward_input(p, grads)
         if s > 0:
             st.grad_in[(s, n)] = fill_missing_grads(got, p.inputs)
+        elif st.input_grads is not None:
+            st.input_grads[n] = fill_missing_grads(got, p.inputs)
 
     def _recompute(self, a: Action, st: RunState, timing: _Timing) -> None:
         p = st.pending[(a.stage, a.microbatch)]
@@ -362,7 +417,7 @@ class Executor:
         return None
 
     def _explain(self, a: Action, err: Exception, received_spec: Spec | None) -> str:
-        where = f"stage {a.stage} (rank {self.rank}) failed at {a}"
+        where = f"{self.who(a.stage)} failed at {a}"
         cause = f"{type(err).__name__}: {err}"
         text = str(err).lower()
         peer = self._peer(a)
@@ -414,7 +469,7 @@ class Executor:
             layers = list(self.stages[s].module)
             last = f"layer {self.stages[s].layer_offset + len(layers) - 1} ({type(layers[-1]).__name__})" if layers \
                 else "none"
-            raise PipelineError(f"stage {s} (rank {self.rank}) returned None at F(stage {s}, mb {n}): its last layer, "
+            raise PipelineError(f"{self.who(s)} returned None at F(stage {s}, mb {n}): its last layer, "
                                 f"{last}, returned None, so stage {s + 1} would have nothing to work on. Every stage "
                                 "but the last must return its output (a tensor, or a tuple, list or dict of tensors); "
                                 "check that layer's forward for a missing `return`", stage=s, microbatch=n,

@@ -1,11 +1,16 @@
 """One pipeline stage: its layers, its forward (keeping its activations or only its input), the recompute,
-and its backward whole or split into I and W."""
+and its backward whole or split into I and W.
+
+A recomputed forward replays its random numbers (`stagewise.runtime.rng`) under the autocast its first
+run had; while it runs, `is_recomputing()` is True on its thread, so layers with side effects
+(`DeferredBatchNorm`'s statistics) can skip them.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +21,39 @@ from torch.func import functional_call
 
 from stagewise.runtime.activations import SavedBytes
 from stagewise.runtime.precision import Precision
+from stagewise.runtime.rng import RandomDraws, replaying
 from stagewise.runtime.versions import WeightVersions
 from stagewise.tree import cut, describe, flatten, tensors_of
 
-# The global random generators are shared by every thread of a process; a recompute replays a forward's
-# dropout masks by restoring the generator's state, so forwards and recomputes take turns.
-_RNG = threading.Lock()
+_local = threading.local()
+_AUTOCAST_KINDS = ("cpu", "cuda")
+
+
+def is_recomputing() -> bool:
+    """True on a thread while it recomputes a forward that kept only its input (`Stage.recompute`)."""
+    return getattr(_local, "recomputing", False)
+
+
+@contextmanager
+def _recomputing() -> Iterator[None]:
+    before = is_recomputing()
+    _local.recomputing = True
+    try:
+        yield
+    finally:
+        _local.recomputing = before
+
+
+def _autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
+    """The calling thread's autocast, per device type (a forward's, for its recompute)."""
+    return tuple((kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in _AUTOCAST_KINDS)
+
+
+def _autocast_as(state: tuple[tuple[str, bool, torch.dtype], ...], stack: ExitStack) -> None:
+    """Make the calling thread's autocast `state` inside `stack` (entering only what differs)."""
+    for kind, enabled, dtype in state:
+        if (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) != (enabled, dtype):
+            stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
 
 
 class HeldBytes:
@@ -46,7 +78,7 @@ class Pending:
     weight_work: list = field(default_factory=list)  # set by backward_input for backward_weight
     like: list[torch.Tensor] = field(default_factory=list)  # shapes and dtypes of the roots (receive buffers)
     loss: torch.Tensor | None = None  # the last stage's loss (detached)
-    replay: tuple | None = None  # (input, loss function, RNG states) for a forward that kept only its input
+    replay: tuple | None = None  # (input, weights, loss function, RNG start, autocast) of a forward keeping its input
 
 
 class Stage:
@@ -66,7 +98,10 @@ class Stage:
         self.versions: WeightVersions | None = None  # set for asynchronous schedules
         self.precision = precision or Precision()
         self.checkpoint_every = checkpoint_every  # groups of this many layers checkpointed inside the stage
-        self.replays = False  # whether this process recomputes forwards (set by StageSet)
+        self.replays = False  # whether this process recomputes forwards (set by its owner)
+        # Parameters the forward uses through stand-ins (name in `module` -> tensor), such as GPipe's per-call
+        # replica of a parameter another partition holds; set and cleared by the owner.
+        self.stand_ins: dict[str, torch.Tensor] = {}
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -80,28 +115,31 @@ class Stage:
         return out
 
     def forward(self, x: Any, version: int | None = None, loss: Callable[[Any], torch.Tensor] | None = None,
-                keep: bool = True) -> tuple[Any, Pending]:
-        """Run the layers on one micro-batch; `x` comes from the data (first stage) or the previous stage,
-        and is cut from the graph that made it (the first stage's input never needs a gradient). With
-        `loss` (the last stage) the pending's root is `loss(output)`. With `keep=False` only the input is
-        kept: autograd's saved tensors are dropped and `recompute` rebuilds them before the backward."""
-        x = cut(x, keep_grad=self.index > 0)
+                keep: bool = True, *, microbatch: int = 0, draws: RandomDraws | None = None,
+                input_grad: bool = False) -> tuple[Any, Pending]:
+        """Run the layers on micro-batch `microbatch`; `x` comes from the data (first stage) or the previous
+        stage, and is cut from the graph that made it (the first stage's input gets no gradient unless
+        `input_grad`). With `loss` (the last stage) the pending's root is `loss(output)`, else the output's
+        tensors that carry a gradient. With `keep=False` only the input is kept: autograd's saved tensors
+        are dropped and `recompute` rebuilds them before the backward. `draws`: how the run's forwards draw
+        random numbers (default: from the running generators)."""
+        x = cut(x, keep_grad=self.index > 0 or input_grad)
         inputs = [t for t in tensors_of(x) if t.requires_grad]
         weights = self.versions.params(version) if self.versions is not None and version is not None else None
         pending = Pending(inputs, [], 0, version if weights is not None else None)
+        if self.stand_ins:
+            weights = {**(weights or {}), **self.stand_ins}
+        draws = draws or RandomDraws()
+        drawing = draws.forward(self.index, microbatch, _device_of(x, self.module), self.replays, not keep)
         if keep:
             counter = SavedBytes(list(self.module.parameters()) + list((weights or {}).values()))
-            # while other stages of this process recompute, no forward may draw from the generators in between
-            with _RNG if self.replays else contextlib.nullcontext(), counter.hooks():
+            with drawing, counter.hooks():
                 out = self._run(x, weights, loss, pending)
             pending.saved_bytes = counter.total
         else:
-            device = next((t.device for t in tensors_of(x)), torch.device("cpu"))
-            with _RNG:
-                rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-                with torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
-                    out = self._run(x, weights, loss, pending)
-            pending.replay = (x, weights, loss, rng, device)
+            with drawing as start, torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
+                out = self._run(x, weights, loss, pending)
+            pending.replay = (x, weights, loss, start, _autocast_state())
             pending.saved_bytes = sum(t.numel() * t.element_size() for t in tensors_of(x))  # the input alone
             pending.like = [torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in pending.roots]
             pending.roots = []  # the graph without its saved tensors is useless: dropped with the outputs' roots
@@ -174,14 +212,12 @@ class Stage:
         needs (once: I and W of a split backward share it)."""
         if pending.replay is None:
             return
-        x, weights, loss, (cpu, cuda), device = pending.replay
+        x, weights, loss, start, autocast = pending.replay
         params = list(self.module.parameters()) + list((weights or {}).values())
         counter = SavedBytes(params)
-        with _RNG, torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type=device.type):
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state(cuda, device)
-            with torch.enable_grad(), counter.hooks():
+        with ExitStack() as ambient:
+            _autocast_as(autocast, ambient)
+            with replaying(start), _recomputing(), torch.enable_grad(), counter.hooks():
                 self._run(x, weights, loss, pending)
         pending.replay = None
         pending.saved_bytes += counter.total

@@ -14,6 +14,7 @@ from stagewise.runtime.compiled import compile_module
 from stagewise.runtime.precision import Precision
 from stagewise.runtime.stage import HeldBytes, Stage
 from stagewise.runtime.world import World
+from stagewise.schedules.actions import RECOMPUTE
 from stagewise.schedules.schedule import Schedule
 
 LayerSpec = nn.Module | Callable[[], nn.Module]
@@ -37,6 +38,8 @@ class StageSet:
         names, shared = ties.canonical_names(layers), ties.shared_ids(layers)
         self.by_rank: dict[int, dict[int, Stage]] = {}
         copies: dict[int, Sequence[LayerSpec]] = {}
+        # a forward any thread of this process recomputes must draw undisturbed by the others (`Stage.replays`)
+        replays = any(a.op == RECOMPUTE for r in world.local_ranks for a in schedule.actions[world.grid.coords(r)[0]])
         for rank in world.local_ranks:
             device, replica = world.grid.coords(rank)
             if replica not in copies:  # data replicas in one process each get their own layers (ties kept)
@@ -49,7 +52,6 @@ class StageSet:
                 compile_module(mine[s].module, compile, world.device(rank))  # in place: the names stay
             self.by_rank[rank] = mine
             device_bytes = HeldBytes()
-            replays = any(a.op == "RECOMPUTE" for a in schedule.actions[device])
             for st in mine.values():
                 st.device_bytes, st.replays = device_bytes, replays
         # stage index -> Stage, for this process's first data replica (the only one, with processes)
@@ -121,6 +123,9 @@ class StageSet:
     def zero_grad(self) -> None:
         for st in self.all():
             st.module.zero_grad(set_to_none=True)
+        for ps in self.owned.values():  # a sharded stage's module may hold whole copies, not the owned shards
+            for p in ps:
+                p.grad = None
 
     def scale_grads(self, factor: float) -> None:
         """Multiply every gradient held by `factor`."""

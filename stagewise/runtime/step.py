@@ -57,7 +57,8 @@ class StepPart(ABC):
         """Do this part's work for `ctx.rank` (a collective when the contract spans ranks)."""
 
     def reduce(self, rank: int, action: Action) -> None:  # noqa: B027 (most parts have no reduction)
-        """A REDUCE action of `rank`'s program (see `stagewise.schedules.with_reductions`) reached this part."""
+        """A REDUCE action of `rank`'s program (see `stagewise.schedules.with_reductions`), or an UNSHARD or RESHARD
+        (sharded data parallel: `stagewise.runtime.sharding`), reached this part."""
 
 
 class ReduceGradients(StepPart):

@@ -111,8 +111,9 @@ class ActionClock:
         return ev
 
     def seconds(self, stamp: Any) -> float:
-        """A stamp in host seconds (CUDA: the origin's host time plus the GPU time elapsed since it)."""
-        if not self.cuda:
+        """A stamp in host seconds (CUDA: the origin's host time plus the GPU time elapsed since it); a stamp
+        already in seconds is returned as it is."""
+        if not self.cuda or isinstance(stamp, float):
             return stamp
         host, first = self.origin
         stamp.synchronize()

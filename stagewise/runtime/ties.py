@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from stagewise.runtime.world import Group, World
+from stagewise.runtime.grid import Group
+from stagewise.runtime.world import World
 
 TIE_ATTR = "stagewise_tie"
 

@@ -1,4 +1,4 @@
-"""Moving stage I/O between devices: torch.distributed point-to-point, or in-process queues.
+"""Moving stage I/O between devices: torch.distributed point-to-point, or in-process mailboxes.
 
 An activation message is a small header (signature id, metadata length), the metadata
 (structure, shapes, dtypes) only when the signature is new on that channel, and one
@@ -308,29 +308,62 @@ def _buffer_bytes(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
 
 
 class LocalTransport(Transport):
-    """In-process transport for several devices run as threads of one process (tests, notebooks)."""
+    """In-process transport between ranks that are threads of one process (`LocalWorld`: Pipeline's threads,
+    GPipe's partitions).
 
-    def __init__(self, hub: LocalHub, timeout: float, rank: int = 0, peers: list[int] | None = None):
+    A message hands the tensors over as they are (detached: no copy) when the receiver computes on their
+    device, else as a copy on the receiver's device (`devices`, pipeline device -> torch device); between
+    GPUs the copy is issued on a copy stream of the sender's, so that it overlaps the sender's compute. On
+    GPUs every message carries CUDA events (`ready`), which the receiver's stream waits for (`adopt`).
+    """
+
+    def __init__(self, hub: LocalHub, timeout: float, rank: int = 0, peers: list[int] | None = None,
+                 devices: list[torch.device] | None = None):
         self.hub, self.timeout, self.rank = hub, timeout, rank
         self.peers = peers  # pipeline device -> rank (None: the same numbers)
+        self.devices = devices  # pipeline device -> torch device (None: tensors stay where they are)
+        self.copy_streams: dict[torch.device, Any] = {}  # source GPU -> its copy stream
         self.bytes_sent = 0
 
     def _rank(self, peer: int) -> int:
         return peer if self.peers is None else self.peers[peer]
 
+    def _hand_over(self, tensors: list[torch.Tensor | None], peer: int) -> list[torch.Tensor | None]:
+        """The tensors as the receiver (pipeline device `peer`) gets them: detached, on its device."""
+        dst = None if self.devices is None else self.devices[peer]
+        out = []
+        for t in tensors:
+            if t is not None:
+                t = t.detach()
+                if dst is not None and t.device != dst:
+                    t = self._copy(t, dst)
+                self.bytes_sent += t.numel() * t.element_size()
+            out.append(t)
+        return out
+
+    def _copy(self, t: torch.Tensor, dst: torch.device) -> torch.Tensor:
+        if t.device.type != "cuda" or dst.type != "cuda":
+            return t.to(dst)  # to or from the host: complete when it returns
+        stream = self.copy_streams.get(t.device)
+        if stream is None:
+            stream = self.copy_streams[t.device] = torch.cuda.Stream(t.device)
+        stream.wait_stream(torch.cuda.current_stream(t.device))  # the tensor is complete on the sender's stream
+        with torch.cuda.stream(stream):
+            moved = t.to(dst, non_blocking=True)  # dst's current stream (where `ready` records) waits for it
+        t.record_stream(stream)  # the sender's memory is not reused before the copy has read it
+        return moved
+
     def send_activation(self, tree: Any, src: int, dst: int, mb: int, peer: int) -> None:
         tensors, spec = flatten(tree)
-        copies = [t.detach().clone() for t in tensors]
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in copies)
-        self.hub.put(("F", src, dst, mb, self._rank(peer)), (spec, copies, ready(copies)))
+        moved = self._hand_over(tensors, peer)
+        self.hub.put(("F", src, dst, mb, self._rank(peer)), (spec, moved, ready(moved)))
 
     def recv_activation(self, src: int, dst: int, mb: int, peer: int) -> Handle:
         return _LocalHandle(self, ("F", src, dst, mb, self.rank), grad=False)
 
     def send_grad(self, grads: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> None:
-        copies = [g.detach().clone() for g in grads]
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in copies if t is not None)
-        self.hub.put(("B", src, dst, mb, self._rank(peer)), (copies, ready(t for t in copies if t is not None)))
+        moved = self._hand_over(grads, peer)
+        self.hub.put(("B", src, dst, mb, self._rank(peer)), (moved, ready(t for t in moved if t is not None)))
 
     def recv_grad(self, like: list[torch.Tensor], src: int, dst: int, mb: int, peer: int) -> Handle:
         return _LocalHandle(self, ("B", src, dst, mb, self.rank), grad=True)

@@ -12,7 +12,10 @@ W = "W"  # backward for the weight gradient only (after I)
 STEP = "STEP"  # optimizer step on the device; `version` is the weight version it produces
 REDUCE = "REDUCE"  # data parallel: average stage `stage`'s gradients over its replicas (added by `with_reductions`)
 RECOMPUTE = "RECOMPUTE"  # activation checkpointing: run F(stage, mb) again to rebuild what it did not keep
-COMPUTE_OPS = (F, B, I, W, STEP, REDUCE, RECOMPUTE)  # one device's own work (REDUCE: a collective of its replicas)
+UNSHARD = "UNSHARD"  # sharded data parallel: all-gather stage `stage`'s parameters (added by `with_sharding`)
+RESHARD = "RESHARD"  # sharded data parallel: release stage `stage`'s whole parameters, keep its shard
+# one device's own work (REDUCE and UNSHARD: collectives of its replicas)
+COMPUTE_OPS = (F, B, I, W, STEP, REDUCE, RECOMPUTE, UNSHARD, RESHARD)
 
 # Communication ops, added by `lower()`.
 SEND_F = "SEND_F"  # send stage `stage`'s output for `microbatch` to device `peer`
@@ -49,8 +52,8 @@ class Action(NamedTuple):
             return f"{OVERLAP_F_B}(the next two actions, overlapped)"
         if self.op == STEP:
             return f"STEP(stage {self.stage} -> v{self.version})"
-        if self.op == REDUCE:
-            return f"REDUCE(stage {self.stage})"
+        if self.op in (REDUCE, UNSHARD, RESHARD):
+            return f"{self.op}(stage {self.stage})"
         v = f" v{self.version}" if self.version else ""
         p = f" peer {self.peer}" if self.peer >= 0 else ""
         return f"{self.op}(stage {self.stage}, mb {self.microbatch}{v}{p})"
@@ -62,6 +65,8 @@ class Action(NamedTuple):
             return "F+B"
         if self.op == RECOMPUTE:
             return f"C{self.microbatch}"
+        if self.op in (UNSHARD, RESHARD):
+            return "U" if self.op == UNSHARD else "X"
         return self.op[0] if self.op in (STEP, REDUCE) else f"{self.op}{self.microbatch}"
 
 

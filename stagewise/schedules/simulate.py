@@ -7,13 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagewise.schedules.actions import OPS, OVERLAP_F_B, RECOMPUTE, REDUCE, STEP, B, F, I, W
+from stagewise.schedules.actions import OPS, OVERLAP_F_B, RECOMPUTE, REDUCE, STEP, UNSHARD, B, F, I, W
 from stagewise.schedules.execution import compile_schedule, pair_rows, timed_execution
 from stagewise.schedules.programs import OP_CODE
 from stagewise.schedules.schedule import Schedule
 from stagewise.schedules.timeline import Event, Timeline
 
 PerStage = float | Sequence[float]
+PerDevice = float | Sequence[float]
+TieSync = tuple[Sequence[int], float]  # (devices holding a copy of a tied parameter, seconds of its all-reduce)
 
 
 @dataclass(frozen=True)
@@ -27,14 +29,23 @@ class Costs:
     what crosses the boundary s -> s+1 (the gradient going back is the same size). `overlap`: whether
     an overlapped pair (OVERLAP_F_B, DualPipe's F and B of two micro-batches) really overlaps and takes
     max(F, B), or runs one after the other and takes F + B (the default, as on a CPU).
+
+    `step` is each device's optimizer step (its STEP actions; a number for all devices). `tie_sync` lists the
+    all-reduces of tied parameters' gradients the runtime runs at the step (`SyncTiedGrads`), each as (the
+    devices holding a copy, seconds): one starts when all its devices have finished their other work (and
+    earlier syncs), and their optimizer steps follow it. It is drawn inside the STEP events, as the measured
+    STEP contains it (extras `tie_wait_s`, `tie_sync_s`, `optimizer_s`); synchronous schedules only (one STEP
+    per device, its last action), as the runtime refuses ties with the asynchronous ones.
     """
 
     f: PerStage = 1.0
     b: PerStage | None = None
     i: PerStage | None = None
     w: PerStage | None = None
-    step: float = 0.0
+    step: PerDevice = 0.0
+    tie_sync: Sequence[TieSync] = ()
     reduce: PerStage = 0.0
+    unshard: PerStage = 0.0  # UNSHARD actions (sharded data parallel): a stage's all-gather, its exposed time
     recompute: PerStage | None = None  # RECOMPUTE actions (activation checkpointing); default: the forward's cost
     latency: float = 0.0
     bytes: PerStage = 0.0
@@ -85,7 +96,7 @@ class Simulation:
 
     def __init__(self, schedule: Schedule, start: np.ndarray, end: np.ndarray, makespan: float,
                  bubble_fraction: float, bubble_per_device: list[float], peak_inflight: list[float],
-                 peak_weight_versions: list[int], costs: dict) -> None:
+                 peak_weight_versions: list[int], costs: dict, step_extra: dict[int, dict] | None = None) -> None:
         self.schedule = schedule
         self.start, self.end = start, end
         self.makespan = makespan
@@ -94,6 +105,7 @@ class Simulation:
         self.peak_inflight = peak_inflight  # activations held, in whole-stage micro-batches
         self.peak_weight_versions = peak_weight_versions
         self.costs = costs
+        self.step_extra = step_extra or {}  # row -> what a STEP event holds: optimizer_s, tie_wait_s, tie_sync_s
         self._timeline: Timeline | None = None
 
     @property
@@ -111,6 +123,8 @@ class Simulation:
                                    "overlapped": overlapped}
                 f.extra = {"in_pair": True}
                 b.extra = {"in_pair": True}
+            for r, extra in self.step_extra.items():
+                events[r].extra = dict(extra)
             self._timeline = Timeline(self.schedule.num_devices, events, title=self.schedule.describe(),
                                       num_stages=self.schedule.num_stages)
         return self._timeline
@@ -136,11 +150,14 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     per_op = np.zeros((len(OPS), max(S, 1)))
     for name, values in table.items():
         per_op[OP_CODE[name], :S] = values
-    per_op[OP_CODE[STEP], :] = costs.step
     per_op[OP_CODE[REDUCE], :S] = _per_stage(costs.reduce, S, "reduce")
+    per_op[OP_CODE[UNSHARD], :S] = _per_stage(costs.unshard, S, "unshard")  # RESHARD frees memory: no time
     recompute = table[F] if costs.recompute is None else _per_stage(costs.recompute, S, "recompute")
     per_op[OP_CODE[RECOMPUTE], :S] = recompute
     cost = per_op[op, np.clip(st, 0, max(S - 1, 0))]
+    steps = np.flatnonzero(op == OP_CODE[STEP])
+    step_of = np.asarray(_per_stage(costs.step, P, "step"))  # per device: a STEP's stage need not be its device
+    cost[steps] = step_of[c.device[steps]]
     pair, fm, bm = pair_rows(c)
     cost_f, cost_b = cost[fm], cost[bm]
     if len(pair):  # the pair's row takes the time of both members; they follow it at no cost
@@ -152,6 +169,7 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
         transfer = costs.transfer(S)
         delay = np.array([transfer(b, b + 1) for b in range(S - 1)])
     start, end = timed_execution(schedule, cost, delay)
+    step_extra = _tie_syncs(schedule, c, steps, start, end, step_of, costs.tie_sync)
     makespan = float(end.max(initial=0.0))
     busy = np.bincount(c.device, weights=end - start, minlength=P)
     if len(pair):  # where the members run inside their pair
@@ -164,8 +182,43 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Simulation:
     return Simulation(
         schedule, start, end, makespan, overall, per_device,
         _peak_inflight(schedule, c, start, end), _peak_weight_versions(schedule, c, start, end),
-        {k: v for k, v in table.items()} | {"step": costs.step, "latency": costs.latency, "overlap": costs.overlap},
+        {k: v for k, v in table.items()} | {"step": costs.step, "latency": costs.latency, "overlap": costs.overlap,
+                                           "tie_sync": [[list(g), t] for g, t in costs.tie_sync]},
+        step_extra,
     )
+
+
+def _tie_syncs(schedule: Schedule, c, steps: np.ndarray, start: np.ndarray, end: np.ndarray, step_of: np.ndarray,
+               ties: Sequence[TieSync]) -> dict[int, dict]:
+    """Move the STEP rows' ends (in place) past the tied parameters' all-reduces; what each STEP holds, by row.
+
+    Each device's STEP starts when its other work is done; the all-reduces run in order, each once every device
+    of it is free, and a device's optimizer step starts after its last one."""
+    if not len(steps) or (not ties and not np.any(step_of)):
+        return {}
+    if not ties:
+        return {r: {"optimizer_s": float(end[r] - start[r])} for r in steps.tolist()}
+    row = {int(d): int(r) for d, r in zip(c.device[steps].tolist(), steps.tolist())}
+    last = np.r_[c.device[1:] != c.device[:-1], True]
+    if schedule.asynchronous or len(row) != len(steps) or not last[steps].all():
+        raise ValueError(f"{schedule.name}: tied-parameter syncs are modelled for synchronous schedules, whose every "
+                         "device ends with its one STEP")
+    free = {d: float(start[r]) for d, r in row.items()}
+    synced: dict[int, float] = {}
+    for devices, seconds in ties:
+        missing = [d for d in devices if d not in row]
+        if missing:
+            raise ValueError(f"{schedule.name}: device {missing[0]} holds a tied parameter but has no STEP")
+        done = max(free[d] for d in devices) + float(seconds)
+        for d in devices:
+            free[d], synced[d] = done, synced.get(d, 0.0) + float(seconds)
+    out = {}
+    for d, r in row.items():
+        end[r] = free[d] + step_of[d]
+        out[r] = {"optimizer_s": float(step_of[d])}
+        if d in synced:  # waiting for the other holders, then the all-reduces
+            out[r].update(tie_wait_s=max(0.0, free[d] - float(start[r]) - synced[d]), tie_sync_s=synced[d])
+    return out
 
 
 def _segment_peaks(group: np.ndarray, time: np.ndarray, first: np.ndarray, delta: np.ndarray, n: int) -> np.ndarray:

@@ -24,6 +24,8 @@ class Event:
             return "+".join(f"{op}{mb}" for op, _, mb in self.extra.get("pair", ())) or "F+B"
         if self.op in ("STEP", "REDUCE"):
             return self.op[0]
+        if self.op in ("UNSHARD", "RESHARD"):  # all-gather, release (sharded data parallel)
+            return "U" if self.op == "UNSHARD" else "X"
         if self.op == "RECOMPUTE":
             return f"C{self.microbatch}"
         return f"{self.op}{self.microbatch}"

@@ -16,9 +16,11 @@ from stagewise.schedules.actions import (
     RECV_B,
     RECV_F,
     REDUCE,
+    RESHARD,
     SEND_B,
     SEND_F,
     STEP,
+    UNSHARD,
     Action,
     B,
     F,
@@ -30,6 +32,7 @@ from stagewise.schedules.execution import unit_execution
 from stagewise.schedules.lowering import lower, message_of
 from stagewise.schedules.programs import OP_CODE
 from stagewise.schedules.schedule import Schedule
+from stagewise.schedules.sharding import check_sharding
 
 
 def validate(schedule: Schedule) -> Schedule:
@@ -110,6 +113,11 @@ def _check_structure(sc: Schedule) -> None:
                 if sc.placement[a.stage] != d:
                     raise _fail(sc, d, i, a, f"stage {a.stage} lives on device {sc.placement[a.stage]}, not {d}")
                 continue
+            if a.op in (UNSHARD, RESHARD):
+                if sc.placement[a.stage] != d:
+                    raise _fail(sc, d, i, a, f"stage {a.stage} lives on device {sc.placement[a.stage]}, "
+                                f"so its parameters are gathered and released there, not on {d}")
+                continue
             if a.op == REDUCE:
                 if sc.placement[a.stage] != d:
                     raise _fail(sc, d, i, a, f"stage {a.stage} lives on device {sc.placement[a.stage]}, "
@@ -153,6 +161,7 @@ def _check_structure(sc: Schedule) -> None:
         raise flush_error
     _check_reductions(sc)
     _check_recomputes(sc)
+    check_sharding(sc, lambda d, i, a, why: _fail(sc, d, i, a, why))
 
 
 def _check_recomputes(sc: Schedule) -> None:
@@ -331,7 +340,7 @@ def _structure_ok(sc: Schedule) -> bool:
     placement = np.asarray(sc.placement, dtype=np.int64)
     if (placement[st] != dev).any():
         return False
-    if (op == _C[REDUCE]).any() or (op == _C[RECOMPUTE]).any():
+    if (op == _C[REDUCE]).any() or (op == _C[RECOMPUTE]).any() or (op == _C[UNSHARD]).any():
         return False  # the exact check places reductions and recomputes (`_check_reductions`, `_check_recomputes`)
     step = op == _C[STEP]
     work = ~step

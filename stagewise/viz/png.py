@@ -17,6 +17,7 @@ COLORS: dict[str, tuple[str, str]] = {
 }
 _OTHER = ("#d9d9d9", "#a6a6a6")
 _PAIR_EDGE = "#c2185b"  # the frame of an overlapped F+B pair
+_TIE_FACE = "#e6e6e6"  # the tied-parameter sync inside a simulated STEP (its wait for the other holders included)
 _LIGHT = {"I"}  # light fills get dark text
 _FIG_WIDTH = 13.0  # inches
 _DPI = 120
@@ -30,7 +31,9 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
     number inside when it fits; actions of later virtual_stages (stage >= number of devices) are darker
     and hatched; idle time stays white. An overlapped F+B pair is a thick magenta frame around
     its two members: side by side when they ran one after the other, the forward in the upper
-    and the backward in the lower half when they overlapped. Returns `path`.
+    and the backward in the lower half when they overlapped. A simulated STEP that syncs a tied
+    parameter first (extras `tie_wait_s`, `tie_sync_s`) shows that part cross-hatched before its
+    optimizer step; a measured STEP holds both too, undivided. Returns `path`.
     """
     import matplotlib
 
@@ -46,7 +49,7 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
     fig, axes = plt.subplots(len(tls), 1, figsize=(_FIG_WIDTH, sum(heights) + 0.5 + (0.3 if title else 0.0)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False, dpi=_DPI)
     ops_seen: set[str] = set()
-    later_seen = pair_seen = False
+    later_seen = pair_seen = tie_seen = False
     for ax, tl, n in zip(axes[:, 0], tls, rows):
         origin, span = tl.origin, tl.makespan
         xmax = span if span > 0 else 1.0
@@ -73,6 +76,11 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
                 y += 0.0 if e.op == "F" else 0.4
             ax.add_patch(Rectangle((x, y), w, h, facecolor=face, edgecolor="black",
                                    linewidth=0.5, hatch="///" if later else None))
+            tie = float(e.extra.get("tie_wait_s", 0.0)) + float(e.extra.get("tie_sync_s", 0.0))
+            if e.op == "STEP" and tie > 0:
+                tie_seen = True
+                ax.add_patch(Rectangle((x, y), min(tie, w), h, facecolor=_TIE_FACE, edgecolor="black",
+                                       linewidth=0.5, hatch="xx"))
             text = "" if e.op in ("STEP", "REDUCE") else str(e.microbatch)
             if text and w * pt_per_unit >= len(text) * _FONT * 0.62 + 2:
                 ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=_FONT * (h / 0.8) ** 0.5,
@@ -99,6 +107,9 @@ def render_png(timelines: Timeline | list[Timeline], path: str, title: str | Non
     if later_seen:
         handles.append(Patch(facecolor="#707070", edgecolor="black", linewidth=0.5, hatch="///",
                              label="later chunk (darker, hatched)"))
+    if tie_seen:
+        handles.append(Patch(facecolor=_TIE_FACE, edgecolor="black", linewidth=0.5, hatch="xx",
+                             label="tied-parameter sync in the step (wait, all-reduce)"))
     if pair_seen:
         handles.append(Patch(facecolor="none", edgecolor=_PAIR_EDGE, linewidth=1.8, label=OP_NAMES["P"].split(" (")[0]
                              + " (one action)"))

@@ -30,9 +30,10 @@ maps the file and reads only the tensors a rank asks for (a re-shaped pipeline r
 other ranks' files). Optimizer state is a nested dict with non-tensor values (Adam's `step`,
 hyper-parameters with tuples, flags) that safetensors cannot hold; torch.save keeps it exactly and
 `torch.load(weights_only=True, mmap=True)` reads it without arbitrary pickle and lazily.
-torch.distributed.checkpoint was not used: its strength is resharding DTensors, while here every
-tensor is whole and re-shaping is only "which rank holds which name"; and it needs a process group,
-which a pipeline of threads (`local_devices=`) does not have.
+torch.distributed.checkpoint is used only for what is split over data-parallel replicas (`shard=`: the
+optimizer state, written shard by shard into `optimizer-dcp/` and re-sharded on load, see
+`stagewise.runtime.checkpoint.sharded`): otherwise every tensor is whole and re-shaping is only "which rank
+holds which name", and threads (`local_devices=`) have no process group.
 
 Atomic: files go to a hidden staging folder (`.step-0000000K.partial`), each is fsynced as it is
 written; after every rank has finished (a gather through the World), rank 0 writes the manifest,

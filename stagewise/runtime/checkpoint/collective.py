@@ -25,6 +25,20 @@ from safetensors import safe_open
 from stagewise.runtime.checkpoint import files
 from stagewise.runtime.checkpoint.files import CheckpointError
 from stagewise.runtime.checkpoint.serialize import write_safetensors, write_torch
+from stagewise.runtime.checkpoint.sharded import (
+    DCP_FOLDER,
+    copy_into,
+    gathered,
+    groups_payload,
+    load_state,
+    local_optimizer,
+    on_shards,
+    optimizer_class,
+    save_state,
+    shard_state,
+    sharding_of,
+    sync_groups,
+)
 from stagewise.runtime.checkpoint.state import (
     Entry,
     capture_rng,
@@ -119,15 +133,20 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
     except ValueError as err:  # rank 0's refusal stops every rank (the others are told in the collective below)
         extra_json, extra_blob, refused = None, None, str(err)
     schedule = model.schedule
+    sharded = sharding_of(model)  # a sharded run: weights gathered, optimizer state by DCP (`sharded`)
 
     def on_rank(rank: int) -> str | None:
         first_replica = world.grid.coords(rank)[1] == 0
-        mine = [et for st in model.of_rank(rank).values() for et in stage_entries(st)] if first_replica else []
+        mine = [et for st in model.of_rank(rank).values() for et in stage_entries(st)] if first_replica or sharded \
+            else []
         ident = {id(t): e.identity for e, t in mine}
-        opt = optimizers.get(rank) if first_replica else None
+        opt = optimizers.get(rank) if first_replica or sharded else None
+        if sharded is not None:  # every replica takes part in gathering the shards; the first writes them
+            mine = gathered(mine)
+            mine = mine if first_replica else []
         desc = {"entries": [e for e, _ in mine], "rng": capture_rng(world.device(rank)),
                 "optimized": [ident[id(p)] for p in optimizer_params(opt)] if opt is not None else [],
-                "optimizer": type(opt).__name__ if opt is not None else None}
+                "optimizer": optimizer_class(opt) if opt is not None else None}
         everything = world.all_gather_object(rank, desc, everyone)
         plan = make_plan({r: d["entries"] for r, d in enumerate(everything) if d["entries"]},
                          {r: d["optimized"] for r, d in enumerate(everything) if d["optimized"]})
@@ -144,6 +163,7 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
         groups: dict[str, tuple[str, int]] = {}
         stated: list[str] = []  # names whose optimizer state this rank wrote
         path = tmp
+        names = {i: plan.stored[x] for i, x in ident.items()}
         try:
             writes = {e.name: t for e, t in mine
                       if plan.writer[e.identity] == rank and plan.stored[e.identity] == e.name}
@@ -151,14 +171,13 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
                 path = tmp / weights_file(rank)
                 records[path.name] = write_safetensors(path, writes, {"format": "pt", "writer": "stagewise"})
                 _written(rank, path)
-            if opt is not None:
-                names = {id(t): plan.stored[e.identity] for e, t in mine}
+            if opt is not None and first_replica:
                 own = {plan.stored[i] for i, w in plan.optimizer_writer.items() if w == rank}
-                payload = optimizer_payload(opt, names, own)
+                state = groups_payload(opt, names) if sharded else optimizer_payload(opt, names, own)
                 path = tmp / optimizer_file(rank)
-                records[path.name] = write_torch(path, payload)
-                groups = {n: (path.name, g) for g, group in enumerate(payload["param_groups"]) for n in group["params"]}
-                stated = sorted(payload["state"])
+                records[path.name] = write_torch(path, state)
+                groups = {n: (path.name, g) for g, group in enumerate(state["param_groups"]) for n in group["params"]}
+                stated = sorted(state["state"])
                 _written(rank, path)
             if rank == 0 and extra_blob is not None:
                 path = tmp / EXTRA_FILE
@@ -166,6 +185,16 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
                 _written(rank, path)
         except OSError as err:
             error = f"rank {rank} cannot write checkpoint file {path} (folder {tmp}): {err}"
+        if sharded is not None:  # the optimizer state where it lies: every rank's shards (a collective)
+            path = tmp / DCP_FOLDER
+            try:
+                save_state(path, opt, names)
+                if rank == 0:
+                    for f in sorted(path.iterdir()):
+                        size, digest = files.file_digest(f)
+                        records[f"{DCP_FOLDER}/{f.name}"] = {"bytes": size, "sha256": digest}
+            except Exception as err:
+                error = error or f"rank {rank} cannot write the optimizer state to {path}: {err}"
         reports = world.all_gather_object(rank, {"files": records, "groups": groups, "stated": stated, "rank": rank,
                                                  "error": error}, everyone)
         errors = [r["error"] for r in reports if r["error"]]
@@ -175,6 +204,8 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 manifest = _manifest(world, schedule, model, step, plan, everything, reports, extra_json, extra_blob)
+                if sharded is not None and manifest["optimizer"] is not None:
+                    manifest["optimizer"]["dcp"] = DCP_FOLDER  # the state is there, by "<name>/<key>"
                 try:
                     files.publish(tmp, manifest, final)
                     if step is not None and keep:
@@ -184,7 +215,7 @@ def save(folder: str | Path, world: World, model: StageSet, optimizers: dict[int
         status = world.all_gather_object(rank, status, everyone)[0]  # nobody returns before it is visible
         return "; ".join(errors) if errors else status
 
-    results = world.run(on_rank, "saving a checkpoint")
+    results = world.run(lambda rank: on_shards(model, on_rank, rank), "saving a checkpoint")
     if msg := next((m for m in results.values() if m), None):
         raise CheckpointError(f"checkpoint {final} was not written: {msg}")
     return final
@@ -271,13 +302,14 @@ def load(path: str | Path, world: World, model: StageSet, optimizers: dict[int, 
         if problems:
             return {"error": f"checkpoint {chosen} does not fit this model: " + "; ".join(problems[:10])}
         _load_weights(chosen, mine, sources, manifest)
-        if (opt := optimizers.get(rank)) is not None and manifest["optimizer"] is not None:
+        index, opt = manifest["optimizer"], optimizers.get(rank)
+        if index is not None and (opt is not None or index.get("dcp")):  # DCP's load is a collective of all ranks
             _load_optimizer(chosen, opt, {id(t): sources[e.name] for e, t in mine}, manifest)
         if rank == world.local_ranks[0] and str(rank) in manifest["rng"]:
             restore_rng(manifest["rng"][str(rank)], world.device(rank))
         return {"path": str(chosen), "skipped": skipped}
 
-    results = world.run(on_rank, "loading a checkpoint")
+    results = world.run(lambda rank: on_shards(model, on_rank, rank), "loading a checkpoint")
     first = results[world.local_ranks[0]]
     if msg := next((r["error"] for r in results.values() if "error" in r), None):
         raise CheckpointError(msg)
@@ -314,8 +346,8 @@ def _match(mine: list[tuple[Entry, torch.Tensor]], manifest: dict[str, Any],
             problems.append(f"{e.name} has shape {list(e.shape)} here, {list(shape)} in the checkpoint ({src})")
         sources[e.name] = src
     saved = (manifest["optimizer"] or {}).get("class")
-    if opt is not None and saved is not None and saved != type(opt).__name__:
-        problems.append(f"the optimizer is {type(opt).__name__} here, {saved} in the checkpoint")
+    if opt is not None and saved is not None and saved != optimizer_class(opt):
+        problems.append(f"the optimizer is {optimizer_class(opt)} here, {saved} in the checkpoint")
     return sources, problems
 
 
@@ -329,12 +361,15 @@ def _load_weights(folder: Path, mine: list[tuple[Entry, torch.Tensor]], sources:
         for name, wanted in by_file.items():
             with safe_open(str(folder / name), framework="pt") as f:
                 for src, t in wanted:
-                    t.copy_(f.get_tensor(src))
+                    copy_into(t, f.get_tensor(src))  # a DTensor (a sharded run): its own shard
 
 
-def _load_optimizer(folder: Path, opt: torch.optim.Optimizer, names: dict[int, str],
+def _load_optimizer(folder: Path, opt: torch.optim.Optimizer | None, names: dict[int, str],
                     manifest: dict[str, Any]) -> None:
     index = manifest["optimizer"]
+    dcp_state = load_state(folder / index["dcp"], opt, names) if index.get("dcp") else None  # (a collective)
+    if opt is None:
+        return
     wanted = [names[id(p)] for p in optimizer_params(opt)]
     payloads: dict[str, Any] = {}
 
@@ -348,10 +383,13 @@ def _load_optimizer(folder: Path, opt: torch.optim.Optimizer, names: dict[int, s
         if n in index["groups"]:
             file, g = index["groups"][n]
             groups[n] = payload(file)["param_groups"][g]
-        if n in index["state"]:
+        if dcp_state is None and n in index["state"]:
             saved = payload(index["state"][n])["state"][n]
             state[n] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
-    restore_optimizer(opt, names, groups, state)
+    state = dcp_state if dcp_state is not None else state
+    shard_state(opt, names, state)  # whole states (an unsharded run's) split as their DTensor parameters
+    restore_optimizer(local_optimizer(opt), names, groups, state)  # ZeroRedundancyOptimizer: its local one
+    sync_groups(opt)
 
 
 def load_full(path: str | Path, fallback: bool = False) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ differ by orders of magnitude), so they are measured on the world the run uses, 
   / D x bytes per second, so that a stage's reduction is predicted as 2 (D - 1) / D x its gradient bytes /
   bandwidth.
 
-`local_links` measures the same with gloo processes on this machine's CPU (`stagewise plan` without a world).
+`local_links` measures the same with gloo processes on this machine's CPU (`stagewise plan` without a world): it
+starts processes, so only the command line calls it; `Pipeline` measures on its own world or not at all.
 
 The planner charges messages only where they run beside the compute (GPUs: NCCL has its own engines), or
 when asked: on CPU ranks a message costs the cores' time on both ends, which a link delay does not
@@ -29,7 +30,8 @@ from typing import Any
 
 import torch
 
-from stagewise.partition.costmodel import ring_factor
+from stagewise.measure.timing import sync
+from stagewise.partition.cost_model import ring_factor
 
 MIN_BYTES = 1 << 20  # smaller buffers measure the latency, not the bandwidth
 MAX_BYTES = 64 << 20
@@ -51,11 +53,6 @@ def buffer_bytes(nbytes: float) -> int:
     return int(min(MAX_BYTES, max(MIN_BYTES, nbytes)))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _fastest(world: Any, rank: int, group: Any, numel: int) -> float:
     """The fastest of REPEATS all-reduces of `numel` float32 values over `group`, after one warm-up."""
     device = world.device(rank)
@@ -63,10 +60,10 @@ def _fastest(world: Any, rank: int, group: Any, numel: int) -> float:
     world.all_reduce(rank, [buf], group)
     best = math.inf
     for _ in range(REPEATS):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         world.all_reduce(rank, [buf], group)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -108,7 +105,7 @@ def measure_links(world: Any, message_bytes: float, stage_gradient_bytes: float,
 
 def _spawned(rank: int, world_size: int, devices: int, replicas: int, message_bytes: float,
              stage_gradient_bytes: float) -> Links:
-    from stagewise.runtime.world import DistWorld
+    from stagewise.runtime.processes import DistWorld
 
     world = DistWorld(timeout=60.0, backend="gloo", data=replicas, device="cpu")
     try:

@@ -1,4 +1,5 @@
-"""Measure what the balancing methods need, layer by layer: time, parameters, activation bytes."""
+"""Measure what the balancing methods need, layer by layer on one micro-batch: time, parameters (ties counted once),
+activation bytes; and what is known without running the layers (`describe_layers`)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from stagewise.partition.costs import LayerProfile
+from stagewise.measure.timing import nbytes, sync
+from stagewise.partition.layers import LayerProfile
 from stagewise.runtime.activations import SavedBytes
 from stagewise.runtime.loss import mean_of
+from stagewise.runtime.microbatch import scatter
+from stagewise.runtime.precision import Precision
+from stagewise.runtime.ties import TIE_ATTR  # parameters built apart (by factories) with one key are one tie
 from stagewise.tree import cut, describe, flatten, map_tensors, tensors_of
-
-__all__ = ["LayerProfile", "profile_layers"]
-
-# Same attribute as stagewise.runtime.ties.TIE_ATTR (partition may not import runtime): parameters
-# built separately (by factories) but carrying the same key are one tied parameter.
-TIE_ATTR = "stagewise_tie"
-
-
-def _nbytes(x: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors_of(x))
 
 
 def _param_key(p: nn.Parameter) -> tuple[str, object]:
@@ -30,7 +25,7 @@ def _param_key(p: nn.Parameter) -> tuple[str, object]:
     return ("tie", str(tie)) if tie is not None else ("id", id(p))
 
 
-def _count_params(mods: list[nn.Module]) -> list[tuple[int, int, dict[int, int]]]:
+def count_params(mods: list[nn.Module]) -> list[tuple[int, int, dict[int, int]]]:
     """Per layer: (elements, bytes) of the parameters it is the first to use, and {key: elements} of shared ones.
 
     A parameter used by several layers (the same object, or the same `stagewise_tie` key) is
@@ -53,11 +48,6 @@ def _count_params(mods: list[nn.Module]) -> list[tuple[int, int, dict[int, int]]
         shared = {number[k]: size[k][0] for k, who in users.items() if len(who) > 1 and i in who}
         out.append((sum(n for n, _ in own), sum(b for _, b in own), shared))
     return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: Any,
@@ -96,7 +86,7 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
         first = next((p for m in mods for p in m.parameters()), None)
         dev = first.device if first is not None else next(
             (t.device for t in tensors_of(sample_input)), torch.device("cpu"))
-    counts = _count_params(mods)
+    counts = count_params(mods)
     grads = [(p, p.grad) for m in mods for p in m.parameters()]
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     profiles = []
@@ -117,7 +107,7 @@ def profile_layers(layers: nn.Sequential | Sequence[nn.Module], sample_input: An
                 profiles.append(LayerProfile(
                     index=i, name=type(m).__name__, forward=min(forward),
                     backward=backward_s, params=params, param_bytes=param_bytes,
-                    output_bytes=_nbytes(x), saved_bytes=saved, shared=shared, input_bytes=_nbytes(inp),
+                    output_bytes=nbytes(x), saved_bytes=saved, shared=shared, input_bytes=nbytes(inp),
                     input_grad=min(_measure_input_grad(run, inp, dev, repeats), backward_s)))
     finally:
         for p, g in grads:
@@ -131,22 +121,22 @@ def _measure(m: nn.Module, inp: Any, dev: torch.device, repeats: int) -> tuple[A
     forward, backward = [], []
     out: Any = None
     for r in range(repeats + 1):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         if r == 0:  # hooks slow the forward down, so only the untimed warm-up counts bytes
             with counter.hooks():
                 out = m(inp)
         else:
             out = m(inp)
-        _sync(dev)
+        sync(dev)
         t1 = time.perf_counter()
         roots = [t for t in tensors_of(out) if t.requires_grad]
         seeds = [torch.ones_like(t) for t in roots]
-        _sync(dev)
+        sync(dev)
         t2 = time.perf_counter()
         if roots:
             torch.autograd.backward(roots, seeds)
-        _sync(dev)
+        sync(dev)
         t3 = time.perf_counter()
         if r > 0:
             forward.append(t1 - t0)
@@ -177,10 +167,10 @@ def _measure_input_grad(m: nn.Module, inp: Any, dev: torch.device, repeats: int)
         if not roots:
             return 0.0
         seeds = [torch.ones_like(t) for t in roots]
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         torch.autograd.grad(roots, inputs, seeds, allow_unused=True)
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -189,7 +179,7 @@ def describe_layers(layers: nn.Sequential | Sequence[nn.Module]) -> list[LayerPr
     """What is known about each layer without running it: class name and parameters (tied ones once)."""
     mods = list(layers.children()) if isinstance(layers, nn.Sequential) else list(layers)
     return [LayerProfile(index=i, name=type(m).__name__, params=p, param_bytes=b, shared=shared)
-            for i, (m, (p, b, shared)) in enumerate(zip(mods, _count_params(mods)))]
+            for i, (m, (p, b, shared)) in enumerate(zip(mods, count_params(mods)))]
 
 
 MEASURED = ("time", "memory", "auto")  # the partition methods that run the layers
@@ -201,9 +191,6 @@ def layer_facts(layers: Sequence[Any], partition: str | Sequence[int], sample: t
     """What the partitioner needs to know about `layers` for `partition`: names and parameters, measured
     times and memory (on one micro-batch of `sample`, under the pipeline's `precision`, so that saved bytes and
     times are those of the run) when the method needs them, None for layer factories."""
-    from stagewise.runtime.microbatch import scatter
-    from stagewise.runtime.precision import Precision
-
     if not all(isinstance(layer, nn.Module) for layer in layers):
         if isinstance(partition, str) and partition != "uniform":
             raise ValueError(f"partition={partition!r} needs the layers themselves; with layer factories "

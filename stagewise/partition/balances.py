@@ -1,10 +1,14 @@
-"""Searching balances: every composition, neighbouring balances, steepest descent. No torch."""
+"""The space of balances: every composition (as lists or one array), neighbouring balances, steepest descent. No
+torch."""
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 
 def neighbours(balance: list[int], reach: int) -> list[list[int]]:
@@ -50,6 +54,7 @@ def descend(start: list[int], objective: Callable[[list[int]], Any], ok: Callabl
 
 
 def unique(balances: list[list[int]]) -> list[list[int]]:
+    """`balances` without repeats, in order."""
     return [list(b) for b in dict.fromkeys(tuple(b) for b in balances)]
 
 
@@ -61,3 +66,13 @@ def compositions(num_layers: int, num_stages: int) -> Iterator[list[int]]:
     for first in range(num_layers - num_stages + 1, 0, -1):
         for rest in compositions(num_layers - first, num_stages - 1):
             yield [first, *rest]
+
+
+def compositions_array(num_layers: int, num_stages: int) -> np.ndarray:
+    """Every balance of `num_layers` into `num_stages` non-empty stages, shape (count, stages)."""
+    if num_stages == 1:
+        return np.array([[num_layers]], dtype=np.int64)
+    cuts = np.array(list(itertools.combinations(range(1, num_layers), num_stages - 1)), dtype=np.int64)
+    cuts = cuts.reshape(-1, num_stages - 1)
+    edges = np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), num_layers)], axis=1)
+    return np.diff(edges, axis=1)

@@ -1,4 +1,5 @@
-"""The step-time model of a balance (simulated under a schedule) and `auto`, the balance search on it. No torch."""
+"""`auto`, the balance method that minimises the simulated step of one schedule under a memory limit, and `Planner`,
+the view of the cost model it works with (a schedule plus `profile_layers` output). No torch."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from stagewise.partition.costs import LayerProfile
+from stagewise.partition.balances import compositions, descend, shorter, unique
+from stagewise.partition.cost_model import CostModel
+from stagewise.partition.layers import LayerProfile
 from stagewise.partition.memory import Footprint, least_memory, over_limit
-from stagewise.partition.search import compositions, descend, shorter, unique
+from stagewise.partition.profiles import SizeProfile
 from stagewise.partition.solver import (
-    ExactSums,
     PartitionError,
     check_balance,
     check_request,
@@ -19,7 +21,7 @@ from stagewise.partition.solver import (
     ranges,
     uniform,
 )
-from stagewise.schedules import Costs, Schedule, simulate
+from stagewise.schedules import Costs, Schedule
 
 
 @dataclass(frozen=True)
@@ -27,36 +29,35 @@ class Prediction:
     """What a balance is predicted to cost under a schedule."""
 
     balance: list[int]
-    makespan: float  # seconds for the schedule's micro-batches, simulated
+    makespan: float  # seconds of the simulated step (the optimizer steps and tie syncs included)
     memory: list[float]  # peak bytes per device
     stage_time: list[float]  # forward + backward seconds per micro-batch, per stage
 
 
 class Planner:
-    """Per-layer profiles plus a schedule: stage costs, simulated step times and device memory of balances.
+    """Per-layer profiles plus a schedule: stage costs, simulated steps and device memory of balances.
 
-    Communication between stages on different devices costs `latency + output bytes / bandwidth`
-    (seconds; bandwidth in bytes per second), as `simulate` models it.
+    Time is the cost model's (`CostModel`: messages between stages on different devices at
+    `latency + output bytes / bandwidth`, seconds and bytes per second; the optimizer step at `step_per_param`
+    seconds per parameter held; tied parameters' all-reduces); memory is `Footprint`'s, which also charges
+    the weight versions an asynchronous schedule stashes (`stash_bytes_per_param`).
     """
 
     def __init__(self, layers: Sequence[LayerProfile], schedule: Schedule, *, bytes_per_param: float = 16.0,
-                 stash_bytes_per_param: float = 4.0, latency: float = 0.0, bandwidth: float = math.inf):
+                 stash_bytes_per_param: float = 4.0, latency: float = 0.0, bandwidth: float = math.inf,
+                 step_per_param: float = 0.0):
         self.layers, self.schedule = list(layers), schedule
-        self.latency, self.bandwidth = float(latency), float(bandwidth)
-        self.forward = ExactSums([x.forward for x in self.layers])
-        self.backward = ExactSums([x.backward for x in self.layers])
-        # the I/W split of zero-bubble schedules, when the profile measured it
-        measured = schedule.split_backward and all(x.input_grad is not None for x in self.layers)
-        self.input_grad = ExactSums([x.input_grad or 0.0 for x in self.layers]) if measured else None
+        self.model = CostModel(schedule, SizeProfile.from_layers(self.layers), bytes_per_param=bytes_per_param,
+                               latency=latency, bandwidth=bandwidth, step_per_param=step_per_param)
+        self.latency, self.bandwidth = self.model.latency, self.model.bandwidth
         self.footprint = Footprint(schedule, [x.params for x in self.layers], [x.saved_bytes for x in self.layers],
                                    bytes_per_param=bytes_per_param, stash_bytes_per_param=stash_bytes_per_param,
                                    shared=[x.shared for x in self.layers],
                                    input_bytes=[x.input_bytes for x in self.layers])
-        self._makespans: dict[tuple[int, ...], float] = {}
 
     def time(self, lo: int, hi: int) -> float:
         """Forward + backward seconds of layers [lo, hi) per micro-batch."""
-        return self.forward(lo, hi) + self.backward(lo, hi)
+        return self.model.forward(lo, hi) + self.model.backward(lo, hi)
 
     def cut(self, s: int, hi: int) -> float:
         """Seconds one message across the boundary after stage s (ending at layer hi) takes; 0 on one device."""
@@ -66,22 +67,12 @@ class Planner:
         return self.latency + self.layers[hi - 1].output_bytes / self.bandwidth
 
     def costs(self, balance: Sequence[int]) -> Costs:
-        spans = ranges(balance)
-        sent = [float(self.layers[hi - 1].output_bytes) for _, hi in spans[:-1]]
-        b = [self.backward(*r) for r in spans]
-        i = None
-        if self.input_grad is not None:
-            # The first stage's input needs no gradient, so its I is empty and W runs the whole
-            # backward (as the runtime does); elsewhere I is the layers' input-gradient time.
-            i = [0.0 if lo == 0 else min(self.input_grad(lo, hi), b[k]) for k, (lo, hi) in enumerate(spans)]
-        return Costs(f=[self.forward(*r) for r in spans], b=b, i=i,
-                     latency=self.latency, bytes=sent or 0.0, bandwidth=self.bandwidth)
+        """The simulator's costs of `balance` (see `CostModel.costs`)."""
+        return self.model.costs(balance)
 
     def makespan(self, balance: Sequence[int]) -> float:
-        key = tuple(balance)
-        if key not in self._makespans:
-            self._makespans[key] = simulate(self.schedule, self.costs(balance)).makespan
-        return self._makespans[key]
+        """Seconds of the simulated step of `balance` (cached)."""
+        return self.model.simulation(balance).makespan
 
     def predict(self, balance: Sequence[int]) -> Prediction:
         balance = check_balance(balance, len(self.layers), self.schedule.num_stages)
@@ -94,7 +85,7 @@ ENUMERATE_STEPS = 400  # simulations
 
 def auto(layers: Sequence[LayerProfile], schedule: Schedule, *, memory_limit: float | None = None,
          bytes_per_param: float = 16.0, stash_bytes_per_param: float = 4.0, latency: float = 0.0,
-         bandwidth: float = math.inf) -> list[int]:
+         bandwidth: float = math.inf, step_per_param: float = 0.0) -> list[int]:
     """The balance with the shortest simulated step under `schedule`, every device within `memory_limit` bytes.
 
     Exact when there are at most ENUMERATE_STEPS balances: every one that fits is simulated.
@@ -116,7 +107,7 @@ def auto(layers: Sequence[LayerProfile], schedule: Schedule, *, memory_limit: fl
     fits, naming the smallest peak.
     """
     plan = Planner(layers, schedule, bytes_per_param=bytes_per_param, stash_bytes_per_param=stash_bytes_per_param,
-                   latency=latency, bandwidth=bandwidth)
+                   latency=latency, bandwidth=bandwidth, step_per_param=step_per_param)
     L, S = len(plan.layers), schedule.num_stages
     check_request(L, S)
     fp = plan.footprint
