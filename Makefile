@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stagewise-installed
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint docs bench-pages bench clean
 
 # The venv sees system packages, so an already installed torch (say a CUDA build) is kept;
 # otherwise torch==2.13.0 is installed (a CPU build; a looser pin can pull a multi-GB CUDA build).
@@ -29,10 +29,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The documentation site (mkdocs.yml, docs/), the API pages from the docstrings; a warning fails it. Into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# docs/benchmarks.md from the benchmarks' JSON in docs/results/ (never typed by hand).
+bench-pages: $(STAMP)
+	$(PY) benchmarks/pages.py
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_schedules.py
 	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_partition.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache
