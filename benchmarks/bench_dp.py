@@ -80,7 +80,7 @@ def worker(rank: int, world: int, s: Settings) -> list[dict[str, Any]] | None:
 
 
 def _lists(schedule: Any) -> list[list[tuple]]:
-    return [[tuple(a) for a in prog] for prog in schedule.actions]
+    return [[tuple(a) for a in prog] for prog in schedule.programs]
 
 
 def hidden_share(events: list[Any], rows_of_pipeline: dict[int, list[int]]) -> dict[int, tuple[float, float]]:

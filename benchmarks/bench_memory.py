@@ -73,7 +73,7 @@ def main() -> None:
                 for mode in args.modes:
                     layers = build_layers(s)
                     pipe = Pipeline(layers, lm_loss, schedule=schedule, microbatches=m, local_devices=2,
-                                    precision=precision, activation_checkpointing=mode, show_partition=False,
+                                    precision=precision, recompute=mode, show_partition=False,
                                     optimizer=lambda ps: torch.optim.Adam(ps, lr=s.lr))
                     batch = make_batch(s)
                     pipe.train_step(batch)

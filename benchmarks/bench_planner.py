@@ -77,7 +77,7 @@ def worker(rank: int, world: int, s: Settings) -> dict[str, Any] | None:
         schedule, m, virtual_stages, balance, mode = c.settings()
         pipes.append(Pipeline(build_layers(s), lm_loss, schedule=schedule, microbatches=m,
                               virtual_stages=virtual_stages,
-                              partition=balance, activation_checkpointing=mode, optimizer=adam, timeout=s.timeout,
+                              partition=balance, recompute=mode, optimizer=adam, timeout=s.timeout,
                               show_partition=False))
     if plan.choice not in plan.candidates[:s.top]:
         pipes.append(first)

@@ -55,7 +55,7 @@ def main() -> None:
         t4 = time.perf_counter()
         simulate(fresh, Costs(f=1, b=2, i=1, w=1))
         t5 = time.perf_counter()
-        n = lowered.actions.num_actions
+        n = lowered.programs.num_actions
         print(f"{name:<12} {n:>9} {t1 - t0:>8.2f} {t2 - t1:>11.2f} {t3 - t2:>11.2f} {t3 - t0:>8.2f}"
               f" {t5 - t4:>17.2f}   bubble {sim.bubble_fraction:.1%}", flush=True)
         with args.out.open("a") as fh:

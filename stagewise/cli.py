@@ -14,7 +14,6 @@ from stagewise.cli_options import (
     ListModels,
     auto_or,
     check_train,
-    checkpointing_spec,
     existing_path,
     fraction,
     memory_spec,
@@ -24,6 +23,7 @@ from stagewise.cli_options import (
     port,
     positive_float,
     positive_int,
+    recompute_spec,
     schedule_spec,
     writable_folder,
 )
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what --dp replicas split between them: optimizer state (optimizer, ZeRO-1), and gradients (gradients, "
              "ZeRO-2), and weights (full, ZeRO-3, FSDP2)")
     opt("--precision", choices=["fp32", "bf16", "fp16"], help="compute precision of the stages")
-    opt("--activation-checkpointing", dest="activation_checkpointing", type=auto_or(checkpointing_spec),
+    opt("--recompute", dest="recompute", type=auto_or(recompute_spec),
         help="never, except_last, always, N layers per checkpointed group, or auto (the planner's choice)")
     opt("--max-grad-norm", dest="max_grad_norm", type=positive_float,
         help="clip gradients by their global norm (every stage and replica); the norm is logged anyway")
@@ -413,15 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RENAMED = {"--chunks": "--virtual-stages"}  # old option -> its name now
+WHY = {"--chunks": "stages per device; `chunks` now means micro-batches only, in GPipe",
+       "--activation-checkpointing": "forwards that keep only their input and recompute (checkpoints are saved "
+                                     "training state)"}
+RENAMED = {"--chunks": "--virtual-stages", "--activation-checkpointing": "--recompute"}  # old option -> new name
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     for old, new in RENAMED.items():
         if any(a == old or a.startswith(old + "=") for a in (sys.argv[1:] if argv is None else argv)):
-            parser.error(f"{old} was renamed {new} (stages per device; `chunks` now means micro-batches only, in "
-                         "GPipe)")
+            parser.error(f"{old} was renamed {new}: {WHY[old]}")
     args = parser.parse_args(argv)
     if getattr(args, "check", None) is not None:  # what depends on several options, before anything starts
         args.check(args)

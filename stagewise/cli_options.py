@@ -89,7 +89,7 @@ def schedule_spec(text: str) -> str:
                                      "schedule file (.csv)")
 
 
-def checkpointing_spec(text: str) -> str:
+def recompute_spec(text: str) -> str:
     """An argparse type: never, except_last, always, or a number of layers >= 1 per checkpointed group."""
     if text in ("never", "except_last", "always", "auto") or (text.isdigit() and int(text) >= 1):
         return text

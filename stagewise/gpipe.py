@@ -128,7 +128,7 @@ class GPipe(nn.Module):
             self.add_module(name, layer)
         starts = [sum(self.balance[:j]) for j in range(count)]
         stages = [Stage(j, layers[a:a + n], a) for j, (a, n) in enumerate(zip(starts, self.balance))]
-        replays = any(a.op == RECOMPUTE for prog in self.schedule.actions for a in prog)
+        replays = any(a.op == RECOMPUTE for prog in self.schedule.programs for a in prog)
         # Moved last partition first: a parameter shared by several partitions ends on its first user's device.
         for stage, device in reversed(list(zip(stages, self.devices))):
             stage.module.to(device)

@@ -26,7 +26,7 @@ from stagewise.runtime.precision import LossScaler, Precision
 from stagewise.runtime.processes import make_world
 from stagewise.runtime.runner import Runner
 from stagewise.runtime.sharding import Sharding
-from stagewise.runtime.stages import LayerSpec, StageSet, as_layer_list
+from stagewise.runtime.stage_set import LayerSpec, StageSet, as_layer_list
 from stagewise.schedules import Schedule
 from stagewise.schedules.recompute import check_mode
 from stagewise.schedules.registry import resolve_schedule
@@ -79,7 +79,7 @@ class Pipeline:
             `on_nonfinite`'s, not an overflow). See `stagewise.runtime.precision`.
         loss_scale: fp16's `LossScaler` options: `init_scale`, `growth_factor`, `backoff_factor`, `growth_interval`,
             `min_scale` (1), `max_consecutive_skips` (20): an overflow at min_scale or after that many skips raises.
-        activation_checkpointing: "never", "except_last", "always" or N layers per checkpointed group: which
+        recompute: "never", "except_last", "always" or N layers per checkpointed group: which
             forwards keep only their input and recompute (RECOMPUTE actions); "auto": the planner's choice.
         compile: `torch.compile` each stage in place, names kept: True (inductor, else aot_eager) or a backend's name.
     """
@@ -94,7 +94,7 @@ class Pipeline:
                  memory_limit: float | str | None = None, planner: dict | None = None,
                  vertical_sync: bool = False, show_partition: bool = True, keep_host_memory: bool = True,
                  data_parallel: int = 1, max_grad_norm: float | None = None, track_grad_norm: bool = False,
-                 precision: str = "fp32", activation_checkpointing: str | int = "never", on_nonfinite: str = "raise",
+                 precision: str = "fp32", recompute: str | int = "never", on_nonfinite: str = "raise",
                  loss_scale: dict[str, Any] | None = None, compile: bool | str = False, shard: str = "none"):
         self.loss_fn, self.timeout = loss_fn, timeout
         options, scaling, planner = resolve_options(schedule, timeout, on_nonfinite, max_grad_norm, data_parallel,
@@ -105,11 +105,11 @@ class Pipeline:
         layer_list = claims.claim(as_layer_list(layers), self)  # warns when another live Pipeline holds them
         self.precision = Precision(precision)  # a bad name fails here, on every rank, before any planning
         self.plan = plan_if_auto(layer_list, loss_fn, sample, self.world, schedule, microbatches, partition,  # or None
-                                 virtual_stages, memory_limit, activation_checkpointing, planner, precision)
+                                 virtual_stages, memory_limit, recompute, planner, precision)
         if self.plan is not None:
-            schedule, microbatches, virtual_stages, partition, activation_checkpointing = self.plan.choice.settings()
+            schedule, microbatches, virtual_stages, partition, recompute = self.plan.choice.settings()
         self.schedule = resolve_schedule(schedule, self.world.grid.pipeline, microbatches, virtual_stages,
-                                         data_parallel, check_mode(activation_checkpointing), shard=shard, **options)
+                                         data_parallel, check_mode(recompute), shard=shard, **options)
         self.microbatches = self.schedule.microbatches
         self._rebuild = (schedule, virtual_stages, options) if isinstance(schedule, str) else None
         self.device = self.world.device(self.world.local_ranks[0])
@@ -119,7 +119,7 @@ class Pipeline:
                                        schedule=self.schedule, memory_limit=memory_limit)
         self.keeps_host_memory = keep_host_memory and self.device.type == "cpu" and keep_freed_host_memory()
         self.model = StageSet(layer_list, self.balance, self.schedule, self.world, seed, self.precision,
-                              activation_checkpointing if isinstance(activation_checkpointing, int) else None, compile)
+                              recompute if isinstance(recompute, int) else None, compile)
         self.loss_scalers = {r: LossScaler(**scaling) for r in self.world.local_ranks} if precision == "fp16" else {}
         self.stages, self.layer_ranges = self.model.stages, self.model.layer_ranges
         self.sharding = Sharding(shard, self.world, self.model, self.precision)  # ties made equal, stages sharded

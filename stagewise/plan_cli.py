@@ -95,7 +95,7 @@ def _plan(args: argparse.Namespace) -> int:
     plan, profiles = plan_model(
         layers, loss_fn, batch, args.stages, data_parallel=args.dp,
         schedule=args.schedules or "auto", microbatches=args.microbatches or "auto", memory_limit=args.memory_limit,
-        threads=threads, runs=args.runs, repeats=args.repeats, recompute=args.activation_checkpointing,
+        threads=threads, runs=args.runs, repeats=args.repeats, recompute=args.recompute,
         cores=args.cores if args.cores is not None else "auto", top=args.top,
         max_microbatches=args.max_microbatches or MAX_MICROBATCHES, precision=args.precision,
         latency=latency, bandwidth=bandwidth, reduce_bandwidth=reduce_bandwidth, shard=args.shard)
@@ -170,7 +170,7 @@ def add_parsers(sub: Any) -> None:
                     help="m to consider, e.g. 4,8,16 (default: divisors of the per-replica batch from P up to "
                          "--max-microbatches)")
     pl.add_argument("--max-microbatches", dest="max_microbatches", type=int, default=None)
-    pl.add_argument("--activation-checkpointing", "--recompute", dest="activation_checkpointing", default="auto",
+    pl.add_argument("--recompute", dest="recompute", default="auto",
                     choices=["auto", "never", "except_last", "always"],
                     help="recompute modes to consider: auto (every one: they only win under a memory limit; "
                          "default) or one held fixed")

@@ -39,7 +39,7 @@ class TrainConfig:
     shard: str = "none"  # what the dp replicas split: "optimizer" (ZeRO-1), "gradients" (ZeRO-2), "full" (ZeRO-3)
     max_grad_norm: float | None = None  # clip by the global gradient norm (the norm is logged either way)
     precision: str = "fp32"  # fp32, bf16 or fp16 (dynamic loss scaling)
-    activation_checkpointing: str = "never"  # never, except_last, always, a number of layers per group, or auto
+    recompute: str = "never"  # never, except_last, always, a number of layers per group, or auto
     on_nonfinite: str = "raise"  # a NaN/inf loss or gradient: stop naming where it appeared, or "skip" the step
     schedule: str = "auto"  # "auto": the planner chooses (with m and the partition when those are "auto" too)
     microbatches: int | str = "auto"
@@ -199,13 +199,13 @@ def _set_up(cfg: TrainConfig) -> _Run:
                          "directly and let it start them")
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     if cfg.plan:
-        cfg.schedule = cfg.microbatches = cfg.partition = cfg.activation_checkpointing = "auto"
+        cfg.schedule = cfg.microbatches = cfg.partition = cfg.recompute = "auto"
     out, say = Path(cfg.out), Printer(rank == 0)
     attempt = attempt_number()
     planned = "auto" in (cfg.schedule, cfg.microbatches)
     if planned and attempt > 0 and (out / "config.json").is_file():  # a restart keeps what the first attempt planned
         saved = json.loads((out / "config.json").read_text())
-        for key in ("schedule", "microbatches", "virtual_stages", "partition", "activation_checkpointing"):
+        for key in ("schedule", "microbatches", "virtual_stages", "partition", "recompute"):
             setattr(cfg, key, saved[key])
         planned = "auto" in (cfg.schedule, cfg.microbatches)
     say(f"stagewise train: {cfg.model if not cfg.pretrained else cfg.pretrained} on {cfg.stages} stage(s)"
@@ -231,7 +231,7 @@ def _set_up(cfg: TrainConfig) -> _Run:
     if pipe.plan is not None:  # config.json records what runs, so that a resumed run does not plan again
         say(pipe.plan.format())
         (cfg.schedule, cfg.microbatches, cfg.virtual_stages, cfg.partition,
-         cfg.activation_checkpointing) = pipe.plan.choice.settings()
+         cfg.recompute) = pipe.plan.choice.settings()
         cfg.plan = False
     say(pipe.partition_table().format())
     say(f"parameters: {params / 1e6:.2f}M (embedding and head tied, counted once)")
@@ -256,7 +256,7 @@ def _pipeline(cfg: TrainConfig, layers: list, sample: Any) -> Any:
                     virtual_stages=cfg.virtual_stages, timeout=cfg.timeout, sample=sample,
                     memory_limit=cfg.memory_limit, show_partition=False, data_parallel=cfg.dp,
                     max_grad_norm=cfg.max_grad_norm, track_grad_norm=True, precision=cfg.precision,
-                    activation_checkpointing=_checkpointing(cfg.activation_checkpointing),
+                    recompute=_recompute_mode(cfg.recompute),
                     on_nonfinite=cfg.on_nonfinite, optimizer=optim.adamw(cfg.lr, cfg.weight_decay),
                     compile=cfg.compile, shard=cfg.shard)
 
@@ -391,7 +391,7 @@ def _export_info(cfg: TrainConfig, layers: Any, tok: Any) -> dict[str, Any]:
     return export_config(layers, native, tok, cfg.pretrained)
 
 
-def _checkpointing(value: str) -> str | int:
+def _recompute_mode(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
 

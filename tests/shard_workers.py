@@ -136,7 +136,7 @@ def shard_parity(rank: int, world: int, long: bool = False) -> dict:
     for mode, schedule in (("always", "zbv"), (1, "1f1b")) + ((("except_last", "interleaved"),) if long else ()):
         for shard in ("gradients", "full") if long else ("full",):
             out[("checkpointing", mode, schedule, shard)] = errors(
-                run(make_layers, batch, 3, schedule, shard, activation_checkpointing=mode), ref)
+                run(make_layers, batch, 3, schedule, shard, recompute=mode), ref)
     # bf16: weights gathered in bf16, gradients reduce-scattered in fp32, against the unsharded bf16 pipeline (SGD:
     # Adam would turn bf16's rounding of a near-zero gradient into a whole step of either sign)
     torch.set_default_dtype(torch.float32)

@@ -323,7 +323,7 @@ def test_data_parallel_replicas_save_once_and_all_load(tmp_path):
     tensors; a D=1 checkpoint loads into every replica, and the D=2 one into one process."""
     from stagewise.runtime import checkpoint
     from stagewise.runtime.grid import Grid
-    from stagewise.runtime.stages import StageSet
+    from stagewise.runtime.stage_set import StageSet
     from stagewise.runtime.threads import LocalWorld
     from stagewise.schedules import build
 

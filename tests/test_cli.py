@@ -34,6 +34,9 @@ def test_simulate_json_and_list(tmp_path):
     assert "dev 0" in text.stdout and "bubble" in text.stdout
     bad = stagewise("simulate", "--schedule", "zbv", "--virtual-stages", "3")
     assert bad.returncode == 2 and "virtual_stages must be 2" in bad.stderr
+    for old, new in (("--chunks", "--virtual-stages"), ("--activation-checkpointing", "--recompute")):
+        renamed = stagewise("simulate", "--schedule", "zbv", old, "2")
+        assert renamed.returncode == 2 and f"{old} was renamed {new}" in renamed.stderr
 
 
 def test_partition_reproduces_the_seed_table():

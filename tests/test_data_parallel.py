@@ -77,18 +77,18 @@ def test_refusals_name_what_to_change():
 def test_validator_refuses_a_reduction_before_the_stages_last_backward():
     good = with_reductions(build("1f1b", 2, 3))
     assert validate(good)
-    lists = [list(p) for p in good.actions]
+    lists = [list(p) for p in good.programs]
     at = next(i for i, a in enumerate(lists[1]) if a.op == REDUCE)
     red = lists[1].pop(at)
     lists[1].insert(1, red)  # right after the first forward, before any backward of stage 1
     with pytest.raises(ScheduleError, match=r"device 1 action #1 REDUCE\(stage 1\): reduces stage 1's gradients "
                                             r"before its backward piece B\(stage 1, mb 0\)"):
         validate(Schedule("early", 2, 3, (0, 1), lists))
-    lists = [list(p) for p in good.actions]
+    lists = [list(p) for p in good.programs]
     lists[0] = [a for a in lists[0] if a.op != REDUCE]
     with pytest.raises(ScheduleError, match=r"steps before stage 0's gradients are reduced"):
         validate(Schedule("missing", 2, 3, (0, 1), lists))
-    lists = [list(p) for p in good.actions]
+    lists = [list(p) for p in good.programs]
     lists[0].insert(-1, Action(REDUCE, 0, -1, 1))
     with pytest.raises(ScheduleError, match="reduces stage 0 a second time"):
         validate(Schedule("twice", 2, 3, (0, 1), lists))
@@ -96,7 +96,7 @@ def test_validator_refuses_a_reduction_before_the_stages_last_backward():
 
 def test_reductions_are_placed_after_each_stages_last_backward_and_timed():
     sc = validate(with_reductions(build("1f1b", 2, 4)))
-    for d, prog in enumerate(sc.actions):
+    for d, prog in enumerate(sc.programs):
         ops = [a.op for a in prog if a.op in ("B", "REDUCE", "STEP")]
         assert ops[-2:] == ["REDUCE", "STEP"], (d, ops)
     base = simulate(validate(build("1f1b", 2, 4)), Costs(f=1, b=2))
@@ -106,7 +106,7 @@ def test_reductions_are_placed_after_each_stages_last_backward_and_timed():
     reduce_events = [e for e in sim.timeline.events if e.op == "REDUCE"]
     assert [(e.device, e.start, e.end) for e in reduce_events] == [(0, 15.0, 16.5), (1, 13.0, 14.5)]
     zbv = validate(with_reductions(build("zbv", 2, 4)))
-    first = {(d, a.stage): i for d, p in enumerate(zbv.actions) for i, a in enumerate(p) if a.op == REDUCE}
+    first = {(d, a.stage): i for d, p in enumerate(zbv.programs) for i, a in enumerate(p) if a.op == REDUCE}
     assert set(first) == {(0, 0), (0, 3), (1, 1), (1, 2)}  # every stage of every device, once
 
 

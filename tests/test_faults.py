@@ -356,7 +356,7 @@ def test_an_error_inside_a_layer_names_the_layer_and_what_it_was_given():
            p.train_step, batch(8), kind=PipelineError)
     # in a recompute too (call 1 of the layer is the recompute of micro-batch 0); the first layer of a stage
     # gets its input from the stage before, described as before
-    p = pipe(Counted(1, "raise"), partition=[3, 4], at=4, microbatches=2, activation_checkpointing="always")
+    p = pipe(Counted(1, "raise"), partition=[3, 4], at=4, microbatches=2, recompute="always")
     raises(r"failed at RECOMPUTE\(stage 1, mb 0\): RuntimeError: boom in micro-batch 1 \(raised in layer 4 "
            r"\(Counted\), of stage 1's layers 3-6; its input, the output of layer 3 \(Tanh\), was a tensor",
            p.train_step, batch(8))

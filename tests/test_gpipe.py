@@ -583,7 +583,7 @@ def test_the_worker_threads_live_across_calls_and_end_with_a_failure():
 
 def test_recompute_microbatches_puts_a_recompute_before_each_chosen_backward():
     sc = validate(recompute_microbatches(validate(build("gpipe", 2, 4)), range(3)))
-    for prog in sc.actions:
+    for prog in sc.programs:
         compute = [(a.op, a.microbatch) for a in prog if a.op in ("F", "B", RECOMPUTE)]
         assert compute == [("F", n) for n in range(4)] + [x for n in range(4) for x in
                                                           ([(RECOMPUTE, n)] if n < 3 else []) + [("B", n)]]

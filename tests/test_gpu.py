@@ -67,7 +67,7 @@ def test_threads_on_one_gpu_each_on_its_stream_equal_one_process(schedule, P, m,
 
 def test_token_mean_and_recompute_on_gpu():
     err = _parity("zbv", 2, 4, torch.float64, loss=token_loss, batch=make_padded_batch(12, 6),
-                  activation_checkpointing="always")
+                  recompute="always")
     assert err <= 1e-10
 
 

@@ -244,12 +244,12 @@ def test_pipeline_recomputes_when_only_recompute_fits():
     limit = least("always")
     assert least("never") > limit * 1.2  # activations dominate: without recompute nothing fits
     pipe = Pipeline(plan_models.small_gpt(vocab=128, seq=64), lm_loss, schedule="1f1b", microbatches="auto",
-                    sample=(ids, ids), memory_limit=limit, activation_checkpointing="auto", local_devices=2,
+                    sample=(ids, ids), memory_limit=limit, recompute="auto", local_devices=2,
                     show_partition=False, planner={"runs": 1, "repeats": 1, "cores": 0, "max_microbatches": 8})
     try:
         c = pipe.plan.choice
         assert c.recompute != "never" and max(c.memory) <= limit
-        assert any(a.op == "RECOMPUTE" for a in pipe.schedule.actions[0])
+        assert any(a.op == "RECOMPUTE" for a in pipe.schedule.programs[0])
         pipe.train_step((ids, ids))
         got = compare(pipe.plan.choice, pipe.last_trace(), 0.1)["saved_bytes"]
         assert got["measured"] == pytest.approx(got["predicted"], rel=0.05)
@@ -266,7 +266,7 @@ def test_saved_activation_bytes_match_the_prediction_for_every_synchronous_sched
     profiles = measure(plan_models.small_gpt(), (ids, ids), lm_loss, [2], runs=1, repeats=1)
     for name, mode in [(n, "never") for n in SYNCHRONOUS] + [("1f1b", "always"), ("zbv", "except_last")]:
         pipe = Pipeline(plan_models.small_gpt(), lm_loss, schedule=name, microbatches=4, local_devices=2,
-                        show_partition=False, activation_checkpointing=mode)
+                        show_partition=False, recompute=mode)
         try:
             pipe.train_step((ids, ids))
             c = predict(profiles, pipe.schedule, 8, pipe.balance, recompute=mode)
@@ -384,7 +384,7 @@ def test_a_data_parallel_pipeline_plans_with_its_reductions():
         settings = pipe.plan.settings
         assert settings["data_parallel"] == 2 and settings["precision"] == "bf16"
         assert 0 < settings["reduce_bandwidth"] < math.inf and 0 < settings["latency"] < 1
-        assert any(a.op == "REDUCE" for a in pipe.schedule.actions[0])
+        assert any(a.op == "REDUCE" for a in pipe.schedule.programs[0])
         assert math.isfinite(pipe.train_step((ids, ids)).item())
     finally:
         pipe.close()

@@ -34,7 +34,7 @@ def test_every_checkpointing_mode_gives_exact_gradients(schedule, devices):
     for mode in MODES:
         for m in (1, 3, 4):
             pipe = Pipeline(make_layers(), loss_fn, schedule=schedule, microbatches=m, local_devices=devices,
-                            activation_checkpointing=mode, show_partition=False)
+                            recompute=mode, show_partition=False)
             loss = pipe.train_step(batch)
             assert abs(loss.item() - ref_loss.item()) <= TOL * ref_loss.item(), (mode, m)
             assert _grad_err(pipe, ref_grads) <= TOL, (mode, m)
@@ -44,18 +44,18 @@ def test_except_last_and_always_in_the_action_lists():
     one = validate(build("1f1b", 2, 4))
     always = validate(with_recompute(one, "always"))
     last = validate(with_recompute(one, "except_last"))
-    count = lambda sc, d: sum(a.op == RECOMPUTE for a in sc.actions[d])  # noqa: E731
+    count = lambda sc, d: sum(a.op == RECOMPUTE for a in sc.programs[d])  # noqa: E731
     assert [count(always, d) for d in range(2)] == [4, 4]
     # the last stage's backward follows each forward at once: it keeps them all; device 0 keeps none
     assert [count(last, d) for d in range(2)] == [4, 0]
-    for prog in always.actions:  # each RECOMPUTE comes right before its backward (lowering may put a RECV between)
+    for prog in always.programs:  # each RECOMPUTE comes right before its backward (lowering may put a RECV between)
         compute = [a for a in prog if a.op in ("F", "B", RECOMPUTE)]
         for k, a in enumerate(compute):
             if a.op == RECOMPUTE:
                 assert compute[k + 1].op == "B" and compute[k + 1].microbatch == a.microbatch
-    with pytest.raises(ValueError, match="activation_checkpointing must be one of never, except_last, always"):
-        Pipeline(make_layers(), loss_fn, activation_checkpointing="sometimes", local_devices=2)
-    lists = [list(p) for p in always.actions]
+    with pytest.raises(ValueError, match="recompute must be one of never, except_last, always"):
+        Pipeline(make_layers(), loss_fn, recompute="sometimes", local_devices=2)
+    lists = [list(p) for p in always.programs]
     lists[0].insert(0, lists[0].pop(next(i for i, a in enumerate(lists[0]) if a.op == RECOMPUTE)))
     with pytest.raises(ScheduleError, match="recomputes F\\(stage 0, mb 0\\) before it ran"):
         validate(type(always)("bad", 2, 4, (0, 1), lists, lowered=True))
@@ -81,7 +81,7 @@ def test_saved_activation_bytes_match_the_memory_model(schedule, balance):
     peaks = {}
     for mode in ("never", "always"):
         pipe = Pipeline(make_layers(), loss_fn, schedule=schedule, microbatches=4, partition=balance,
-                        local_devices=2, activation_checkpointing=mode, show_partition=False)
+                        local_devices=2, recompute=mode, show_partition=False)
         pipe.train_step(batch)
         measured = [pipe.peak_device_activation_bytes()[d] for d in range(2)]
         predicted = _predicted(schedule, mode, 4, batch, balance)
@@ -106,7 +106,7 @@ def dropout_run(rank: int, world: int, mode: str) -> dict:
     layers = make_layers()
     layers.insert(4, HiddenDropout())
     layers.insert(2, HiddenDropout())
-    pipe = Pipeline(layers, loss_fn, schedule="1f1b", microbatches=4, timeout=30, activation_checkpointing=mode,
+    pipe = Pipeline(layers, loss_fn, schedule="1f1b", microbatches=4, timeout=30, recompute=mode,
                     show_partition=False)
     torch.manual_seed(11 + rank)
     loss = pipe.train_step(make_batch(8, 5)).item()

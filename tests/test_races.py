@@ -103,7 +103,7 @@ def test_drawn_schedules_and_features_stay_exact_under_short_thread_switches(sch
         err = _pipeline_vs_one_process(layers, causal_lm_loss if pairs else lm_loss, (ids, labels), 2,
                                        schedule=schedule, microbatches=m, local_devices=P,
                                        virtual_stages=virtual_stages,
-                                       activation_checkpointing=recompute)
+                                       recompute=recompute)
     assert err <= 1e-10, err
 
 

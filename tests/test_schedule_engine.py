@@ -30,7 +30,7 @@ def reference_times(sc: Schedule, dur, delay) -> dict[tuple[int, int], tuple[flo
     An overlapped pair (OVERLAP_F_B, then its F and B) starts once what both members need is
     there, runs them one after the other, and both results count from the pair's end."""
     S = sc.num_stages
-    progs = [[a for a in p if a.op in ("F", "B", "I", "W", "STEP", "OVERLAP_F_B")] for p in sc.actions]
+    progs = [[a for a in p if a.op in ("F", "B", "I", "W", "STEP", "OVERLAP_F_B")] for p in sc.programs]
     end: dict = {}
     times: dict = {}
     pos, free = [0] * len(progs), [0.0] * len(progs)
@@ -122,28 +122,28 @@ def test_one_row_at_a_time_and_level_by_level_agree(name, P, m):
 
 def test_a_wrong_unit_run_from_a_generator_is_not_trusted():
     sc = build("zbv", 3, 6)
-    progs = sc.actions
+    progs = sc.programs
     bogus = Programs(progs.op, progs.stage, progs.microbatch, progs.version, progs.peer, progs.offsets,
                      start=np.zeros(progs.num_actions))  # everything at time 0: impossible
-    forged = replace(sc, actions=bogus)
+    forged = replace(sc, programs=bogus)
     start, _ = unit_execution(forged)
-    assert np.array_equal(start, unit_execution(replace(sc, actions=tuple(sc.actions)))[0])
+    assert np.array_equal(start, unit_execution(replace(sc, programs=tuple(sc.programs)))[0])
     assert validate(forged).lowered
 
 
 def test_columns_and_tuples_are_the_same_schedule():
     sc = build("interleaved", 3, 5)
-    again = replace(sc, actions=tuple(tuple(p) for p in sc.actions))
-    assert again.actions == sc.actions and again == sc
-    assert [list(p) for p in again.actions] == [list(p) for p in sc.actions]
-    assert validate(again).actions == validate(sc).actions
+    again = replace(sc, programs=tuple(tuple(p) for p in sc.programs))
+    assert again.programs == sc.programs and again == sc
+    assert [list(p) for p in again.programs] == [list(p) for p in sc.programs]
+    assert validate(again).programs == validate(sc).programs
     assert simulate(again).makespan == simulate(sc).makespan
 
 
 def _mutations(sc: Schedule, rng: np.random.Generator, n: int) -> list[Schedule]:
     out = []
     for _ in range(n):
-        acts = [list(p) for p in sc.actions]
+        acts = [list(p) for p in sc.programs]
         d = int(rng.integers(len(acts)))
         if len(acts[d]) < 2:
             continue
@@ -157,7 +157,7 @@ def _mutations(sc: Schedule, rng: np.random.Generator, n: int) -> list[Schedule]
             acts[d][i] = acts[d][i]._replace(version=acts[d][i].version + 1)
         else:
             acts[d][i] = acts[d][i]._replace(microbatch=acts[d][i].microbatch + 1)
-        out.append(replace(sc, actions=tuple(tuple(p) for p in acts)))
+        out.append(replace(sc, programs=tuple(tuple(p) for p in acts)))
     return out
 
 
@@ -183,7 +183,7 @@ def test_fast_structure_check_agrees_with_the_exact_one(name, P, m, seed):
 def test_order_keys_never_prove_a_program_that_deadlocks(name, P, m, seed):
     low = lower(_build(name, P, m))
     assert _communication_ok(low)
-    progs = low.actions
+    progs = low.programs
     rng = np.random.default_rng(seed)
     for _ in range(6):  # move rows around on one device, their order keys with them
         d = int(rng.integers(P))
@@ -193,14 +193,14 @@ def test_order_keys_never_prove_a_program_that_deadlocks(name, P, m, seed):
         perm[i], perm[j] = perm[j], perm[i]
         moved = Programs(progs.op[perm], progs.stage[perm], progs.microbatch[perm], progs.version[perm],
                          progs.peer[perm], progs.offsets, order=progs.order[perm])
-        bad = replace(low, actions=moved)
+        bad = replace(low, programs=moved)
         if _communication_ok(bad):
             check_communication(bad)  # must not raise
 
 
 def test_step_on_a_device_that_does_not_hold_its_stage_is_rejected():
     sc = build("gpipe", 2, 2)
-    acts = [list(p) for p in sc.actions]
+    acts = [list(p) for p in sc.programs]
     acts[0][-1] = Action("STEP", 1, -1, 1)
     with pytest.raises(ScheduleError, match="optimizer step runs there"):
-        validate(replace(sc, actions=tuple(tuple(p) for p in acts)))
+        validate(replace(sc, programs=tuple(tuple(p) for p in acts)))

@@ -26,7 +26,7 @@ GRID = [(1, 1), (1, 3), (2, 1), (2, 5), (3, 4), (4, 8), (5, 11), (8, 3), (8, 17)
 
 
 def lists(sc: Schedule) -> list[list]:
-    return [list(p) for p in sc.actions]
+    return [list(p) for p in sc.programs]
 
 
 @pytest.mark.parametrize("name", SYNCHRONOUS)
@@ -38,7 +38,7 @@ def test_every_synchronous_schedule_round_trips_exactly(name, tmp_path):
         assert lists(back) == lists(sc), (name, P, m)
         assert back.placement == sc.placement and back.virtual_stages == sc.virtual_stages and back.microbatches == m
         assert back.name == f"{name}-{P}-{m}"
-        split_used = any(a.op in ("I", "W") for p in sc.actions for a in p)
+        split_used = any(a.op in ("I", "W") for p in sc.programs for a in p)
         assert back.split_backward == split_used
         assert load(path, name=name).name == name
         assert dumps(back) == dumps(sc) == dumps(lower(sc))  # communication is left out of the file

@@ -109,11 +109,11 @@ def test_async_schedules_versions_and_steady_state(P, m, batches):
 def test_pipedream_stashes_versions_and_vertical_sync_agrees_across_stages():
     sc = build("pipedream", 4, 4, batches=2, vertical_sync=True)
     validate(sc)
-    fwd = {(a.stage, a.microbatch): a.version for prog in sc.actions for a in prog if a.op == "F"}
+    fwd = {(a.stage, a.microbatch): a.version for prog in sc.programs for a in prog if a.op == "F"}
     for n in range(8):
         assert len({fwd[(s, n)] for s in range(4)}) == 1
     plain = build("pipedream", 4, 4, batches=2)
-    versions = {(a.op, a.stage, a.microbatch): a.version for prog in plain.actions for a in prog}
+    versions = {(a.op, a.stage, a.microbatch): a.version for prog in plain.programs for a in prog}
     for (op, s, n), v in versions.items():
         if op == "B":
             assert versions[("F", s, n)] == v
@@ -131,9 +131,9 @@ def test_impossible_arguments(P, m, v, err):
 
 def _edit(sc, device, fn):
     from dataclasses import replace
-    acts = list(sc.actions)
+    acts = list(sc.programs)
     acts[device] = tuple(fn(list(acts[device])))
-    return replace(sc, actions=tuple(acts))
+    return replace(sc, programs=tuple(acts))
 
 
 def test_rejects_missing_backward():
@@ -159,7 +159,7 @@ def test_rejects_a_cycle_between_devices():
     def reorder(a):
         return [x for x in a if not (x.op == "F" and x.microbatch == 1)] [:2] + [a[1]] + a[3:]
     sc = build("gpipe", 2, 2)
-    acts0 = [a for a in sc.actions[0]]
+    acts0 = [a for a in sc.programs[0]]
     # F0 F1 B0 B1 STEP  ->  F0 B1 B0 F1 STEP
     bad = [acts0[0], acts0[3], acts0[2], acts0[1], acts0[4]]
     sc = _edit(sc, 0, lambda _: bad)
@@ -191,10 +191,10 @@ def test_rejects_two_sends_crossing():
     d1 = [Action(RECV_F, 1, 0, 0, 0), Action("F", 1, 0), Action("B", 1, 0), Action(SEND_B, 1, 0, 0, 0),
           Action("STEP", 1, -1, 1)]
     from dataclasses import replace
-    validate(replace(sc, actions=(tuple(d0), tuple(d1))))  # the right order passes
+    validate(replace(sc, programs=(tuple(d0), tuple(d1))))  # the right order passes
     crossed = [d1[3], d1[0], d1[1], d1[2], d1[4]]  # device 1 sends a gradient before it could compute it
     with pytest.raises(ScheduleError, match="deadlock"):
-        validate(replace(sc, actions=(tuple(d0), tuple(crossed))))
+        validate(replace(sc, programs=(tuple(d0), tuple(crossed))))
 
 
 def test_rejects_step_before_flush_and_wrong_device():
@@ -202,7 +202,7 @@ def test_rejects_step_before_flush_and_wrong_device():
     bad = _edit(sc, 0, lambda a: [a[-1]] + a[:-1])
     with pytest.raises(ScheduleError, match="no flush"):
         validate(bad)
-    moved = _edit(_edit(sc, 0, lambda a: a + [sc.actions[1][0]]), 1, lambda a: a[1:])
+    moved = _edit(_edit(sc, 0, lambda a: a + [sc.programs[1][0]]), 1, lambda a: a[1:])
     with pytest.raises(ScheduleError, match="lives on device 1"):
         validate(moved)
 
@@ -219,7 +219,7 @@ def test_rejects_version_mismatch():
 
 def test_communication_is_derived_and_matched():
     sc = lower(build("interleaved", 3, 5))
-    sends = sum(1 for p in sc.actions for a in p if a.op.startswith("SEND"))
-    recvs = sum(1 for p in sc.actions for a in p if a.op.startswith("RECV"))
+    sends = sum(1 for p in sc.programs for a in p if a.op.startswith("SEND"))
+    recvs = sum(1 for p in sc.programs for a in p if a.op.startswith("RECV"))
     # every stage boundary crossed by each micro-batch twice (activation and gradient)
     assert sends == recvs == 2 * 5 * (sc.num_stages - 1)

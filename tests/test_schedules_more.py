@@ -63,7 +63,7 @@ def test_every_new_schedule_validates_for_any_P_and_m(name, P, m):
     sc = build(name, P, m)
     low = validate(sc)
     assert low.lowered and sc.num_devices == P and sc.microbatches == m
-    sends = sum(1 for p in low.actions for a in p if a.op in (SEND_F, SEND_B))
+    sends = sum(1 for p in low.programs for a in p if a.op in (SEND_F, SEND_B))
     crossings = sum(sc.placement[s] != sc.placement[s + 1] for s in range(sc.num_stages - 1))
     assert sends == 2 * m * crossings  # an activation and a gradient across every boundary between devices
 
@@ -174,7 +174,7 @@ def _pair_schedule():
     sc = build("1f1b", 2, 2)
     d1 = [Action("F", 1, 0), Action(OVERLAP_F_B, -1, -1), Action("F", 1, 1), Action("B", 1, 0),
           Action("B", 1, 1), Action("STEP", 1, -1, 1)]
-    return replace(sc, name="paired", actions=(tuple(sc.actions[0]), tuple(d1)))
+    return replace(sc, name="paired", programs=(tuple(sc.programs[0]), tuple(d1)))
 
 
 def test_pair_waits_for_both_members_and_costs_sum_or_max():
@@ -201,7 +201,7 @@ def test_lowering_keeps_the_pair_together():
     for sc in (_pair_schedule(), build("dualpipev", 4, 9)):
         low = lower(sc)
         assert validate(low) is low
-        for prog in low.actions:
+        for prog in low.programs:
             for k, a in enumerate(prog):
                 if a.op == OVERLAP_F_B:
                     f, b = prog[k + 1], prog[k + 2]
@@ -222,7 +222,7 @@ def test_lowering_keeps_the_pair_together():
 ])
 def test_malformed_pairs_are_refused_naming_the_pair(edit, why):
     sc = _pair_schedule()
-    bad = replace(sc, actions=(sc.actions[0], tuple(edit(list(sc.actions[1])))))
+    bad = replace(sc, programs=(sc.programs[0], tuple(edit(list(sc.programs[1])))))
     with pytest.raises(ScheduleError, match=rf"device 1 action #1 {OVERLAP_F_B}.*{why}"):
         validate(bad)
 
@@ -232,31 +232,31 @@ def test_a_pair_of_one_micro_batch_and_communication_inside_a_pair_are_refused()
     same = [Action("F", 0, 0), Action(OVERLAP_F_B, -1, -1), Action("F", 0, 1), Action("B", 0, 1),
             Action("B", 0, 0), Action("STEP", 0, -1, 1)]
     with pytest.raises(ScheduleError, match="same .stage 0, mb 1., which cannot overlap"):
-        validate(replace(sc, actions=(tuple(same),)))
+        validate(replace(sc, programs=(tuple(same),)))
     low = lower(build("dualpipev", 2, 4))
-    acts = [list(p) for p in low.actions]
+    acts = [list(p) for p in low.programs]
     d = next(d for d, p in enumerate(acts) if any(a.op == OVERLAP_F_B for a in p))
     k = next(k for k, a in enumerate(acts[d]) if a.op == OVERLAP_F_B)
     recv = next(j for j in range(k) if acts[d][j].op in (RECV_F, RECV_B))
     acts[d].insert(k + 1, acts[d].pop(recv))  # (the pair is at k - 1 now) a RECV between its members
     with pytest.raises(ScheduleError, match="must be followed by its members"):
-        validate(replace(low, actions=tuple(tuple(p) for p in acts)))
+        validate(replace(low, programs=tuple(tuple(p) for p in acts)))
 
 
 def test_split_schedules_may_mix_full_and_split_backwards_but_not_both_for_one():
     sc = build("dualpipev", 2, 4)
-    ops = {a.op for p in sc.actions for a in p}
+    ops = {a.op for p in sc.programs for a in p}
     assert {"B", "I", "W", OVERLAP_F_B} <= ops
-    acts = [list(p) for p in sc.actions]
+    acts = [list(p) for p in sc.programs]
     k = next(k for k, a in enumerate(acts[0]) if a.op == "I")
     i = acts[0][k]
     acts[0].insert(k, Action("B", i.stage, i.microbatch))
     with pytest.raises(ScheduleError, match="runs twice|runs besides the full B"):
-        validate(replace(sc, actions=tuple(tuple(p) for p in acts)))
+        validate(replace(sc, programs=tuple(tuple(p) for p in acts)))
     one = build("1f1b", 2, 2)
     with pytest.raises(ScheduleError, match="backward is a full B"):
-        validate(replace(one, actions=(tuple(one.actions[0]),
-                                       tuple(a._replace(op="I") if a.op == "B" else a for a in one.actions[1]))))
+        validate(replace(one, programs=(tuple(one.programs[0]),
+                                       tuple(a._replace(op="I") if a.op == "B" else a for a in one.programs[1]))))
 
 
 # ---- timelines ----
@@ -274,7 +274,7 @@ def test_pairs_are_drawn_in_every_timeline(tmp_path):
         trace = to_chrome_trace(tl)
         xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
         pairs = [e for e in xs if e["cat"] == OVERLAP_F_B]
-        assert len(pairs) == sum(1 for p in build("dualpipev", 4, 8).actions for a in p if a.op == OVERLAP_F_B)
+        assert len(pairs) == sum(1 for p in build("dualpipev", 4, 8).programs for a in p if a.op == OVERLAP_F_B)
         for p in pairs:
             inside = [e for e in xs if e["tid"] == p["tid"] and e is not p and p["ts"] <= e["ts"]
                       and e["ts"] + e["dur"] <= p["ts"] + p["dur"] + 1e-6 and e["dur"] > 0]
@@ -338,7 +338,7 @@ def test_measured_trace_shows_the_pairs():
     finally:
         torch.set_default_dtype(dtype)
     pairs = [e for e in tl.events if e.op == OVERLAP_F_B]
-    expected = sum(1 for p in pipe.schedule.actions for a in p if a.op == OVERLAP_F_B)
+    expected = sum(1 for p in pipe.schedule.programs for a in p if a.op == OVERLAP_F_B)
     assert len(pairs) == expected > 0
     for p in pairs:
         (fop, fs, fn), (bop, bs, bn) = p.extra["pair"]

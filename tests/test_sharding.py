@@ -24,7 +24,7 @@ def _ops(prog) -> list[Action]:
 
 def test_full_gathers_one_action_ahead_and_releases_after_the_reduction():
     sc = resolve_schedule("interleaved", 2, 4, None, 2, shard="full")
-    for d, prog in enumerate(sc.actions):
+    for d, prog in enumerate(sc.programs):
         ops = _ops(prog)
         for s in sc.stages_of(d):
             at = {op: i for i, a in enumerate(ops) for op in (UNSHARD, RESHARD, REDUCE) if a.op == op and a.stage == s}
@@ -36,13 +36,13 @@ def test_full_gathers_one_action_ahead_and_releases_after_the_reduction():
             last = max(i for i in work if ops[i].stage == s)
             assert last < at[REDUCE] < at[RESHARD] and ops[at[RESHARD] - 1].op == REDUCE, (d, s)
         assert ops[-1].op == STEP
-    first_device = [a.label for a in _ops(sc.actions[0])]
+    first_device = [a.label for a in _ops(sc.programs[0])]
     assert first_device[:4] == ["U", "F0", "U", "F1"]  # stage 2's gather runs during stage 0's second forward
 
 
 def test_gradients_keeps_weights_whole_and_gathers_them_again_after_the_step():
     sc = resolve_schedule("zbv", 2, 4, None, 2, shard="gradients")
-    for d, prog in enumerate(sc.actions):
+    for d, prog in enumerate(sc.programs):
         ops = _ops(prog)
         step = next(i for i, a in enumerate(ops) if a.op == STEP)
         after = [(a.op, a.stage) for a in ops[step + 1:]]
@@ -55,7 +55,7 @@ def test_pairs_recomputes_and_split_backwards_keep_their_order():
         for ac in ("never", "always"):
             plain = resolve_schedule(name, 2, 4, None, 2, ac)
             sharded = resolve_schedule(name, 2, 4, None, 2, ac, shard="full")
-            for p, q in zip(plain.actions, sharded.actions):  # the same actions, with the shard actions added
+            for p, q in zip(plain.programs, sharded.programs):  # the same actions, with the shard actions added
                 assert [a for a in q if a.op not in (UNSHARD, RESHARD)] == list(p)
     with pytest.raises(ScheduleError, match="several weight versions.*shard='full'"):
         resolve_schedule("2bw", 2, 4, None, 2, shard="full")
@@ -82,7 +82,7 @@ def test_the_validator_names_a_misplaced_gather_or_release():
     assert validate(good)
 
     def edited(d: int, edit) -> list[list[Action]]:
-        lists = [list(p) for p in good.actions]
+        lists = [list(p) for p in good.programs]
         lists[d] = edit(lists[d])
         return lists
 

@@ -77,7 +77,7 @@ def test_a_schedule_with_a_bad_action_is_refused_before_anything_runs():
         return make
 
     good = _by_hand()
-    bad_lists = [list(good.actions[0]), list(good.actions[1])]
+    bad_lists = [list(good.programs[0]), list(good.programs[1])]
     bad_lists[1][0], bad_lists[1][1] = bad_lists[1][1], bad_lists[1][0]  # B before its F
     bad = Schedule("broken", 2, 2, (0, 1), bad_lists)
     with pytest.raises(ScheduleError, match=r"broken: device 1 .*B\(stage 1, mb 0\).*F\(stage 1, mb 0\)"):

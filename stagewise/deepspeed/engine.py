@@ -88,7 +88,7 @@ class PipelineEngine:
             module.pipeline_layers(), loss_fn, schedule=cfg.schedule, microbatches=self.micro_batches,
             partition=module.balance, virtual_stages=cfg.virtual_stages, optimizer=bind, timeout=cfg.timeout,
             data_parallel=self.dp_world_size, max_grad_norm=cfg.gradient_clipping or None,
-            precision=cfg.precision, activation_checkpointing=interval if interval > 0 else "never",
+            precision=cfg.precision, recompute=interval if interval > 0 else "never",
             **({"loss_scale": cfg.loss_scale} if cfg.loss_scale is not None else {}))
         self.device = self.pipeline.device
         self.lr_scheduler = self._make_scheduler(lr_scheduler)

@@ -64,7 +64,7 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
 
     What is not "auto" is held fixed or narrowed: a schedule name (or a list to choose from), m (an int or a
     list), a partition method or balance (then evaluated, not searched, for every configuration), `virtual_stages`.
-    `recompute` is an activation-checkpointing mode, or "auto" (every mode), or a list of modes to try.
+    `recompute` is a recompute mode, or "auto" (every mode), or a list of modes to try.
     `sample` is a whole batch like the ones to train on (its size is the batch). `tokens_per_sample`
     defaults to the length of dim 1 of an integer input (token ids), else throughput is in samples/s.
     `precision`: the layers are profiled under it (see `measure`). `latency` (s) and `bandwidth` (bytes/s) of
@@ -114,9 +114,9 @@ def plan_model(layers: Sequence[nn.Module], loss_fn: Callable[[Any, Any], torch.
 
 def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | None, world: Any, schedule: Any,
                  microbatches: Any, partition: Any, virtual_stages: int | None, memory_limit: Any,
-                 activation_checkpointing: str | int, options: dict | None, precision: str = "fp32") -> Plan | None:
+                 recompute: str | int, options: dict | None, precision: str = "fp32") -> Plan | None:
     """For `Pipeline`: the plan when its schedule or m is "auto" (computed by one process, handed to all), else
-    None. `activation_checkpointing` "auto" lets the planner choose the mode; another mode is held. `options`
+    None. `recompute` "auto" lets the planner choose the mode; another mode is held. `options`
     go to `plan_model` (runs, repeats, cores, max_microbatches, top, latency, bandwidth, reduce_bandwidth), and
     `measure_links` (default: on GPUs) times messages between devices. The layers are profiled in `precision`; what
     links are measured is measured on `world`, by every rank, in-process (see `links.measure_links`): no process is
@@ -126,9 +126,9 @@ def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | 
     if sample is None:
         raise ValueError("schedule='auto' or microbatches='auto' measures the layers: pass sample=(inputs, labels), "
                          "a batch like the ones you will train on")
-    if isinstance(activation_checkpointing, int) or activation_checkpointing not in (AUTO, *MODES):
-        raise ValueError(f"the planner models the activation-checkpointing modes {', '.join(MODES)} (or 'auto' to "
-                         f"choose among them), not {activation_checkpointing!r}")
+    if isinstance(recompute, int) or recompute not in (AUTO, *MODES):
+        raise ValueError(f"the planner models the recompute modes {', '.join(MODES)} (or 'auto' to "
+                         f"choose among them), not {recompute!r}")
     if not all(isinstance(x, nn.Module) for x in layers):
         raise ValueError("the planner measures the layers themselves; with layer factories give the schedule, "
                          "microbatches and partition explicitly")
@@ -151,7 +151,7 @@ def plan_if_auto(layers: Sequence[Any], loss_fn: Any, sample: tuple[Any, Any] | 
         return plan_model(layers, loss_fn, sample, grid.pipeline, data_parallel=grid.data, schedule=schedule,
                           microbatches=microbatches, partition=partition, virtual_stages=virtual_stages,
                           memory_limit=memory_limit,
-                          device=device, threads=threads, recompute=activation_checkpointing, precision=precision,
+                          device=device, threads=threads, recompute=recompute, precision=precision,
                           **options)[0]
 
     return world.compute_once(run)

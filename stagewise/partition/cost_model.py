@@ -160,7 +160,7 @@ class CostModel:
         self._fwd_prefix = _prefix([x.forward for x in self.layers])
         self._placement = np.asarray(sc.placement, dtype=np.int64)
         self._holding = holding_events(sc)
-        p = sc.actions
+        p = sc.programs
         self.recomputes = np.bincount(p.stage[p.op == OP_CODE[RECOMPUTE]], minlength=sc.num_stages)  # per stage
         self._sims: dict[tuple[int, ...], Simulation] = {}
 

@@ -37,7 +37,7 @@ def holding_events(schedule: Schedule) -> list[np.ndarray]:
     frees what was held. dM counts micro-batches in flight (+1 at a forward, -1 at the last backward piece).
     An I frees nothing and is left out. Computed once per schedule.
     """
-    return schedule.actions.cached("holding_events", lambda: _holding_events(schedule))
+    return schedule.programs.cached("holding_events", lambda: _holding_events(schedule))
 
 
 def _holding_events(schedule: Schedule) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ class Candidate:
     schedule: str
     microbatches: int
     virtual_stages: int
-    recompute: str  # the activation-checkpointing mode: "never", "except_last" or "always"
+    recompute: str  # the recompute mode: "never", "except_last" or "always"
     balance: list[int]
     samples: int  # per micro-batch (the largest, when m does not divide the batch)
     step_s: float
@@ -40,7 +40,7 @@ class Candidate:
         return f"{self.schedule}{extra} m={self.microbatches}{mode}"
 
     def settings(self) -> tuple[str, int, int, list[int], str]:
-        """(schedule, microbatches, virtual_stages, balance, activation_checkpointing): what `Pipeline` takes."""
+        """(schedule, microbatches, virtual_stages, balance, recompute): what `Pipeline` takes."""
         return self.schedule, self.microbatches, self.virtual_stages, list(self.balance), self.recompute
 
     def to_dict(self) -> dict:

@@ -2,7 +2,7 @@
 memory cap. No torch.
 
 `search(profiles, devices, batch, ...)` walks every synchronous schedule of the registry, every micro-batch count
-m, every virtual-stage count the schedule takes and, where asked, every activation-checkpointing mode
+m, every virtual-stage count the schedule takes and, where asked, every recompute mode
 (`recompute`: "never", "except_last", "always"; the RECOMPUTE actions go into the schedule); for each such
 configuration it finds the balance with the shortest predicted step that fits the memory limit (`CostModel`:
 communication, shared cores, the optimizer step and tied-parameter syncs, saved activations and the loss's),
@@ -165,7 +165,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
            noise: float | None = None, exhaustive: bool = False, reduce_bandwidth: float = math.inf) -> Plan:
     """Search schedule x m x virtual stages x balance x recompute for the shortest predicted step within
     `memory_limit` bytes per device; see the module docstring. `batch` is the global batch (samples), split
-    over `data_parallel` replicas, then into m micro-batches. `recompute`: the activation-checkpointing modes
+    over `data_parallel` replicas, then into m micro-batches. `recompute`: the recompute modes
     to try (a mode that changes nothing for a schedule, say "except_last" where every backward follows its
     forward, gives the same schedule and is kept once). `balance(schedule)` fixes the balance per
     schedule instead of searching it. `noise` overrides the profiles' own estimate. With `data_parallel` > 1
@@ -187,7 +187,7 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
     L = profiles.num_layers
     for mode in recompute:
         if mode not in MODES:
-            raise ValueError(f"the planner models the activation-checkpointing modes {', '.join(MODES)}, not {mode!r}")
+            raise ValueError(f"the planner models the recompute modes {', '.join(MODES)}, not {mode!r}")
     limit = math.inf if memory_limit is None else float(memory_limit)
     band = pruning_band(profiles, noise)
     tokens = tokens_per_sample or 1
@@ -226,9 +226,9 @@ def search(profiles: ProfileSet, devices: int, batch: int, *, data_parallel: int
         except ScheduleError as err:
             failed.append(f"{name} v={v} m={m} recompute={r}: {err}")
             continue
-        if (name, v, m, schedule.actions) in seen:
+        if (name, v, m, schedule.programs) in seen:
             continue  # the mode changes nothing here (or gives what another mode already gave)
-        seen.add((name, v, m, schedule.actions))
+        seen.add((name, v, m, schedule.programs))
         built[(name, v, m, r)] = schedule
         model = CostModel(schedule, profiles.at(samples), step_per_param=profiles.step_per_param, **options)
         fixed = list(balance(schedule)) if balance is not None else None

@@ -22,7 +22,7 @@ import torch
 from stagewise.runtime.errors import PeerError, PipelineError, TransportTimeout
 from stagewise.runtime.loss import LossError, split_loss
 from stagewise.runtime.rng import RandomDraws
-from stagewise.runtime.stage import Pending, Stage
+from stagewise.runtime.stage import KeptForward, Stage
 from stagewise.runtime.streams import ActionClock
 from stagewise.runtime.transport import Handle, Transport, fill_missing_grads
 from stagewise.schedules.actions import (
@@ -103,7 +103,7 @@ class RunState:
     input_grads: dict[int, list[torch.Tensor]] | None = None
     draws: RandomDraws = field(default_factory=RandomDraws)  # how the forwards draw random numbers
     position: int = 0  # the next action of the program to walk
-    pending: dict[tuple[int, int], Pending] = field(default_factory=dict)  # (stage, mb) -> forward kept for backward
+    pending: dict[tuple[int, int], KeptForward] = field(default_factory=dict)  # (stage, mb) -> its forward, kept
     outputs: dict[tuple[int, int], Any] = field(default_factory=dict)  # stage outputs not yet sent or consumed
     received: dict[tuple[str, int, int], Handle] = field(default_factory=dict)  # posted receives
     grad_in: dict[tuple[int, int], list] = field(default_factory=dict)  # input gradients not yet sent or consumed
@@ -151,7 +151,7 @@ class Executor:
         self.rank = device if rank is None else rank
         # a stage of this device in messages: "stage 2 (rank 2)" by default
         self.who = who or (lambda s: f"stage {s} (rank {self.rank})")
-        self.program = schedule.actions[device]
+        self.program = schedule.programs[device]
         self.last = schedule.num_stages - 1
         self.handlers: dict[str, Callable[[Action, RunState, _Timing], None]] = {
             F: self._forward, B: self._backward, I: self._backward, W: self._weight,

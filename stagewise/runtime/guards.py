@@ -59,7 +59,7 @@ from stagewise.tree import TensorSlot, describe, flatten
 if TYPE_CHECKING:
     from stagewise.runtime.executor import RunState
     from stagewise.runtime.stage import Stage
-    from stagewise.runtime.stages import StageSet
+    from stagewise.runtime.stage_set import StageSet
 
 POLICIES = ("raise", "skip")
 T = TypeVar("T")

@@ -51,7 +51,7 @@ FORWARD_OPS = frozenset((F, SEND_F, RECV_F))
 def forward_part(schedule: Schedule, device: int) -> int:
     """The length of device `device`'s forward part: where its lowered list stops being F, SEND_F and RECV_F.
     A ScheduleError when forward work comes after that (a module call runs every forward first)."""
-    program = schedule.actions[device]
+    program = schedule.programs[device]
     cut = next((i for i, a in enumerate(program) if a.op not in FORWARD_OPS), len(program))
     late = next((a for a in program[cut:] if a.op in FORWARD_OPS), None)
     if late is not None:

@@ -16,7 +16,7 @@ from stagewise.runtime.grid import Grid, Group
 from stagewise.runtime.status import for_rank
 from stagewise.runtime.threads import LocalWorld
 from stagewise.runtime.transport import DistTransport, Transport
-from stagewise.runtime.world import Pending, World
+from stagewise.runtime.world import PendingCollective, World
 
 T = TypeVar("T")
 
@@ -120,11 +120,11 @@ class DistWorld(World):
                 raise
             raise named from err
 
-    def all_reduce_async(self, rank: int, tensors: Sequence[torch.Tensor], group: Group) -> Pending:
+    def all_reduce_async(self, rank: int, tensors: Sequence[torch.Tensor], group: Group) -> PendingCollective:
         if group.handle is None and len(group.ranks) == 1:
-            return Pending()
+            return PendingCollective()
         works = [launch.dist.all_reduce(t, group=group.handle, async_op=True) for t in tensors]
-        return Pending(works, self.timeout, lambda err: self._silent(err, "an all_reduce", group.ranks))
+        return PendingCollective(works, self.timeout, lambda err: self._silent(err, "an all_reduce", group.ranks))
 
     def broadcast(self, rank: int, tensor: torch.Tensor, src: int, group: Group) -> None:
         if group.handle is None and len(group.ranks) == 1:

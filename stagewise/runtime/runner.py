@@ -13,7 +13,7 @@ from stagewise.runtime.feed import Microbatches, MicrobatchFeed
 from stagewise.runtime.guards import BatchCheck, NonFiniteGuard, RankWatch, guarded
 from stagewise.runtime.microbatch import batch_size
 from stagewise.runtime.precision import LossScaler
-from stagewise.runtime.stages import StageSet
+from stagewise.runtime.stage_set import StageSet
 from stagewise.runtime.step import RankStep, Step
 from stagewise.runtime.streams import ActionClock
 from stagewise.runtime.transport import Transport
@@ -239,4 +239,4 @@ def without_step(schedule: Schedule) -> Schedule:
 
     from stagewise.schedules.actions import REDUCE, STEP
 
-    return replace(schedule, actions=[[a for a in prog if a.op not in (STEP, REDUCE)] for prog in schedule.actions])
+    return replace(schedule, programs=[[a for a in prog if a.op not in (STEP, REDUCE)] for prog in schedule.programs])

@@ -38,7 +38,6 @@ sharding is refused there.
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -64,7 +63,7 @@ from stagewise.runtime.ties import Ties
 from stagewise.schedules.actions import REDUCE, RESHARD, UNSHARD, Action
 
 if TYPE_CHECKING:
-    from stagewise.runtime.stages import StageSet
+    from stagewise.runtime.stage_set import StageSet
     from stagewise.runtime.world import World
 
 MODES = ("none", "optimizer", "gradients", "full")
@@ -349,10 +348,16 @@ class Sharding:
             elif isinstance(p, ClipGradNorm):
                 continue
             elif isinstance(p, OptimizerStep):
-                parts += [ShardedClipGradNorm(self, clip.max_norm if clip else None), p, MarkStale(self)]
+                parts += [self.clipping(clip.max_norm if clip else None), p, MarkStale(self)]
             else:
                 parts.append(p)
         return Step(parts)
+
+    def clipping(self, max_norm: float | None) -> ClipGradNorm:
+        """The global gradient norm over every shard of every stage (tied parameters once): the norm
+        `clip_grad_norm_` gives the unsplit model, summed over every rank since each holds its own shards."""
+        return ClipGradNorm(self.world, self.model, self.ties, max_norm, held=_local,
+                            across=lambda rank: self.world.grid_groups().everyone)
 
     def take_times(self, rank: int) -> dict[str, float]:
         """Seconds of this rank's all-gathers (from start to done, and the part it waited for) and reduce-scatters
@@ -427,36 +432,6 @@ class SumTiedShards(StepPart):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             self.world.all_reduce(ctx.rank, [_local(p.grad)], group)
-
-
-class ShardedClipGradNorm(StepPart):
-    """The global gradient norm over every shard of every stage (tied parameters once): the norm
-    `clip_grad_norm_` gives the unsplit model; with `max_norm`, gradients scaled as it scales them."""
-
-    contract = ("report['grad_norm'] is the global gradient norm; with max_norm the gradients' norm is at most "
-                "max_norm; a non-finite norm marks the step skipped everywhere")
-
-    def __init__(self, sharding: Sharding, max_norm: float | None):
-        self.sharding, self.max_norm = sharding, max_norm
-
-    def __call__(self, ctx: StepContext) -> None:
-        world, model, ties = self.sharding.world, self.sharding.model, self.sharding.ties
-        params = [p for p in model.owned[ctx.rank] if p.grad is not None]
-        squares = torch.zeros(1, dtype=torch.float64, device=world.device(ctx.rank))
-        for p in params:
-            if id(p) not in ties.not_counted:
-                squares += _local(p.grad).detach().to(torch.float64).pow(2).sum()
-        world.all_reduce(ctx.rank, [squares], world.grid_groups().everyone)  # every stage, every shard
-        norm = math.sqrt(squares.item()) if math.isfinite(squares.item()) else math.nan
-        ctx.report["grad_norm"] = norm
-        if not math.isfinite(norm):
-            ctx.skip = True
-            ctx.report["skipped"] = f"the gradient norm is {norm} (an inf or NaN gradient)"
-            return
-        if self.max_norm is not None:
-            coef = min(self.max_norm / (norm + 1e-6), 1.0)  # clip_grad_norm_'s coefficient, clamped to 1
-            for p in params:
-                _local(p.grad).mul_(coef)
 
 
 class MarkStale(StepPart):

@@ -68,7 +68,7 @@ class HeldBytes:
 
 
 @dataclass
-class Pending:
+class KeptForward:
     """What one (stage, micro-batch) keeps from its forward until its backward is done."""
 
     inputs: list[torch.Tensor]  # the input leaves that want a gradient
@@ -83,11 +83,11 @@ class Pending:
 
 class Stage:
     """The layers of stage `index` run as one nn.Sequential; activations of each micro-batch are
-    kept in a `Pending` until the backward frees them. Saved-activation bytes are counted with
+    kept in a `KeptForward` until the backward frees them. Saved-activation bytes are counted with
     `saved_tensors_hooks` (weights excluded, each storage once)."""
 
     def __init__(self, index: int, layers: list[nn.Module], layer_offset: int, names: dict[int, str] | None = None,
-                 precision: Precision | None = None, checkpoint_every: int | None = None):
+                 precision: Precision | None = None, recompute_every: int | None = None):
         self.index = index
         self.names = names or {}
         self.module = nn.Sequential(*layers)
@@ -97,7 +97,7 @@ class Stage:
         self.device_bytes = HeldBytes()  # shared by the stages of one device (see StageSet)
         self.versions: WeightVersions | None = None  # set for asynchronous schedules
         self.precision = precision or Precision()
-        self.checkpoint_every = checkpoint_every  # groups of this many layers checkpointed inside the stage
+        self.recompute_every = recompute_every  # groups of this many layers checkpointed inside the stage
         self.replays = False  # whether this process recomputes forwards (set by its owner)
         # Parameters the forward uses through stand-ins (name in `module` -> tensor), such as GPipe's per-call
         # replica of a parameter another partition holds; set and cleared by the owner.
@@ -116,7 +116,7 @@ class Stage:
 
     def forward(self, x: Any, version: int | None = None, loss: Callable[[Any], torch.Tensor] | None = None,
                 keep: bool = True, *, microbatch: int = 0, draws: RandomDraws | None = None,
-                input_grad: bool = False) -> tuple[Any, Pending]:
+                input_grad: bool = False) -> tuple[Any, KeptForward]:
         """Run the layers on micro-batch `microbatch`; `x` comes from the data (first stage) or the previous
         stage, and is cut from the graph that made it (the first stage's input gets no gradient unless
         `input_grad`). With `loss` (the last stage) the pending's root is `loss(output)`, else the output's
@@ -126,7 +126,7 @@ class Stage:
         x = cut(x, keep_grad=self.index > 0 or input_grad)
         inputs = [t for t in tensors_of(x) if t.requires_grad]
         weights = self.versions.params(version) if self.versions is not None and version is not None else None
-        pending = Pending(inputs, [], 0, version if weights is not None else None)
+        pending = KeptForward(inputs, [], 0, version if weights is not None else None)
         if self.stand_ins:
             weights = {**(weights or {}), **self.stand_ins}
         draws = draws or RandomDraws()
@@ -151,9 +151,9 @@ class Stage:
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         self.device_bytes.add(nbytes)
 
-    def _run(self, x: Any, weights: dict | None, loss: Callable | None, pending: Pending) -> Any:
+    def _run(self, x: Any, weights: dict | None, loss: Callable | None, pending: KeptForward) -> Any:
         with self.precision.autocast(_device_of(x, self.module)):
-            if self.checkpoint_every is not None and weights is None:
+            if self.recompute_every is not None and weights is None:
                 out = self._checkpointed(x)
             else:
                 out = self.module(x) if weights is None else functional_call(self.module, weights, (x,))
@@ -167,7 +167,7 @@ class Stage:
         pending.like = pending.roots
         return out
 
-    def no_gradient_path(self, out: Any, pending: Pending, microbatch: int) -> str:
+    def no_gradient_path(self, out: Any, pending: KeptForward, microbatch: int) -> str:
         """Why this last stage's loss for `microbatch` does not require grad, as far as the stage can tell: where
         the path from the parameters to the loss is cut (for the error a training step raises then)."""
         head = (f"the loss of micro-batch {microbatch} does not require grad, so no parameter would get a gradient "
@@ -197,17 +197,17 @@ class Stage:
                        "nothing to train)")
 
     def _checkpointed(self, x: Any) -> Any:
-        """Every group of `checkpoint_every` layers under torch.utils.checkpoint (non-reentrant, RNG replayed)."""
+        """Every group of `recompute_every` layers under torch.utils.checkpoint (non-reentrant, RNG replayed)."""
         from torch.utils.checkpoint import checkpoint
 
         layers = list(self.module)
-        n = self.checkpoint_every or len(layers)
+        n = self.recompute_every or len(layers)
         for k in range(0, len(layers), n):
             group = nn.Sequential(*layers[k:k + n])
             x = checkpoint(group, x, use_reentrant=False) if torch.is_grad_enabled() else group(x)
         return x
 
-    def recompute(self, pending: Pending) -> None:
+    def recompute(self, pending: KeptForward) -> None:
         """Run a forward that kept only its input again, with its dropout masks, to rebuild what the backward
         needs (once: I and W of a split backward share it)."""
         if pending.replay is None:
@@ -223,11 +223,11 @@ class Stage:
         pending.saved_bytes += counter.total
         self._hold(counter.total)
 
-    def release(self, pending: Pending) -> None:
+    def release(self, pending: KeptForward) -> None:
         self._hold(-pending.saved_bytes)
         pending.saved_bytes = 0
 
-    def backward(self, pending: Pending, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
+    def backward(self, pending: KeptForward, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
         """Full backward: accumulate weight gradients, return the gradients of the inputs."""
         if pending.version is not None and self.versions is not None:
             return self._backward_version(pending, grads)
@@ -238,7 +238,7 @@ class Stage:
         self.release(pending)
         return result
 
-    def _backward_version(self, pending: Pending, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
+    def _backward_version(self, pending: KeptForward, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
         """Backward with respect to the stashed version the forward used; its gradient goes to the masters."""
         versions, v = self.versions, pending.version
         weights = versions.tensors(v)
@@ -254,7 +254,7 @@ class Stage:
         self.release(pending)
         return result
 
-    def backward_input(self, pending: Pending, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
+    def backward_input(self, pending: KeptForward, grads: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
         """Gradients of the inputs only; what the weight gradient needs is kept for `backward_weight`.
 
         Autograd is asked for the input gradients alone, so every node on the path from the
@@ -310,7 +310,7 @@ class Stage:
         pending.roots = []
         return list(got)
 
-    def backward_weight(self, pending: Pending) -> None:
+    def backward_weight(self, pending: KeptForward) -> None:
         """Accumulate the weight gradients prepared by `backward_input`, then free the activations."""
         for outs, grads, params, pinned in pending.weight_work:
             handles = [node.register_prehook(_pin(g)) for node, g in pinned]

@@ -29,7 +29,7 @@ class StageSet:
     """
 
     def __init__(self, layers: Sequence[LayerSpec], balance: Sequence[int], schedule: Schedule, world: World,
-                 seed: int | None = None, precision: Precision | None = None, checkpoint_every: int | None = None,
+                 seed: int | None = None, precision: Precision | None = None, recompute_every: int | None = None,
                  compile: bool | str = False):
         starts = [sum(balance[:s]) for s in range(len(balance))]
         self.layer_ranges = [(a, a + n) for a, n in zip(starts, balance)]
@@ -39,7 +39,7 @@ class StageSet:
         self.by_rank: dict[int, dict[int, Stage]] = {}
         copies: dict[int, Sequence[LayerSpec]] = {}
         # a forward any thread of this process recomputes must draw undisturbed by the others (`Stage.replays`)
-        replays = any(a.op == RECOMPUTE for r in world.local_ranks for a in schedule.actions[world.grid.coords(r)[0]])
+        replays = any(a.op == RECOMPUTE for r in world.local_ranks for a in schedule.programs[world.grid.coords(r)[0]])
         for rank in world.local_ranks:
             device, replica = world.grid.coords(rank)
             if replica not in copies:  # data replicas in one process each get their own layers (ties kept)
@@ -48,7 +48,7 @@ class StageSet:
             for s in schedule.stages_of(device):
                 lo, hi = self.layer_ranges[s]
                 built = [build_layer(copies[replica][i], i, seed) for i in range(lo, hi)]
-                mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names, precision, checkpoint_every)
+                mine[s] = Stage(s, [m.to(world.device(rank)) for m in built], lo, names, precision, recompute_every)
                 compile_module(mine[s].module, compile, world.device(rank))  # in place: the names stay
             self.by_rank[rank] = mine
             device_bytes = HeldBytes()

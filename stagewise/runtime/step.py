@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +21,15 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from stagewise.runtime.errors import PipelineError
+from stagewise.runtime.grid import Group
 from stagewise.runtime.precision import LossScaler
 from stagewise.runtime.stage import Stage
 from stagewise.runtime.ties import Ties
-from stagewise.runtime.world import Pending, World
+from stagewise.runtime.world import PendingCollective, World
 from stagewise.schedules.actions import Action
 
 if TYPE_CHECKING:
-    from stagewise.runtime.stages import StageSet
+    from stagewise.runtime.stage_set import StageSet
 
 
 @dataclass
@@ -76,7 +77,7 @@ class ReduceGradients(StepPart):
     def __init__(self, world: World, model: StageSet):
         self.world, self.model = world, model
         self.owned = {r: {id(p) for p in ps} for r, ps in model.owned.items()}
-        self.pending: dict[int, list[tuple[Pending, torch.Tensor, list[torch.Tensor]]]] = {}
+        self.pending: dict[int, list[tuple[PendingCollective, torch.Tensor, list[torch.Tensor]]]] = {}
         self.done: dict[int, set[int]] = {}
         self.waiting: dict[int, set[int]] = {}
 
@@ -211,8 +212,13 @@ class ClipGradNorm(StepPart):
     contract = ("report['grad_norm'] is the global gradient norm; with max_norm the gradients' norm is at most "
                 "max_norm; a non-finite norm marks the step skipped everywhere")
 
-    def __init__(self, world: World, model: StageSet, ties: Ties, max_norm: float | None):
+    def __init__(self, world: World, model: StageSet, ties: Ties, max_norm: float | None,
+                 held: Callable[[torch.Tensor], torch.Tensor] = lambda g: g,
+                 across: Callable[[int], Group] | None = None):
         self.world, self.model, self.ties, self.max_norm = world, model, ties, max_norm
+        self.held = held  # the part of a gradient this rank holds: all of it, or its shard (sharded stages)
+        # the ranks whose squares make the norm: this replica's pipeline (replicas agree), or every shard's holder
+        self.across = across or (lambda rank: world.grid_groups().of_rank(world.grid, rank)[0])
 
     def __call__(self, ctx: StepContext) -> None:
         params = [p for p in self.model.owned[ctx.rank] if p.grad is not None]
@@ -220,8 +226,8 @@ class ClipGradNorm(StepPart):
         squares = torch.zeros(1, dtype=torch.float64, device=device)
         for p in params:
             if id(p) not in self.ties.not_counted:
-                squares += p.grad.detach().to(torch.float64).pow(2).sum()
-        self.world.all_reduce(ctx.rank, [squares], self.world.grid_groups().of_rank(self.world.grid, ctx.rank)[0])
+                squares += self.held(p.grad).detach().to(torch.float64).pow(2).sum()
+        self.world.all_reduce(ctx.rank, [squares], self.across(ctx.rank))
         norm = math.sqrt(squares.item()) if math.isfinite(squares.item()) else math.nan
         ctx.report["grad_norm"] = norm
         if not math.isfinite(norm):
@@ -231,7 +237,7 @@ class ClipGradNorm(StepPart):
         if self.max_norm is not None:
             coef = min(self.max_norm / (norm + 1e-6), 1.0)  # clip_grad_norm_'s coefficient, clamped to 1
             for p in params:
-                p.grad.mul_(coef)
+                self.held(p.grad).mul_(coef)
 
 
 class SyncTiedGrads(StepPart):

@@ -82,7 +82,7 @@ def stashing(schedule: Schedule, stages: Sequence[Versioned], peaks: dict[int, i
     for st in stages:
         s = st.index
         uses: dict[int, int] = {}
-        for a in schedule.actions[schedule.placement[s]]:
+        for a in schedule.programs[schedule.placement[s]]:
             if a.op == B and a.stage == s:
                 uses[a.version] = uses.get(a.version, 0) + 1
         st.versions = WeightVersions(st.module, uses)

@@ -89,10 +89,10 @@ class World(ABC):
             self._grid_groups = cached
         return cached
 
-    def all_reduce_async(self, rank: int, tensors: Sequence[torch.Tensor], group: Group) -> Pending:
+    def all_reduce_async(self, rank: int, tensors: Sequence[torch.Tensor], group: Group) -> PendingCollective:
         """Start `all_reduce`; the result is in place once the returned handle's `wait()` returns."""
         self.all_reduce(rank, tensors, group)
-        return Pending()
+        return PendingCollective()
 
     def close(self) -> None:  # noqa: B027 (a world without helper threads has nothing to stop)
         """Stop helper threads (the failure watchdog); idempotent."""
@@ -120,7 +120,7 @@ class World(ABC):
         self.all_gather_object(rank, None, group)
 
 
-class Pending:
+class PendingCollective:
     """A collective started asynchronously; `wait()` blocks until it is done (here: already done)."""
 
     def __init__(self, works: Sequence[Any] = (), timeout: float | None = None,
@@ -144,4 +144,4 @@ class Pending:
         self.works = []
 
 
-__all__ = ["Pending", "World"]
+__all__ = ["PendingCollective", "World"]

@@ -103,11 +103,11 @@ class Compiled:
 
 def compile_schedule(schedule: Schedule) -> Compiled:
     """Dependencies of every compute action (computed once per schedule)."""
-    return schedule.actions.cached("compiled", lambda: _compile(schedule))
+    return schedule.programs.cached("compiled", lambda: _compile(schedule))
 
 
 def _compile(schedule: Schedule) -> Compiled:
-    allp = schedule.actions
+    allp = schedule.programs
     progs = allp.select(np.isin(allp.op, WORK_CODES)) if allp.num_actions else allp
     S = schedule.num_stages
     placement = np.asarray(schedule.placement, dtype=np.int64)
@@ -181,7 +181,7 @@ def unit_execution(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
 
     Raises ScheduleError naming the first action that can never run.
     """
-    return schedule.actions.cached("unit", lambda: _unit_execution(schedule))
+    return schedule.programs.cached("unit", lambda: _unit_execution(schedule))
 
 
 def _unit_execution(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
@@ -314,7 +314,7 @@ def _raise_stuck(schedule: Schedule, c: Compiled, pos: np.ndarray, end: np.ndarr
 
 def _list_index(schedule: Schedule, device: int, k: int) -> int:
     """Position in the device's whole list of its k-th compute row (communication rows skipped)."""
-    work = np.flatnonzero(np.isin(np.asarray([OP_CODE.get(a.op, -1) for a in schedule.actions[device]]),
+    work = np.flatnonzero(np.isin(np.asarray([OP_CODE.get(a.op, -1) for a in schedule.programs[device]]),
                                   WORK_CODES))
     return int(work[k]) if k < len(work) else k
 
@@ -326,7 +326,7 @@ def timed_execution(schedule: Schedule, cost: np.ndarray, delay: np.ndarray | No
     c = compile_schedule(schedule)
     ustart, _ = unit_execution(schedule)
     N = c.n
-    order, bounds = schedule.actions.cached("levels", lambda: _levels(c, ustart))
+    order, bounds = schedule.programs.cached("levels", lambda: _levels(c, ustart))
     prev = np.arange(-1, N - 1, dtype=np.int64)
     offs = c.programs.offsets[:-1]
     prev[offs[offs < N]] = N

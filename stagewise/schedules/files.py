@@ -42,7 +42,7 @@ def dumps(schedule: Schedule) -> str:
                             "in its lists, which the CSV form cannot hold; only synchronous schedules are written")
     out = io.StringIO()
     writer = csv.writer(out)
-    for d, prog in enumerate(schedule.actions):
+    for d, prog in enumerate(schedule.programs):
         work = [a for a in prog if a.op not in COMM_OPS]
         if work and work[-1] == _flush_step(schedule, d):
             work = work[:-1]

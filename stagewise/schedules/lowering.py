@@ -64,10 +64,10 @@ def lower(schedule: Schedule) -> Schedule:
     times = np.concatenate([start, np.full(2 * n_s, np.nan)])
     keys = np.concatenate([ckey, mkey, mkey])
     out = Programs.from_rows(P, device, ops, stage, mb, version, peer, start=times, order=keys, sort=keys)
-    lowered = replace(schedule, actions=out, lowered=True)
+    lowered = replace(schedule, programs=out, lowered=True)
     # The compute rows and their unit execution are those of `schedule`: share them.
-    lowered.actions.cached("compiled", lambda: _relabel(c, out))
-    lowered.actions.cached("unit", lambda: (start, end))
+    lowered.programs.cached("compiled", lambda: _relabel(c, out))
+    lowered.programs.cached("unit", lambda: (start, end))
     return lowered
 
 

@@ -37,7 +37,7 @@ _WORK = (F, B, I, "W", OVERLAP_F_B)
 def check_mode(mode: str | int) -> str | int:
     """`mode` if it is one of MODES or an integer >= 1; a ValueError saying what is allowed otherwise."""
     if isinstance(mode, bool) or not (mode in MODES or (isinstance(mode, int) and mode >= 1)):
-        raise ValueError(f"activation_checkpointing must be one of {', '.join(MODES)} or a number of layers >= 1 per "
+        raise ValueError(f"recompute must be one of {', '.join(MODES)} or a number of layers >= 1 per "
                          f"checkpointed group, got {mode!r}")
     return mode
 
@@ -48,7 +48,7 @@ def with_recompute(schedule: Schedule, mode: str | int) -> Schedule:
     check_mode(mode)
     if mode == "never" or _has_recomputes(schedule):
         return schedule
-    return _insert(schedule, [_dropped(prog, mode) for prog in schedule.actions])
+    return _insert(schedule, [_dropped(prog, mode) for prog in schedule.programs])
 
 
 def recompute_microbatches(schedule: Schedule, microbatches: Iterable[int]) -> Schedule:
@@ -58,7 +58,7 @@ def recompute_microbatches(schedule: Schedule, microbatches: Iterable[int]) -> S
     if not chosen or _has_recomputes(schedule):
         return schedule
     return _insert(schedule, [{(a.stage, a.microbatch) for a in prog if a.op == F and a.microbatch in chosen}
-                              for prog in schedule.actions])
+                              for prog in schedule.programs])
 
 
 def checkpointed(mode: str, microbatches: int) -> range:
@@ -70,7 +70,7 @@ def checkpointed(mode: str, microbatches: int) -> range:
 
 
 def _has_recomputes(schedule: Schedule) -> bool:
-    return any(a.op == RECOMPUTE for prog in schedule.actions for a in prog)
+    return any(a.op == RECOMPUTE for prog in schedule.programs for a in prog)
 
 
 def _dropped(prog: Sequence[Action], mode: str | int) -> set[tuple[int, int]]:
@@ -93,7 +93,7 @@ def _insert(schedule: Schedule, drops: list[set[tuple[int, int]]]) -> Schedule:
     """`schedule` with a RECOMPUTE right before the backward (B, or I) of every (stage, micro-batch) in the
     device's set of `drops`."""
     out: list[list[Action]] = []
-    for prog, drop in zip(schedule.actions, drops):
+    for prog, drop in zip(schedule.programs, drops):
         drop = set(drop)
         new: list[Action] = []
         for i, a in enumerate(prog):
@@ -108,4 +108,4 @@ def _insert(schedule: Schedule, drops: list[set[tuple[int, int]]]) -> Schedule:
                 drop.discard(key)
             new.append(a)
         out.append(new)
-    return replace(schedule, actions=out)
+    return replace(schedule, programs=out)

@@ -22,11 +22,11 @@ def with_reductions(schedule: Schedule) -> Schedule:
     """`schedule` with one REDUCE per stage between two optimizer steps of its device, right after that
     stage's last backward piece before the step (a no-op when it already has them). Works on lowered and
     unlowered schedules (on a lowered one the message order is unchanged)."""
-    if any(a.op == REDUCE for prog in schedule.actions for a in prog):
+    if any(a.op == REDUCE for prog in schedule.programs for a in prog):
         return schedule
     last_piece = (B, W)  # a split schedule may still run a full B for some micro-batches (DualPipeV)
     out: list[list[Action]] = []
-    for prog in schedule.actions:
+    for prog in schedule.programs:
         steps = [i for i, a in enumerate(prog) if a.op == STEP] or [len(prog)]
         after: dict[int, list[Action]] = {}
         start = 0
@@ -44,4 +44,4 @@ def with_reductions(schedule: Schedule) -> Schedule:
             new.append(a)
             new.extend(after.get(i, ()))
         out.append(new)
-    return replace(schedule, actions=out)
+    return replace(schedule, programs=out)

@@ -108,7 +108,7 @@ def check_spec(spec: str | os.PathLike | Schedule) -> None:
 
 def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatches: int | None = None,
                      virtual_stages: int | None = None, data_parallel: int = 1,
-                     activation_checkpointing: str | int = "never", shard: str = "none",
+                     recompute: str | int = "never", shard: str = "none",
                      **options) -> Schedule:
     """The schedule a user asked for, validated and lowered as `validate()` returns it.
 
@@ -117,7 +117,7 @@ def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatc
     (`files.load`), or a `Schedule`. A file or a Schedule must be written for `devices`
     devices, for `microbatches` micro-batches when given (left unset, its own count is used),
     and hold `virtual_stages` stages per device when given; it takes no options. With `data_parallel`
-    > 1 it gets its gradient reductions (`with_reductions`), with `activation_checkpointing` its
+    > 1 it gets its gradient reductions (`with_reductions`), with `recompute` its
     recomputes (`with_recompute`), and with `shard` "full" or "gradients" the all-gathers and releases of
     its sharded parameters (`with_sharding`). Anything else, or any fault the validator finds, is a
     ScheduleError naming it.
@@ -129,14 +129,14 @@ def resolve_schedule(spec: str | os.PathLike | Schedule, devices: int, microbatc
 
     if shard in MODES:  # around everything else: a stage's parameters are whole from its first to its last work
         return validate(with_sharding(resolve_schedule(spec, devices, microbatches, virtual_stages, data_parallel,
-                                                       activation_checkpointing, **options), shard))
-    if activation_checkpointing != "never":
+                                                       recompute, **options), shard))
+    if recompute != "never":
         return validate(with_recompute(resolve_schedule(spec, devices, microbatches, virtual_stages, data_parallel,
-                                                        **options), activation_checkpointing))
+                                                        **options), recompute))
 
     if data_parallel > 1:
         schedule = resolve_schedule(spec, devices, microbatches, virtual_stages, **options)
-        steps = sum(a.op == STEP for a in schedule.actions[0])
+        steps = sum(a.op == STEP for a in schedule.programs[0])
         batches = schedule.microbatches // schedule.batch_microbatches
         if steps > batches:
             raise ScheduleError(f"schedule {schedule.name!r} takes an optimizer step after every micro-batch; data "

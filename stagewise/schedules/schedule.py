@@ -12,7 +12,7 @@ from stagewise.schedules.programs import Programs
 class Schedule:
     """An ordered list of actions for each device, plus where every stage lives.
 
-    `placement[s]` is the device that holds stage `s`; `actions[d]` is device `d`'s program
+    `placement[s]` is the device that holds stage `s`; `programs[d]` is device `d`'s program
     (given as per-device sequences of `Action`, it is stored as `Programs` columns).
     `lowered` is True once `lower()` has added the communication actions.
     """
@@ -21,15 +21,15 @@ class Schedule:
     num_devices: int
     microbatches: int
     placement: tuple[int, ...]
-    actions: Programs  # per-device lists of Action are accepted and stored as columns
+    programs: Programs  # per-device lists of Action are accepted and stored as columns
     split_backward: bool = False  # backward is I + W rather than B
     asynchronous: bool = False  # several weight versions, no flush
     lowered: bool = False
     per_batch: int = 0  # micro-batches per optimizer batch when several batches run unflushed (0: all)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.actions, Programs):
-            object.__setattr__(self, "actions", Programs.from_lists(self.actions))
+        if not isinstance(self.programs, Programs):
+            object.__setattr__(self, "programs", Programs.from_lists(self.programs))
         object.__setattr__(self, "placement", tuple(self.placement))
 
     @property
@@ -50,7 +50,7 @@ class Schedule:
         return [s for s, d in enumerate(self.placement) if d == device]
 
     def compute_actions(self, device: int) -> list[Action]:
-        return [a for a in self.actions[device] if a.op in COMPUTE_OPS]
+        return [a for a in self.programs[device] if a.op in COMPUTE_OPS]
 
     def describe(self) -> str:
         return (

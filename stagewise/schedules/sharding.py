@@ -44,13 +44,13 @@ def with_sharding(schedule: Schedule, mode: str) -> Schedule:
     """`schedule` with its UNSHARD/RESHARD actions for `mode` ("full" or "gradients"; any other mode, or a
     schedule that has them already, is returned unchanged). Works on lowered schedules without changing the
     message order; an asynchronous schedule (several weight versions) is refused."""
-    if mode not in MODES or any(a.op in (UNSHARD, RESHARD) for prog in schedule.actions for a in prog):
+    if mode not in MODES or any(a.op in (UNSHARD, RESHARD) for prog in schedule.programs for a in prog):
         return schedule
     if schedule.asynchronous:
         raise ScheduleError(f"schedule {schedule.name!r} keeps several weight versions per stage, which sharded "
                             f"parameters (shard={mode!r}) cannot hold; use a synchronous schedule or shard='none'")
     place = _full if mode == "full" else _gradients
-    return replace(schedule, actions=[place(list(prog)) for prog in schedule.actions])
+    return replace(schedule, programs=[place(list(prog)) for prog in schedule.programs])
 
 
 def _windows(prog: list[Action]) -> list[tuple[int, int]]:
@@ -109,9 +109,9 @@ def check_sharding(sc: Schedule, fail) -> None:
     whole, reduces its gradients (REDUCE) while whole, and ends its program in the state it started it in (the
     state before its first UNSHARD or RESHARD), so that the program can run again. `fail(d, i, a, why)` makes
     the error."""
-    if not any(a.op in (UNSHARD, RESHARD) for prog in sc.actions for a in prog):
+    if not any(a.op in (UNSHARD, RESHARD) for prog in sc.programs for a in prog):
         return
-    for d, prog in enumerate(sc.actions):
+    for d, prog in enumerate(sc.programs):
         first_op = {}
         for a in prog:
             if a.op in (UNSHARD, RESHARD):

@@ -79,15 +79,15 @@ def _pair_problem(prog: tuple[Action, ...], i: int) -> str | None:
 
 def _check_structure(sc: Schedule) -> None:
     P, S, m = sc.num_devices, sc.num_stages, sc.microbatches
-    if len(sc.actions) != P:
-        raise ScheduleError(f"{sc.name}: has {len(sc.actions)} action lists for {P} devices")
+    if len(sc.programs) != P:
+        raise ScheduleError(f"{sc.name}: has {len(sc.programs)} action lists for {P} devices")
     if any(not 0 <= d < P for d in sc.placement):
         raise ScheduleError(f"{sc.name}: placement {sc.placement} names a device outside 0..{P - 1}")
     allowed = {B, I, W} if sc.split_backward else {B}
     seen: dict[tuple[str, int, int], tuple[int, int]] = {}
     fwd_version: dict[tuple[int, int], int] = {}
     flush_error: ScheduleError | None = None
-    for d, prog in enumerate(sc.actions):
+    for d, prog in enumerate(sc.programs):
         versions = {s: {0} for s in range(S)}
         step_at = -1
         for i, a in enumerate(prog):
@@ -151,7 +151,7 @@ def _check_structure(sc: Schedule) -> None:
                 for op in (I, W):
                     if (op, s, n) in seen:
                         d, i = seen[(op, s, n)]
-                        raise _fail(sc, d, i, sc.actions[d][i], f"runs besides the full B(stage {s}, mb {n}); a "
+                        raise _fail(sc, d, i, sc.programs[d][i], f"runs besides the full B(stage {s}, mb {n}); a "
                                     "backward is one B, or I then W")
             for op in (F, B) if full or not sc.split_backward else (F, I, W):
                 if (op, s, n) not in seen:
@@ -166,7 +166,7 @@ def _check_structure(sc: Schedule) -> None:
 
 def _check_recomputes(sc: Schedule) -> None:
     """A RECOMPUTE(stage, mb) runs once, after that forward and before that micro-batch's backward on the stage."""
-    for d, prog in enumerate(sc.actions):
+    for d, prog in enumerate(sc.programs):
         seen: dict[tuple[int, int], str] = {}
         for i, a in enumerate(prog):
             key = (a.stage, a.microbatch)
@@ -186,10 +186,10 @@ def _check_recomputes(sc: Schedule) -> None:
 def _check_reductions(sc: Schedule) -> None:
     """When a schedule reduces gradients (REDUCE actions), each device reduces every stage it holds exactly
     once between two optimizer steps, after the last backward piece of that stage and before the step."""
-    if not any(a.op == REDUCE for prog in sc.actions for a in prog):
+    if not any(a.op == REDUCE for prog in sc.programs for a in prog):
         return
     last_piece = W if sc.split_backward else B
-    for d, prog in enumerate(sc.actions):
+    for d, prog in enumerate(sc.programs):
         window_start = 0
         reduced: dict[int, int] = {}
         backward_at: dict[int, int] = {}
@@ -232,7 +232,7 @@ def check_communication(sc: Schedule) -> None:
     recvs: dict[int, tuple[int, int]] = {}
     comm: list[list[int]] = []  # per device: the message keys of its SEND/RECV actions, in order
     comm_at: list[list[int]] = []  # ... and their positions in the list
-    for d, prog in enumerate(sc.actions):
+    for d, prog in enumerate(sc.programs):
         keys_d, at_d = [], []
         produced: dict[tuple, int] = {}  # what is at hand on this device, and from which position
         for i, a in enumerate(prog):
@@ -264,16 +264,16 @@ def check_communication(sc: Schedule) -> None:
         comm_at.append(at_d)
     for k, (d, i) in sends.items():
         if k not in recvs:
-            dst = message_of(sc.actions[d][i])[2]
-            raise _fail(sc, d, i, sc.actions[d][i], f"no device receives it (device {placement[dst]} should)")
+            dst = message_of(sc.programs[d][i])[2]
+            raise _fail(sc, d, i, sc.programs[d][i], f"no device receives it (device {placement[dst]} should)")
     for k, (d, i) in recvs.items():
         if k not in sends:
-            src = message_of(sc.actions[d][i])[1]
-            raise _fail(sc, d, i, sc.actions[d][i], f"no device sends it (device {placement[src]} should)")
+            src = message_of(sc.programs[d][i])[1]
+            raise _fail(sc, d, i, sc.programs[d][i], f"no device sends it (device {placement[src]} should)")
         d2, i2 = sends[k]
         for (x, j), other in (((d, i), d2), ((d2, i2), d)):
-            if sc.actions[x][j].peer != other:
-                raise _fail(sc, x, j, sc.actions[x][j], f"names peer {sc.actions[x][j].peer}, but the other end "
+            if sc.programs[x][j].peer != other:
+                raise _fail(sc, x, j, sc.programs[x][j], f"names peer {sc.programs[x][j].peer}, but the other end "
                             f"of this message is device {other}")
     pos = [0] * P
     work = list(range(P))
@@ -290,7 +290,7 @@ def check_communication(sc: Schedule) -> None:
             work.append(peer)
     stuck = [d for d in range(P) if pos[d] < len(comm[d])]
     if stuck:
-        heads = "; ".join(f"device {d} at #{comm_at[d][pos[d]]} {sc.actions[d][comm_at[d][pos[d]]]}" for d in stuck)
+        heads = "; ".join(f"device {d} at #{comm_at[d][pos[d]]} {sc.programs[d][comm_at[d][pos[d]]]}" for d in stuck)
         raise ScheduleError(f"{sc.name}: communication deadlocks under blocking send/receive: {heads}")
 
 
@@ -326,7 +326,7 @@ _COMPUTE = len(COMPUTE_OPS)  # codes below this are compute ops
 
 def _structure_ok(sc: Schedule) -> bool:
     """The checks of `_check_structure`, over columns: True when all of them pass."""
-    p, P, S, m = sc.actions, sc.num_devices, sc.num_stages, sc.microbatches
+    p, P, S, m = sc.programs, sc.num_devices, sc.num_stages, sc.microbatches
     if len(p) != P or any(not 0 <= d < P for d in sc.placement) or (p.op < 0).any():
         return False
     if not _pairs_ok(p):
@@ -414,7 +414,7 @@ def _communication_ok(sc: Schedule) -> bool:
     give an order in which every SEND meets its RECV; without keys (a hand-made lowered
     schedule) the answer is no and the exact check decides.
     """
-    p = sc.actions
+    p = sc.programs
     if p.order is None or len(p.order) != p.num_actions:
         return False
     S, M = sc.num_stages, sc.microbatches

@@ -51,7 +51,7 @@ from stagewise.runtime.checkpoint.state import (
     source_name,
     stage_entries,
 )
-from stagewise.runtime.stages import StageSet
+from stagewise.runtime.stage_set import StageSet
 from stagewise.runtime.world import World
 from stagewise.version import __version__
 
