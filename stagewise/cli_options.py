@@ -253,7 +253,7 @@ def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             stages = resolve_schedule(args.schedule, args.stages, m or args.stages, args.virtual_stages,
                                       data_parallel=args.dp).num_stages
         except (ScheduleError, ValueError) as err:
-            option = "--virtual-stages" if args.virtual_stages is not None and "chunk" in str(err) else "--schedule"
+            option = "--virtual-stages" if args.virtual_stages is not None and "virtual" in str(err) else "--schedule"
             parser.error(f"argument {option}: {err}")
     if m is not None and args.batch_size < args.dp * m:
         split = f"{args.dp} data-parallel replicas x {m}" if args.dp > 1 else f"{m}"
