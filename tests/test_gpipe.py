@@ -8,13 +8,12 @@ import subprocess
 import sys
 import threading
 from collections import namedtuple
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from switches import short_switches
 from torch import nn
 
 import stagewise
@@ -487,16 +486,6 @@ def test_output_tensors_with_their_own_first_dimension():
 
 
 # ---- GPipe on the one executor: races, reproducibility, guards, the world's threads ----
-
-@contextmanager
-def short_switches() -> Iterator[None]:
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
-
 
 def tied_mlp() -> nn.Sequential:
     """Layers 0 and 4 share their weight: partitions 0 and 2 of balance [2, 2, 2, 1] hold it both."""

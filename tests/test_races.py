@@ -8,14 +8,12 @@ stage's backward does), token-mean losses, recompute. `hypothesis` draws schedul
 from __future__ import annotations
 
 import copy
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from switches import short_switches
 from torch import nn
 
 import stagewise
@@ -25,16 +23,6 @@ from stagewise.runtime.loss import mean_of
 
 SPLIT_BACKWARD = ["zb-h1", "zb-h2", "zbv", "v-half", "v-min", "dualpipev"]
 CFG = GPT2Config(vocab_size=1000, n_positions=32, n_embd=64, n_layer=2, n_head=2)  # raced 7 times in 20 before
-
-
-@contextmanager
-def short_switches() -> Iterator[None]:
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
