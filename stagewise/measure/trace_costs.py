@@ -140,7 +140,8 @@ def compare(c: Candidate, trace: Timeline, step_s: float, rows: Sequence[int] | 
             if e.device in steps and e.op == STEP:
                 steps[e.device] += e.end - e.start
         out["optimizer_s"] = {"predicted": list(c.optimizer_s), "measured": [steps[r] for r in rows],
-                              "note": "measured: the whole STEP, the tied-parameter sync and its wait included"}
+                              "note": "predicted: the optimizer's compute; measured: the whole STEP action, the "
+                                      "step's collectives and their waits included"}
     return out
 
 
@@ -158,5 +159,7 @@ def format_comparison(result: dict) -> str:
         row("bubble", "bubble", lambda x: f"{x:.1%}"),
         row("saved activations", "saved_bytes", format_bytes)]
     if "optimizer_s" in result:
-        lines.append(row("optimizer step (STEP)", "optimizer_s", format_seconds))
+        lines.append(row("optimizer step (STEP)*", "optimizer_s", format_seconds))
+        lines.append("  * predicted: the optimizer's own compute; measured: the whole STEP action, with the step's "
+                     "collectives (tie sync, gradient norm, counts) and the waits for the other stages in them")
     return "\n".join(lines)
