@@ -13,16 +13,18 @@ Configurations alternate round-robin over `--repeats` rounds, each timing `--ste
 is taken per round (both measured within the same round) and reported as median [min-max] over rounds,
 so that load from elsewhere on the machine cancels as far as it can.
 
-    PYTHONPATH=. python benchmarks/bench_gpipe.py [--steps 5 --repeats 5] [--out runs/bench/gpipe.json]
+    PYTHONPATH=. python benchmarks/bench_gpipe.py [--steps 5 --repeats 5] [--out runs/bench/gpipe.jsonl]
+
+Every round (kind "round": one configuration's median step in one round) and a summary per configuration
+(kind "summary") are appended to the JSON lines file `--out`, with the machine, the settings, the date and the
+load (`_common.bench_meta`); docs/benchmarks.md is generated from such lines (`benchmarks/pages.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +36,10 @@ from torch import nn
 import stagewise
 from stagewise.models import config, gpt2_layers, lm_loss
 from stagewise.runtime.host_memory import keep_freed_host_memory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import bench_meta, write_jsonl  # noqa: E402
 
 
 def build(args: argparse.Namespace) -> list[nn.Module]:
@@ -75,8 +81,11 @@ def main() -> None:
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/gpipe.jsonl"),
+                        help="append the results here as JSON lines")
     args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
 
     torch.set_num_threads(1)
     keep_freed_host_memory()  # what GPipe sets for CPU partitions: the plain module gets it too
@@ -84,17 +93,22 @@ def main() -> None:
     batch = (torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=gen),
              torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=gen))
     steps: dict[str, Any] = {"plain": step_of(nn.Sequential(*build(args)), batch)}
+    shape: dict[str, dict[str, Any]] = {"plain": {"partitions": 1, "chunks": 1, "balance": [len(build(args))]}}
     layers = len(build(args))
     for p in args.partitions:
         for m in args.chunks:
             model = stagewise.GPipe(nn.Sequential(*build(args)), even(layers, p), devices=["cpu"] * p, chunks=m,
                                     show_partition=False)
             steps[f"gpipe P={p} chunks={m}"] = step_of(model, batch)
+            shape[f"gpipe P={p} chunks={m}"] = {"partitions": p, "chunks": m, "balance": even(layers, p),
+                                                "checkpoint": "except_last"}
+    start = time.perf_counter()
     for fn in steps.values():
         for _ in range(args.warmup):
             fn()
     rounds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
+    records = []
+    for k in range(args.repeats):
         for name, fn in steps.items():
             times = []
             for _ in range(args.steps):
@@ -102,24 +116,22 @@ def main() -> None:
                 fn()
                 times.append(time.perf_counter() - t0)
             rounds[name].append(statistics.median(times))
+            records.append({"config": name, "round": k, "step_times_s": times, "step_s": rounds[name][-1]})
+    elapsed = time.perf_counter() - start
     plain = rounds["plain"]
     print(f"GPT: {args.n_layer} blocks, n_embd {args.n_embd}, vocab {args.vocab}, batch {args.batch} x "
-          f"{args.seq_len}; 1 intra-op thread; median [min-max] over {args.repeats} rounds of {args.steps} steps "
-          f"({stagewise.__file__})")
+          f"{args.seq_len}; 1 intra-op thread; median [min-max] over {args.repeats} rounds of {args.steps} steps")
     print(f"{'configuration':<24} {'step (ms)':>24} {'/ plain (same round)':>26}")
     summary = []
     for name, values in rounds.items():
         ratios = [v / b for v, b in zip(values, plain)]
         print(f"{name:<24} {spread([v * 1e3 for v in values], '.1f'):>24} {spread(ratios, '.3f'):>26}")
-        summary.append({"config": name, "step_s": values, "ratio_to_plain": ratios,
+        summary.append({"config": name, **shape[name], "step_s": values, "ratio_to_plain": ratios,
                         "median_step_s": statistics.median(values), "median_ratio": statistics.median(ratios)})
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"bench": "gpipe", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
-                "host": platform.node(), "cores": os.cpu_count(), "stagewise": stagewise.__file__,
-                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-        args.out.write_text(json.dumps({**meta, "results": summary}, indent=1, default=str) + "\n")
-        print(f"wrote {args.out}")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    n = write_jsonl(args.out, {**bench_meta("gpipe", {**settings, "threads": 1}), "wall_s": elapsed}, records,
+                    summary)
+    print(f"appended {n} lines to {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ all-gathers as `A` spans beside the actions (`U` starts one, `R` is the reduce-s
 Ratios, not absolute times, are what this measures: on a 2-core machine 4 ranks share 2 cores. No GPU was lent
 for this benchmark, so there is no GPU figure.
 
-    python benchmarks/bench_sharding.py [--schedule 1f1b] [--modes none full] [--steps 3] [--out runs/bench]
+    python benchmarks/bench_sharding.py [--schedule 1f1b] [--modes none full] [--steps 3]
+        [--out runs/bench/sharding.jsonl] [--png-dir runs/bench]
+
+A summary line per shard mode is appended to the JSON lines file `--out`, with the machine, the settings, the
+date and the load (`_common.bench_meta`); docs/benchmarks.md is generated from such lines (`benchmarks/pages.py`).
+The timelines are drawn into `--png-dir` (none without it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ModelSettings, build_layers, make_batch  # noqa: E402
+from _common import ModelSettings, add_model_args, bench_meta, build_layers, make_batch, write_jsonl  # noqa: E402
 
 
 @dataclass
@@ -85,7 +89,8 @@ def summarize(records: list[dict[str, Any]], s: Settings) -> list[dict[str, Any]
                         0.0), "reduce_scatter_s": rep.get("reduce_scatter_s", 0.0), "held": v["held"],
                         "held_ratio": v["held"]["total"] / base_held[r]}
         rows.append({"mode": rec["mode"], "schedule": s.schedule, "P": s.pipeline, "D": s.data,
-                     "microbatches": s.microbatches, "step_s": step, "step_ratio": step / base_step, "ranks": ranks})
+                     "microbatches": s.microbatches, "step_s": step, "step_ratio": step / base_step,
+                     "step_times_s": {r: v["times"] for r, v in sorted(rec["ranks"].items())}, "ranks": ranks})
     return rows
 
 
@@ -110,18 +115,25 @@ def main() -> None:
     ap.add_argument("--schedule", default=Settings.schedule)
     ap.add_argument("--modes", nargs="+", default=list(Settings.modes),
                     choices=["none", "optimizer", "gradients", "full"])
-    ap.add_argument("--steps", type=int, default=Settings.steps)
+    ap.add_argument("--steps", type=int, default=Settings.steps, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=Settings.warmup, help="untimed steps per mode first")
     ap.add_argument("--microbatches", type=int, default=Settings.microbatches)
-    ap.add_argument("--out", default="runs/bench")
-    ap.add_argument("--no-png", action="store_true")
+    add_model_args(ap, vocab=Settings.vocab)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/sharding.jsonl"),
+                    help="append the results here as JSON lines")
+    ap.add_argument("--png-dir", type=Path, default=None, help="draw each sharded mode's measured step here")
     args = ap.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1, --warmup >= 0")
     modes = tuple(dict.fromkeys(["none", *args.modes]))  # "none" first: the ratios' base, measured in this run
-    s = Settings(schedule=args.schedule, modes=modes, steps=args.steps, microbatches=args.microbatches)
+    s = Settings(schedule=args.schedule, modes=modes, steps=args.steps, warmup=args.warmup,
+                 microbatches=args.microbatches, batch=args.batch, seq_len=args.seq_len, n_layer=args.n_layer,
+                 n_embd=args.n_embd, n_head=args.n_head, vocab=args.vocab, lr=args.lr, seed=args.seed)
     from stagewise import spawn
 
+    start = time.perf_counter()
     records = spawn(worker, s.pipeline * s.data, args=(s,), timeout=1800)[0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    elapsed = time.perf_counter() - start
     rows = summarize(records, s)
     print(f"P={s.pipeline} x D={s.data}, {s.schedule}, m={s.microbatches}, the benchmark GPT; median of {s.steps} "
           "steps (CPU, gloo; no GPU was lent for this run)")
@@ -133,13 +145,15 @@ def main() -> None:
                   f"{held['parameters'] / 2**20:.1f}, gradients {held['gradients'] / 2**20:.1f}, optimizer "
                   f"{held['optimizer'] / 2**20:.1f}); all-gather {v['all_gather_s'] * 1e3:.1f} ms (waited "
                   f"{v['all_gather_wait_s'] * 1e3:.1f}), reduce-scatter {v['reduce_scatter_s'] * 1e3:.1f} ms")
-    for rec in records:
-        if rec["mode"] != "none" and not args.no_png:
-            png = out / f"sharding_{rec['mode']}_{s.schedule}.png"
-            draw(rec, png)
-            print(f"timeline: {png}")
-    (out / "sharding.json").write_text(json.dumps({"settings": asdict(s), "results": rows}, indent=2, default=str))
-    print(f"json: {out / 'sharding.json'}")
+    if args.png_dir is not None:
+        args.png_dir.mkdir(parents=True, exist_ok=True)
+        for rec in records:
+            if rec["mode"] != "none":
+                png = args.png_dir / f"sharding_{rec['mode']}_{s.schedule}.png"
+                draw(rec, png)
+                print(f"timeline: {png}")
+    n = write_jsonl(args.out, {**bench_meta("sharding", asdict(s)), "wall_s": elapsed}, [], rows)
+    print(f"appended {n} lines to {args.out}")
 
 
 if __name__ == "__main__":

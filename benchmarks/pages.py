@@ -348,7 +348,127 @@ def vs_torch() -> list[str]:
     return out
 
 
-SECTIONS = [schedules, runtime, partition, asynchronous, planner, vs_torch]
+def gpipe() -> list[str]:
+    file = "gpipe.jsonl"
+    rows = read(file, key=lambda r: r["config"])
+    out = ["## GPipe against the plain module", ""]
+    command = "python benchmarks/bench_gpipe.py --out docs/results/gpipe.jsonl"
+    if not rows:
+        return out + missing(file, command)
+    s = rows[0]["settings"]
+    command = (f"python benchmarks/bench_gpipe.py --partitions {' '.join(map(str, s['partitions']))} --chunks "
+               f"{' '.join(map(str, s['chunks']))} --steps {s['steps']} --repeats {s['repeats']} --warmup "
+               f"{s['warmup']} --out docs/results/{file}")
+    out += ["`benchmarks/bench_gpipe.py`: the training step (forward, loss, backward; no optimizer step) of a "
+            f"GPT of {s['n_layer'] + 2} layers (embedding, {s['n_layer']} GPT-2 blocks of d{s['n_embd']} with "
+            f"{s['n_head']} heads, untied head over a vocabulary of {s['vocab']:,}) on one fixed batch of "
+            f"{s['batch']} x {s['seq_len']} random token ids, in one process with one intra-op thread: the plain "
+            "`nn.Sequential` on the calling thread, and `stagewise.GPipe` on CPU partitions (the layers split as "
+            "evenly as their count allows) with checkpoint \"except_last\", GPipe's default. The configurations "
+            f"alternate over {s['repeats']} rounds of {s['steps']} timed step(s) (after {s['warmup']} untimed "
+            "ones); a round's value is its median step. GPipe / plain is taken within each round, then median "
+            "[min-max] over the rounds. The partitions of one process share the machine's cores, so on CPU this "
+            "shows what the pipeline costs, not what several GPUs gain from it.", ""]
+    out += provenance(rows, file, command)
+    out += table(["configuration", "partitions", "chunks", "balance", "step ms", "GPipe / plain (same round)"],
+                 [[r["config"], r["partitions"], r["chunks"], balance(r["balance"]),
+                   spread([1e3 * v for v in r["step_s"]], ".1f"),
+                   spread(r["ratio_to_plain"], ".2f") if r["config"] != "plain" else "-"] for r in rows])
+    pipes = [r for r in rows if r["config"] != "plain"]
+    if pipes:
+        by_chunks = {m: [med(r["ratio_to_plain"]) for r in pipes if r["chunks"] == m]
+                     for m in sorted({r["chunks"] for r in pipes})}
+        text = "; ".join(f"chunks={m}: {min(v):.2f}" + (f"-{max(v):.2f}" if len(v) > 1 else "")
+                         for m, v in by_chunks.items())
+        out += [f"GPipe / plain by chunk count ({text}). The chunks split this small batch into smaller pieces, "
+                "and \"except_last\" recomputes the forward of every chunk but the last: on CPU the partitions "
+                "have no cores of their own to win that back with.", ""]
+    return out
+
+
+def sharding() -> list[str]:
+    file = "sharding.jsonl"
+    rows = read(file, key=lambda r: r["mode"])
+    out = ["## Pipeline x sharded data parallelism", ""]
+    command = "python benchmarks/bench_sharding.py --out docs/results/sharding.jsonl"
+    if not rows:
+        return out + missing(file, command)
+    s = rows[0]["settings"]
+    ranks = s["pipeline"] * s["data"]
+    command = (f"python benchmarks/bench_sharding.py --schedule {s['schedule']} --modes {' '.join(s['modes'])} "
+               f"--microbatches {s['microbatches']} --steps {s['steps']} --warmup {s['warmup']} "
+               f"--out docs/results/{file}")
+    out += ["`benchmarks/bench_sharding.py`: P x D = "
+            f"{s['pipeline']} x {s['data']} ({ranks} processes of one thread, gloo) under {s['schedule']}, "
+            f"m={s['microbatches']}, on {model_text(s, s['tie'])} (lr {s['lr']:g}); each `shard` mode built in "
+            f"turn in the same processes, the median of {s['steps']} step(s) after {s['warmup']} of warm-up (over "
+            "every rank's steps). Both ratios are against `shard=\"none\"` of the same run. \"Held\" is what "
+            "each rank holds between steps in parameters, gradients and optimizer state "
+            "(`pipe.sharding.held_bytes()`, every storage counted once); the all-gathers are FSDP2's, from start "
+            "to done (in brackets the part the rank waited for at its first forward), the reduce-scatters its "
+            "gradient reductions, per rank in the last step.", ""]
+    out += provenance(rows, file, command)
+
+    def per_rank(r: Row, fn: Callable[[Row], str]) -> str:
+        return " / ".join(fn(v) for _, v in sorted(r["ranks"].items(), key=lambda kv: int(kv[0])))
+
+    def held(v: Row, part: str) -> str:
+        return f"{v['held'][part] / 2**20:.1f}"
+
+    body = []
+    for r in rows:
+        sharded = any(v["all_gather_s"] or v["reduce_scatter_s"] for v in r["ranks"].values())
+        ratios = [v["held_ratio"] for v in r["ranks"].values()]
+        first = r["ranks"][min(r["ranks"], key=int)]
+        body.append([r["mode"], f"{1e3 * r['step_s']:.0f}", f"{r['step_ratio']:.2f}",
+                     per_rank(r, lambda v: held(v, "total")),
+                     f"{min(ratios):.2f}" + (f"-{max(ratios):.2f}" if f"{max(ratios):.2f}" != f"{min(ratios):.2f}"
+                                             else ""),
+                     " / ".join(held(first, part) for part in ("parameters", "gradients", "optimizer")),
+                     per_rank(r, lambda v: f"{1e3 * v['all_gather_s']:.0f} ({1e3 * v['all_gather_wait_s']:.0f})")
+                     if sharded else "-",
+                     per_rank(r, lambda v: f"{1e3 * v['reduce_scatter_s']:.0f}") if sharded else "-"])
+    out += table(["shard", "step ms", "step vs none", "held MiB, per rank", "held vs none",
+                  "parameters / gradients / optimizer MiB, rank 0", "all-gather ms (waited), per rank",
+                  "reduce-scatter ms, per rank"], body)
+    cores = rows[0].get("machine", {}).get("cores")
+    if cores is not None and cores < ranks:
+        out += [f"{ranks} ranks share {cores} cores here, so a collective also waits for its peer to be scheduled: "
+                "the held bytes and the step ratios are the figures to read, not the absolute times.", ""]
+    return out
+
+
+def guards() -> list[str]:
+    file = "guards.jsonl"
+    rows = read(file, key=lambda r: r["config"])
+    out = ["## What the per-step guards cost", ""]
+    command = "python benchmarks/bench_guards.py --out docs/results/guards.jsonl"
+    if not rows:
+        return out + missing(file, command)
+    s = rows[0]["settings"]
+    command = (f"python benchmarks/bench_guards.py --microbatches {' '.join(map(str, s['microbatches']))} --steps "
+               f"{s['steps']} --repeats {s['repeats']} --warmup {s['warmup']} --out docs/results/{file}")
+    out += ["`benchmarks/bench_guards.py`: the guards every step runs (the batch agreement check across processes, "
+            "the non-finite records around each action and the non-finite check at the step, the status writes "
+            f"`stagewise run` asks for) on {model_text(s, s.get('tie', True))}; 2 gloo ranks of one thread, 1f1b, "
+            "status files on. Two measures. The time inside the guards: every guard entry point is wrapped by a "
+            "timer, and its seconds per step on each rank (the waits at the two small collectives included) are "
+            "set against rank 0's median step. And an A/B check: the same pipeline with the guards made no-ops, "
+            f"rounds alternating on and off ({s['repeats']} rounds of {s['steps']} step(s) each, after "
+            f"{s['warmup']} untimed), the median step of each; on a busy machine the steps spread more than the "
+            "guards cost, so this one is only a sanity check of the first.", ""]
+    out += provenance(rows, file, command)
+    out += table(["configuration", "step s, guards on", "step s, guards off", "on / off",
+                  "guards ms per step, per rank", "share of the step, per rank", "by part, rank 0 (ms per step)"],
+                 [[r["config"], f"{r['step_on_s']:.3f}", f"{r['step_off_s']:.3f}",
+                   f"{r['step_on_s'] / r['step_off_s']:.3f}",
+                   " / ".join(f"{1e3 * g:.1f}" for g in r["guard_s_per_step"]),
+                   " / ".join(f"{g:.2%}" for g in r["guard_fraction"]),
+                   ", ".join(f"{k} {1e3 * v:.2f}" for k, v in sorted(r["parts_s"].items()))] for r in rows])
+    return out
+
+
+SECTIONS = [schedules, runtime, partition, asynchronous, planner, vs_torch, gpipe, sharding, guards]
 
 HEAD = """# Benchmarks
 

@@ -193,8 +193,8 @@ def test_the_make_targets_the_docs_name_exist():
 
 # ---- the API pages (docs/api/, mkdocstrings) name every public name of the packages they document
 
-API_PACKAGES = ["stagewise", "stagewise.schedules", "stagewise.partition", "stagewise.models", "stagewise.data",
-                "stagewise.deepspeed"]
+API_PACKAGES = ["stagewise", "stagewise.schedules", "stagewise.partition", "stagewise.measure", "stagewise.models",
+                "stagewise.data", "stagewise.deepspeed"]
 
 
 def _public(package: str) -> list[str]:

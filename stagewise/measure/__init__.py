@@ -12,3 +12,12 @@
 `trace_costs` is the one place that turns a measured timeline into costs; `stagewise train`, the planner's
 prediction check and the benchmarks use it.
 """
+
+from stagewise.measure.layers import describe_layers, profile_layers
+from stagewise.measure.links import Links, local_links, measure_links
+from stagewise.measure.plan_model import plan_if_auto, plan_model
+from stagewise.measure.planner_profiles import measure
+from stagewise.measure.trace_costs import StepCosts, compare, format_comparison, step_costs
+
+__all__ = ["Links", "StepCosts", "compare", "describe_layers", "format_comparison", "local_links", "measure",
+           "measure_links", "plan_if_auto", "plan_model", "profile_layers", "step_costs"]
