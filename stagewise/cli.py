@@ -413,17 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WHY = {"--chunks": "stages per device; `chunks` now means micro-batches only, in GPipe",
-       "--activation-checkpointing": "forwards that keep only their input and recompute (checkpoints are saved "
-                                     "training state)"}
-RENAMED = {"--chunks": "--virtual-stages", "--activation-checkpointing": "--recompute"}  # old option -> new name
+RENAMED = {  # old option -> (its name now, why)
+    "--chunks": ("--virtual-stages", "stages per device; `chunks` now means micro-batches only, in GPipe"),
+    "--activation-checkpointing": ("--recompute", "forwards that keep only their input and recompute "
+                                                  "(checkpoints are saved training state)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    for old, new in RENAMED.items():
+    for old, (new, why) in RENAMED.items():
         if any(a == old or a.startswith(old + "=") for a in (sys.argv[1:] if argv is None else argv)):
-            parser.error(f"{old} was renamed {new}: {WHY[old]}")
+            parser.error(f"{old} was renamed {new}: {why}")
     args = parser.parse_args(argv)
     if getattr(args, "check", None) is not None:  # what depends on several options, before anything starts
         args.check(args)

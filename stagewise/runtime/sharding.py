@@ -186,7 +186,7 @@ class Sharding:
                 self.units[rank].append(unit)
                 for s in members:
                     self.unit_of[(rank, s)] = unit
-                    stages[s].forward = self._waiting(unit, stages[s].forward)  # its first F waits for the gather
+                    stages[s].before_forward.append(lambda unit=unit: self._wait(unit))  # F waits for the gather
                 for (s, n), p in old.items():
                     remap[id(p)] = stages[s].module.get_parameter(n)
                     replaced.append(p)
@@ -254,15 +254,6 @@ class Sharding:
         unit.handle = unit.module.unshard(async_op=True)  # the all-gather runs while the device computes
         if wait:
             self._wait(unit)
-
-    def _waiting(self, unit: Unit, forward: Callable[..., Any]) -> Callable[..., Any]:
-        """`forward` (the stage's own, bound) after waiting for the unit's prefetched all-gather."""
-
-        def forward_whole(*args: Any, **kwargs: Any) -> Any:
-            self._wait(unit)
-            return forward(*args, **kwargs)
-
-        return forward_whole
 
     def _wait(self, unit: Unit) -> None:
         if unit.handle is None:

@@ -102,6 +102,8 @@ class Stage:
         # Parameters the forward uses through stand-ins (name in `module` -> tensor), such as GPipe's per-call
         # replica of a parameter another partition holds; set and cleared by the owner.
         self.stand_ins: dict[str, torch.Tensor] = {}
+        # What must hold before a forward runs, called first by it: a sharded stage waits for its gathered weights.
+        self.before_forward: list[Callable[[], None]] = []
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -123,6 +125,8 @@ class Stage:
         tensors that carry a gradient. With `keep=False` only the input is kept: autograd's saved tensors
         are dropped and `recompute` rebuilds them before the backward. `draws`: how the run's forwards draw
         random numbers (default: from the running generators)."""
+        for ready in self.before_forward:
+            ready()
         x = cut(x, keep_grad=self.index > 0 or input_grad)
         inputs = [t for t in tensors_of(x) if t.requires_grad]
         weights = self.versions.params(version) if self.versions is not None and version is not None else None
